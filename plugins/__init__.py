@@ -1,0 +1,1 @@
+"""Built-in plugins: one module each, holding its Config, PRIORITY, build() and filter."""

@@ -1,0 +1,106 @@
+"""headers: set, remove and rename request and response headers.
+
+```toml
+[headers]
+request = { set = { "X-Env" = "prod" }, remove = ["X-Debug"], rename = { "X-Old" = "X-New" } }
+response = { set = { "X-Served-By" = "sidecar" }, remove = ["Server"] }
+```
+Order within a direction: rename, then remove, then set.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field, field_validator
+
+from proxy.chain import Exchange, Filter, Handler, ProxyResponse
+from proxy.config import Model
+from proxy.hookspecs import hookimpl
+from proxy.http import HOP_BY_HOP
+from proxy.plugins import BuildContext, PluginSpec
+
+NAME = "headers"
+PRIORITY = 900  # outermost after tracing: later plugins see the rewritten request
+
+
+_HOP = {h.lower() for h in HOP_BY_HOP}
+
+
+def _check_name(name: str) -> None:
+    if not name or any(c in name for c in " :\r\n\t\x00"):
+        raise ValueError(f"{name!r} is not a valid header name")
+    if name.lower() in _HOP:
+        raise ValueError(f"{name!r} is a hop-by-hop header; a proxy does not forward it")
+
+
+class HeaderOps(Model):
+    set: dict[str, str] = Field(default_factory=dict)
+    remove: list[str] = Field(default_factory=list)
+    rename: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("set")
+    @classmethod
+    def _set_names(cls, v: dict[str, str]) -> dict[str, str]:
+        for name in v:
+            _check_name(name)
+        return v
+
+    @field_validator("rename")
+    @classmethod
+    def _rename_names(cls, v: dict[str, str]) -> dict[str, str]:
+        for old, new in v.items():
+            _check_name(old)
+            _check_name(new)
+        return v
+
+    @property
+    def empty(self) -> bool:
+        return not (self.set or self.remove or self.rename)
+
+
+class Config(Model):
+    request: HeaderOps = HeaderOps()
+    response: HeaderOps = HeaderOps()
+
+
+def _apply(ops: HeaderOps, headers: Any) -> None:
+    for old, new in ops.rename.items():
+        values = headers.getall(old, [])
+        if values:
+            del headers[old]
+            for v in values:
+                headers.add(new, v)
+    for name in ops.remove:
+        headers.popall(name, None)
+    for name, value in ops.set.items():
+        headers[name] = value
+
+
+class HeadersFilter(Filter):
+    def __init__(self, config: Config) -> None:
+        self.req = None if config.request.empty else config.request
+        self.resp = None if config.response.empty else config.response
+        self.config = config
+
+    async def handle(self, ex: Exchange, call_next: Handler) -> ProxyResponse:
+        if self.req is not None:
+            _apply(self.req, ex.headers)
+        resp = await call_next(ex)
+        if self.resp is not None:
+            _apply(self.resp, resp.headers)
+        return resp
+
+    def describe(self) -> dict[str, Any]:
+        return self.config.model_dump()
+
+
+def build(config: Config, ctx: BuildContext) -> Filter | None:
+    if config.request.empty and config.response.empty:
+        return None
+    return HeadersFilter(config)
+
+
+@hookimpl
+def sidecar_plugins_register() -> list[PluginSpec]:
+    return [PluginSpec(NAME, Config, PRIORITY, build, description="set, remove and rename headers")]

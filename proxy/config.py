@@ -1,0 +1,353 @@
+"""config.toml and policies/*.toml: models, loading and file: field: reason errors.
+
+Validation happens here, once, at load time (control plane). Nothing in this
+module runs per request.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+from .units import Duration, Size
+
+
+class Model(BaseModel):
+    """Base for every config model: unknown keys are errors, values are frozen."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_listen(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"listen must be \"host:port\", got {value!r}")
+    return value
+
+
+class Listener(Model):
+    listen: str
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        return _check_listen(v)
+
+    @property
+    def host(self) -> str:
+        return self.listen.rpartition(":")[0].strip("[]") or "0.0.0.0"
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+
+class OutboundSettings(Listener):
+    listen: str = "127.0.0.1:8080"
+    # Addresses whose X-Forwarded-* headers are trusted and extended (Envoy's
+    # xff_num_trusted_hops by address); from anyone else they are replaced.
+    trusted_proxies: list[str] = Field(default_factory=list)
+    # Upstream connection pool per upstream origin.
+    pool_size: int = Field(default=100, ge=1)
+    pool_idle_timeout: Duration = 60.0
+
+
+class AdminSettings(Listener):
+    listen: str = "127.0.0.1:9901"
+
+
+class SidecarSection(Model):
+    service: str = "sidecar"
+    policies: str = "policies"
+    workers: int = Field(default=1, ge=0)
+    drain_timeout: Duration = 10.0
+    # Dotted paths of third-party plugin modules to register beside entry points.
+    plugins: list[str] = Field(default_factory=list)
+    # Re-read policies/ when a file changes (watchfiles) and on SIGHUP.
+    watch: bool = True
+
+
+class StateSettings(Model):
+    backend: Literal["memory", "redis"] = "memory"
+    url: str = "redis://127.0.0.1:6379/0"
+
+
+class Limits(Model):
+    max_request_body: Size = 100 * 1024 * 1024
+    max_header_size: Size = 64 * 1024
+    max_headers: int = Field(default=100, ge=1)
+
+
+class LoggingSettings(Model):
+    # "stdout", "stderr", "off" or a file path.
+    access_log: str = "stdout"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    # Extra header names redacted wherever headers are logged.
+    redact_headers: list[str] = Field(default_factory=list)
+    # Request headers copied (redacted) into each access-log line.
+    log_headers: list[str] = Field(default_factory=list)
+
+
+class Settings(Model):
+    """config.toml: the sidecar process settings."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    sidecar: SidecarSection = SidecarSection()
+    outbound: OutboundSettings = OutboundSettings()
+    admin: AdminSettings = AdminSettings()
+    state: StateSettings = StateSettings()
+    limits: Limits = Limits()
+    logging: LoggingSettings = LoggingSettings()
+
+    # Where config.toml lives: relative paths in it resolve against this folder.
+    base_dir: Path = Path(".")
+    path: Path | None = None
+    # Top-level tables owned by plugins (sidecar_settings_register), validated
+    # by validate_extra_settings once the plugin manager exists.
+    extra_tables: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def policies_dir(self) -> Path:
+        return (self.base_dir / self.sidecar.policies).resolve()
+
+
+class Timeouts(Model):
+    connect: Duration = 5.0
+    # Deadline for the whole exchange, until the last response byte (Envoy's
+    # route timeout); 0 disables it (long streams). Retries are inside it.
+    total: Duration = 30.0
+    # Longest silence while reading from the upstream (Envoy's idle timeout).
+    idle: Duration = 60.0
+
+
+class TLS(Model):
+    verify: bool = True
+    ca_bundle: str | None = None
+
+
+CORE_POLICY_KEYS = {"route", "upstream", "timeouts", "limits", "tls", "tenant_header", "description"}
+
+
+class PolicyCore(Model):
+    """The core keys of one policy file; plugin tables are validated by their plugins."""
+
+    route: str | None = None
+    upstream: str | None = None
+    description: str = ""
+    timeouts: Timeouts = Timeouts()
+    limits: Limits = Limits()
+    tls: TLS = TLS()
+    tenant_header: str = "X-Tenant-ID"
+
+    @field_validator("route")
+    @classmethod
+    def _route(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        if not v.startswith("/"):
+            raise ValueError("route must start with '/'")
+        if any(c in v for c in "?#* \t"):
+            raise ValueError("route is a plain path prefix: no '?', '#', '*' or spaces")
+        if "/../" in v + "/" or "/./" in v + "/":
+            raise ValueError("route must not contain '.' or '..' segments")
+        return v.rstrip("/") or "/"
+
+    @field_validator("upstream")
+    @classmethod
+    def _upstream(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        from yarl import URL
+
+        try:
+            url = URL(v)
+        except ValueError as e:  # pragma: no cover - yarl rarely refuses
+            raise ValueError(f"invalid URL: {e}") from None
+        if url.scheme not in ("http", "https"):
+            raise ValueError("upstream must be an http:// or https:// URL")
+        if not url.host:
+            raise ValueError("upstream must name a host")
+        if url.query_string or url.fragment:
+            raise ValueError("upstream must not carry a query or fragment")
+        return v
+
+    @model_validator(mode="after")
+    def _pair(self) -> "PolicyCore":
+        if (self.route is None) != (self.upstream is None):
+            raise ValueError("route and upstream go together: set both or neither")
+        return self
+
+
+class Policy:
+    """One validated policy file: core keys plus each plugin's validated Config."""
+
+    __slots__ = ("name", "file", "core", "plugins", "raw", "digest")
+
+    def __init__(self, name: str, file: Path, core: PolicyCore,
+                 plugins: dict[str, BaseModel], raw: dict[str, Any]) -> None:
+        self.name = name
+        self.file = file
+        self.core = core
+        self.plugins = plugins
+        self.raw = raw
+        self.digest = config_digest(raw)
+
+    def __repr__(self) -> str:
+        return f"Policy({self.name!r}, route={self.core.route!r})"
+
+
+def config_digest(data: Any) -> str:
+    """A stable digest of a config table: equal digests mean the same config."""
+    return hashlib.sha256(orjson.dumps(data, option=orjson.OPT_SORT_KEYS, default=str)).hexdigest()
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in loc if p not in ("function-after", "function-before")) or "(top level)"
+
+
+def pydantic_problems(file: Path | str, err: ValidationError, prefix: str = "") -> list[str]:
+    """One ``file: field: reason`` line per pydantic error."""
+    out = []
+    for e in err.errors(include_url=False):
+        field = _loc(e["loc"])
+        if prefix:
+            field = f"{prefix}.{field}" if field != "(top level)" else prefix
+        msg = e["msg"]
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        out.append(f"{file}: {field}: {msg}")
+    return out
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: (file): not found"]) from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError([f"{path}: (syntax): {e}"]) from None
+    except OSError as e:
+        raise ConfigError([f"{path}: (file): {e.strerror}"]) from None
+
+
+def load_settings(path: str | os.PathLike[str] | None) -> Settings:
+    """Read and validate config.toml; ``None`` gives the embedded defaults."""
+    if path is None:
+        return Settings(base_dir=Path.cwd())
+    p = Path(path).resolve()
+    raw = _read_toml(p)
+    core = {k: v for k, v in raw.items() if k in _SETTINGS_TABLES}
+    extra = {k: v for k, v in raw.items() if k not in _SETTINGS_TABLES}
+    try:
+        return Settings(**core, base_dir=p.parent, path=p, extra_tables=extra)
+    except ValidationError as e:
+        raise ConfigError(pydantic_problems(p, e)) from None
+
+
+_SETTINGS_TABLES = {"sidecar", "outbound", "admin", "state", "limits", "logging"}
+
+
+def validate_extra_settings(settings: Settings, models: dict[str, type[BaseModel]]) -> dict[str, BaseModel]:
+    """Validate the plugin-owned tables of config.toml; unknown tables are errors."""
+    where = settings.path or "config"
+    problems: list[str] = []
+    out: dict[str, BaseModel] = {}
+    for name, model in models.items():
+        table = settings.extra_tables.get(name, {})
+        if not isinstance(table, dict):
+            problems.append(f"{where}: {name}: expected a table [{name}]")
+            continue
+        try:
+            out[name] = model(**table)
+        except ValidationError as e:
+            problems += pydantic_problems(where, e, prefix=name)
+    for name in settings.extra_tables:
+        if name not in models:
+            problems.append(f"{where}: {name}: unknown table{suggest(name, _SETTINGS_TABLES | set(models))}")
+    if problems:
+        raise ConfigError(problems)
+    return out
+
+
+def suggest(name: str, options: list[str] | set[str]) -> str:
+    close = difflib.get_close_matches(name, sorted(options), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def parse_policy(path: Path, raw: dict[str, Any], settings: Settings,
+                 plugin_configs: dict[str, type[BaseModel]]) -> tuple[Policy | None, list[str]]:
+    """Validate one policy's tables; returns the policy or the problems found."""
+    problems: list[str] = []
+    core_raw = {k: v for k, v in raw.items() if k in CORE_POLICY_KEYS}
+    # A policy's [limits] overrides config.toml's per key.
+    if "limits" in core_raw and isinstance(core_raw["limits"], dict):
+        core_raw["limits"] = {**settings.limits.model_dump(), **core_raw["limits"]}
+    else:
+        core_raw["limits"] = settings.limits.model_dump()
+    core: PolicyCore | None = None
+    try:
+        core = PolicyCore(**core_raw)
+    except ValidationError as e:
+        problems += pydantic_problems(path, e)
+    plugins: dict[str, BaseModel] = {}
+    for key, table in raw.items():
+        if key in CORE_POLICY_KEYS:
+            continue
+        model = plugin_configs.get(key)
+        if model is None:
+            kind = "table" if isinstance(table, dict) else "key"
+            problems.append(f"{path}: {key}: unknown {kind}: no plugin or core setting of that name"
+                            f"{suggest(key, set(plugin_configs) | CORE_POLICY_KEYS)}")
+            continue
+        if not isinstance(table, dict):
+            problems.append(f"{path}: {key}: expected a table [{key}]")
+            continue
+        try:
+            plugins[key] = model(**table)
+        except ValidationError as e:
+            problems += pydantic_problems(path, e, prefix=key)
+    if problems or core is None:
+        return None, problems
+    return Policy(path.stem, path, core, plugins, raw), []
+
+
+def load_policies(settings: Settings, plugin_configs: dict[str, type[BaseModel]]) -> list[Policy]:
+    """Read every policies/*.toml; raise ConfigError listing every problem in every file."""
+    folder = settings.policies_dir
+    if not folder.is_dir():
+        raise ConfigError([f"{folder}: (folder): policies folder not found"])
+    problems: list[str] = []
+    policies: list[Policy] = []
+    routes: dict[str, Path] = {}
+    for path in sorted(folder.glob("*.toml")):
+        try:
+            raw = _read_toml(path)
+        except ConfigError as e:
+            problems += e.problems
+            continue
+        policy, found = parse_policy(path, raw, settings, plugin_configs)
+        problems += found
+        if policy is None:
+            continue
+        route = policy.core.route
+        if route is not None:
+            if route in routes:
+                problems.append(f"{path}: route: {route!r} is already the route of {routes[route]}")
+                continue
+            routes[route] = path
+        policies.append(policy)
+    if problems:
+        raise ConfigError(problems)
+    return policies

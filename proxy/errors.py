@@ -1,0 +1,78 @@
+"""Errors the sidecar itself answers with, and their JSON form.
+
+Every response the sidecar produces on its own carries a JSON body
+``{"error": {"code", "message", "request_id"}}`` and ``X-Sidecar-Error: <code>``
+so a service can tell a sidecar error from a provider's.
+"""
+
+from __future__ import annotations
+
+import orjson
+
+
+class SidecarError(Exception):
+    """An error answered to the client as a JSON body with ``X-Sidecar-Error``."""
+
+    status = 500
+    code = "internal_error"
+    message = "internal error"
+
+    def __init__(self, message: str | None = None, *, status: int | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
+        if message is not None:
+            self.message = message
+        if status is not None:
+            self.status = status
+        if code is not None:
+            self.code = code
+        self.headers = headers or {}
+        super().__init__(self.message)
+
+
+class BadRequest(SidecarError):
+    status, code, message = 400, "bad_request", "malformed request"
+
+
+class NoRoute(SidecarError):
+    status, code, message = 404, "no_route", "no route matches this path"
+
+
+class RequestBodyTooLarge(SidecarError):
+    status, code, message = 413, "request_body_too_large", "request body exceeds the configured limit"
+
+
+class HeadersTooLarge(SidecarError):
+    status, code, message = 431, "request_headers_too_large", "request headers exceed the configured limit"
+
+
+class UpstreamError(SidecarError):
+    """The upstream could not be reached or did not answer in time."""
+
+    status, code, message = 502, "upstream_unavailable", "upstream unavailable"
+
+
+class UpstreamUnavailable(UpstreamError):
+    status, code, message = 502, "upstream_unavailable", "upstream unavailable"
+
+
+class UpstreamTLSError(UpstreamError):
+    status, code, message = 502, "upstream_tls_error", "upstream TLS handshake or certificate verification failed"
+
+
+class UpstreamTimeout(UpstreamError):
+    status, code, message = 504, "upstream_timeout", "upstream did not answer in time"
+
+
+class ConfigError(Exception):
+    """A configuration or policy set that must not reach traffic.
+
+    ``problems`` holds one ``file: field: reason`` line per problem found.
+    """
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+def error_body(code: str, message: str, request_id: str | None) -> bytes:
+    return orjson.dumps({"error": {"code": code, "message": message, "request_id": request_id}})

@@ -1,0 +1,84 @@
+"""Every hook a plugin may implement. Hooks run at start-up, reload and shutdown only.
+
+Conventions (pytest, datasette): prefix ``sidecar_``, subject then action,
+keyword arguments. The data plane never calls a hook: plugins hand back
+filters that are compiled into per-route chains at load time.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from .plugins import PluginSpec
+    from .runtime import Runtime
+
+hookspec = pluggy.HookspecMarker("sidecar")
+hookimpl = pluggy.HookimplMarker("sidecar")
+
+
+@hookspec
+def sidecar_plugins_register() -> "list[PluginSpec]":
+    """Return the PluginSpec objects this module provides.
+
+    Each spec names its policy table (``[rate_limit]``), its Config model, its
+    PRIORITY and the ``build(config, ctx)`` factory that returns the filter for
+    one route. Called once when the plugin manager is built.
+    """
+
+
+@hookspec
+def sidecar_settings_register() -> "dict[str, type[Any]]":
+    """Return extra config.toml tables this plugin owns, as ``{table name: pydantic model}``.
+
+    The sidecar validates each table with its model at load time and makes the
+    result available as ``runtime.extra_settings[name]``.
+    """
+
+
+@hookspec
+def sidecar_runtime_startup(runtime: "Runtime") -> Any:
+    """Called once per worker process after the runtime is built and before it listens.
+
+    May return an awaitable, which is awaited. Start background tasks and open
+    connections here; register their cleanup with ``runtime.on_shutdown``.
+    """
+
+
+@hookspec
+def sidecar_runtime_shutdown(runtime: "Runtime") -> Any:
+    """Called once per worker process after the listeners have drained.
+
+    May return an awaitable, which is awaited.
+    """
+
+
+@hookspec
+def sidecar_admin_routes(runtime: "Runtime", app: "web.Application") -> None:
+    """Add endpoints to the admin listener's aiohttp application (``app.router.add_get``...).
+
+    Called once when the admin application is built.
+    """
+
+
+@hookspec
+def sidecar_policies_loaded(runtime: "Runtime", policies: "list[Any]") -> None:
+    """Called after a policy set has been validated and compiled, at start-up and on every reload.
+
+    Lets a plugin refresh state derived from the whole set (for example the
+    inbound webhook routes). Not called when a reload is rejected.
+    """
+
+
+@hookspec
+def sidecar_listeners_start(runtime: "Runtime", sidecar: Any) -> Any:
+    """Start extra listeners beside the outbound and admin ones (the inbound webhook listener).
+
+    Use ``await sidecar.serve_runner(name, runner, host, port)`` so the
+    listener shares the worker's SO_REUSEPORT setting and SIGTERM drain. May
+    return an awaitable, which is awaited.
+    """

@@ -1,0 +1,34 @@
+"""HTTP rules shared by every listener: hop-by-hop headers, forwarded headers, paths."""
+
+from __future__ import annotations
+
+import re
+
+from multidict import CIMultiDict, CIMultiDictProxy, istr
+
+# RFC 9110 7.6.1, plus the legacy names every proxy strips (nginx, Envoy).
+HOP_BY_HOP = frozenset(istr(h) for h in (
+    "Connection", "Proxy-Connection", "Keep-Alive", "TE", "Transfer-Encoding",
+    "Upgrade", "Proxy-Authorization", "Proxy-Authenticate", "Trailer",
+))
+_HOP_LOWER = frozenset(h.lower() for h in HOP_BY_HOP)
+
+
+def strip_hop_by_hop(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMultiDict[str]:
+    """A copy without hop-by-hop headers, including those named in ``Connection``."""
+    conn = headers.get("Connection")
+    drop = _HOP_LOWER
+    if conn:
+        drop = _HOP_LOWER | {t.strip().lower() for t in conn.split(",") if t.strip()}
+    return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in drop)
+
+
+# Dot segments, also percent-encoded (%2e), that could climb out of an
+# upstream's base path once the upstream decodes them (CVE-2021-41773 style).
+_DOT_SEGMENT = re.compile(r"(?:^|/)(?:\.|%2e){1,2}(?:/|$)", re.IGNORECASE)
+
+
+def has_dot_segment(raw_path: str) -> bool:
+    if "." not in raw_path and "%" not in raw_path:
+        return False
+    return _DOT_SEGMENT.search(raw_path) is not None

@@ -1,0 +1,210 @@
+"""The outbound data plane: service -> sidecar -> provider.
+
+Per request: match the route, check limits, build the Exchange, run the
+route's pre-compiled chain, stream the response back. No config parsing, no
+pluggy calls and no regex compilation happen here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import ipaddress
+import logging
+import os
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+from aiohttp.web_request import BaseRequest
+from multidict import CIMultiDict
+
+from .chain import Exchange, ProxyResponse
+from .errors import (BadRequest, HeadersTooLarge, NoRoute, RequestBodyTooLarge, SidecarError,
+                     error_body)
+from .http import has_dot_segment, strip_hop_by_hop
+from .upstream import BodyOverflow
+
+if TYPE_CHECKING:
+    from .routes import Route
+    from .runtime import Runtime
+
+log = logging.getLogger("sidecar.outbound")
+
+
+class ProxyStreamResponse(web.StreamResponse):
+    """A StreamResponse that adds no headers of its own: aiohttp would add
+    ``Server`` and a default ``Content-Type``; a proxy forwards what it got."""
+
+    async def _prepare_headers(self) -> None:
+        h = self._headers
+        had_ct = "Content-Type" in h
+        had_server = "Server" in h
+        await super()._prepare_headers()
+        if not had_ct:
+            h.popall("Content-Type", None)
+        if not had_server:
+            h.popall("Server", None)
+
+
+def new_request_id() -> str:
+    return os.urandom(16).hex()
+
+
+def error_response(err: SidecarError, request_id: str) -> ProxyResponse:
+    headers = CIMultiDict({"Content-Type": "application/json", "X-Sidecar-Error": err.code})
+    headers.update(err.headers)
+    return ProxyResponse(err.status, headers, error_body(err.code, err.message, request_id))
+
+
+class TrustedProxies:
+    """Peers whose X-Forwarded-* headers are kept and extended."""
+
+    def __init__(self, entries: list[str]) -> None:
+        self.nets = [ipaddress.ip_network(e, strict=False) for e in entries]
+
+    def __contains__(self, addr: str | None) -> bool:
+        if not self.nets or not addr:
+            return False
+        try:
+            ip = ipaddress.ip_address(addr)
+        except ValueError:
+            return False
+        return any(ip in n for n in self.nets)
+
+
+async def _counted(content: "web.StreamReader", limit: int, overflow: BodyOverflow) -> AsyncIterator[bytes]:
+    """The request body as it arrives, stopped once it passes the route's limit
+    (aiohttp's client_max_size does not apply to a streamed body)."""
+    seen = 0
+    while True:
+        chunk = await content.readany()
+        if not chunk:
+            return
+        seen += len(chunk)
+        if seen > limit:
+            overflow.hit = True
+            raise RequestBodyTooLarge()
+        yield chunk
+
+
+class OutboundHandler:
+    """The aiohttp low-level handler for the outbound listener."""
+
+    def __init__(self, runtime: "Runtime") -> None:
+        self.rt = runtime
+        self.trusted = TrustedProxies(runtime.settings.outbound.trusted_proxies)
+        self.scheme = "http"
+
+    async def __call__(self, request: BaseRequest) -> web.StreamResponse:
+        rt = self.rt
+        started = time.monotonic()
+        hin = request.headers
+        rid = hin.get("X-Request-ID") or new_request_id()
+        route: Route | None = None
+        ex: Exchange | None = None
+        rt.metrics.inflight.inc()
+        try:
+            try:
+                route, ex = self._admit(request, hin, rid, started)
+                resp = await route.handler(ex)
+            except SidecarError as e:
+                resp = error_response(e, rid)
+            except asyncio.CancelledError:
+                rt.access(request, route, ex, rid, 499, started, "client_closed")
+                raise
+            except Exception:
+                log.exception("request %s failed inside the sidecar", rid)
+                resp = error_response(SidecarError(), rid)
+            out, error = await self._send(request, resp, ex, rid)
+            rt.access(request, route, ex, rid, resp.status, started,
+                      error or (None if resp.upstream else resp.headers.get("X-Sidecar-Error")))
+            return out
+        finally:
+            rt.metrics.inflight.dec()
+
+    def _admit(self, request: BaseRequest, hin, rid: str, started: float) -> "tuple[Route, Exchange]":
+        raw = request.raw_path
+        path, _, query = raw.partition("?")
+        if not path.startswith("/"):
+            raise BadRequest("request target must be a path (origin-form)")
+        if has_dot_segment(path):
+            raise BadRequest("path must not contain '.' or '..' segments")
+        m = self.rt.table.match(path)
+        if m is None:
+            raise NoRoute(f"no route for {path}")
+        route, rest = m
+        raw_headers = request.raw_headers
+        if len(raw_headers) > route.max_headers:
+            raise HeadersTooLarge(f"more than {route.max_headers} request headers")
+        size = 0
+        for k, v in raw_headers:
+            size += len(k) + len(v) + 4
+        if size > route.max_header_size:
+            raise HeadersTooLarge(f"request headers exceed {route.max_header_size} bytes")
+        length = request.content_length
+        if length is not None and length > route.max_body:
+            raise RequestBodyTooLarge(f"request body exceeds {route.max_body} bytes")
+        headers = strip_hop_by_hop(hin)
+        peer = request.remote
+        if peer in self.trusted:
+            xff = hin.get("X-Forwarded-For")
+            headers["X-Forwarded-For"] = f"{xff}, {peer}" if xff else (peer or "")
+            headers.setdefault("X-Forwarded-Proto", self.scheme)
+            headers.setdefault("X-Forwarded-Host", hin.get("Host", ""))
+        else:
+            headers["X-Forwarded-For"] = peer or ""
+            headers["X-Forwarded-Proto"] = self.scheme
+            headers["X-Forwarded-Host"] = hin.get("Host", "")
+        headers["X-Request-ID"] = rid
+        ex = Exchange(request, route, request.method, rest, query, headers, None, length,
+                      hin.get(route.tenant_header), rid, peer, started,
+                      started + route.total_timeout if route.total_timeout else None, route.max_body)
+        if request.body_exists:
+            overflow = BodyOverflow()
+            ex.vars["_overflow"] = overflow
+            ex.body = _counted(request.content, route.max_body, overflow)
+        return route, ex
+
+    async def _send(self, request: BaseRequest, resp: ProxyResponse, ex: Exchange | None,
+                    rid: str) -> tuple[web.StreamResponse, str | None]:
+        """Stream ``resp`` to the client; returns the response and an error code
+        when the upstream failed after the status line was sent."""
+        headers = resp.headers
+        if ex is not None and ex.response_headers:
+            for k, v in ex.response_headers:
+                headers[k] = v
+        headers["X-Request-ID"] = rid
+        out = ProxyStreamResponse(status=resp.status, reason=resp.reason, headers=headers)
+        if request.body_exists and not request.content.is_eof() and (
+                ex is None or not isinstance(ex.body, bytes | None)):
+            # Answered before the request body was read (an error, a cached or
+            # short-circuit answer): do not leave the connection mid-body.
+            out.force_close()
+        body = resp.body
+        try:
+            if isinstance(body, bytes | bytearray):
+                if request.method != "HEAD" or not resp.upstream:
+                    out.content_length = len(body)
+                await out.prepare(request)
+                if body:
+                    await out.write(body)
+            else:
+                await out.prepare(request)
+                if body is not None:
+                    async for chunk in body:
+                        await out.write(chunk)
+            await out.write_eof()
+            resp.done()
+        except SidecarError as e:
+            # The upstream failed mid-body: the status is already sent, so the
+            # only honest signal left is a cut connection (Envoy does the same).
+            resp.close()
+            log.warning("request %s: %s after the response started", rid, e.code)
+            if request.transport is not None:
+                request.transport.abort()
+            return out, e.code
+        except BaseException:
+            resp.close()
+            raise
+        return out, None

@@ -1,0 +1,58 @@
+"""The route table: longest path-prefix match on segment boundaries."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .chain import Filter, Handler
+    from .config import Policy
+    from .upstream import Upstream
+
+
+@dataclass(eq=False)
+class Route:
+    """A compiled route: everything the data plane needs, precomputed."""
+
+    name: str
+    prefix: str
+    policy: "Policy"
+    upstream: "Upstream"
+    filters: "list[Filter]"
+    handler: "Handler"
+    tenant_header: str
+    max_body: int
+    max_header_size: int
+    max_headers: int
+    total_timeout: float
+    labels: dict[str, Any] = field(default_factory=dict)
+
+
+class RouteTable:
+    """Maps a request path to its route. ``/httpbin`` matches ``/httpbin`` and
+    ``/httpbin/...``, never ``/httpbinx``; the longest prefix wins."""
+
+    __slots__ = ("_by_prefix", "_root", "routes")
+
+    def __init__(self, routes: list[Route]) -> None:
+        self.routes = routes
+        self._by_prefix = {r.prefix: r for r in routes if r.prefix != "/"}
+        self._root = next((r for r in routes if r.prefix == "/"), None)
+
+    def match(self, path: str) -> tuple[Route, str] | None:
+        """The route and the path left after its prefix (always starting with '/')."""
+        by_prefix = self._by_prefix
+        candidate = path
+        while candidate:
+            route = by_prefix.get(candidate)
+            if route is not None:
+                rest = path[len(candidate):]
+                return route, rest or "/"
+            cut = candidate.rfind("/")
+            if cut <= 0:
+                break
+            candidate = candidate[:cut]
+        if self._root is not None:
+            return self._root, path
+        return None

@@ -1,0 +1,228 @@
+"""The runtime of one worker process: settings, plugins, compiled routes, state.
+
+The control plane lives here: it validates policies, asks each plugin's
+factory for a filter and compiles one chain per route. A reload swaps the
+route table in one assignment; in-flight requests keep the route they started
+with, and a bad policy set leaves the last good one serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+from .accesslog import AccessLog
+from .chain import Exchange, Filter, ProxyResponse, compile_chain
+from .config import (Policy, Settings, config_digest, load_policies, validate_extra_settings)
+from .errors import ConfigError
+from .metrics import Metrics
+from .plugins import (BuildContext, PluginSpec, collect_settings_models, collect_specs,
+                      make_plugin_manager, ordered)
+from .redact import Redactor
+from .routes import Route, RouteTable
+from .state import make_state
+from .upstream import Upstream, UpstreamPools
+
+if TYPE_CHECKING:
+    from aiohttp.web_request import BaseRequest
+
+log = logging.getLogger("sidecar.runtime")
+
+
+class Runtime:
+    """Everything one worker needs; built per app, never a module-level singleton."""
+
+    def __init__(self, settings: Settings, pm: pluggy.PluginManager | None = None,
+                 worker_id: int = 0) -> None:
+        self.settings = settings
+        self.worker_id = worker_id
+        self.pm = pm or make_plugin_manager(settings.sidecar.plugins)
+        self.specs: dict[str, PluginSpec] = collect_specs(self.pm)
+        self.extra_settings = validate_extra_settings(settings, collect_settings_models(self.pm))
+        self.metrics = Metrics()
+        self.redactor = Redactor(settings.logging.redact_headers)
+        self.state = make_state(settings.state.backend, settings.sidecar.service, settings.state.url)
+        self.pools = UpstreamPools(settings.outbound.pool_size, settings.outbound.pool_idle_timeout)
+        self.accesslog = AccessLog(settings.logging.access_log)
+        self.table = RouteTable([])
+        self.policies: list[Policy] = []
+        self.loaded_at: float | None = None
+        self._filters: dict[tuple[str, str, str], Filter] = {}
+        self._on_shutdown: list[Callable[[], Any]] = []
+        self._reload_lock = asyncio.Lock()
+        self._log_headers = settings.logging.log_headers
+
+    # ---- control plane -------------------------------------------------
+
+    @property
+    def plugin_configs(self) -> dict[str, type]:
+        return {name: spec.config for name, spec in self.specs.items()}
+
+    def load_policies(self) -> list[Policy]:
+        """Read and validate policies/*.toml (raises ConfigError with every problem)."""
+        policies = load_policies(self.settings, self.plugin_configs)
+        problems = []
+        for p in policies:
+            for name in p.plugins:
+                scope = self.specs[name].scope
+                if p.core.route is None and scope == "outbound":
+                    problems.append(f"{p.file}: {name}: needs an outbound route (set route and upstream)")
+        if problems:
+            raise ConfigError(problems)
+        return policies
+
+    def compile(self, policies: list[Policy]) -> tuple[RouteTable, dict[tuple[str, str, str], Filter]]:
+        """Build every route's chain; reuses a filter whose config did not change."""
+        routes: list[Route] = []
+        filters_now: dict[tuple[str, str, str], Filter] = {}
+        problems: list[str] = []
+        for policy in policies:
+            core = policy.core
+            if core.route is None or core.upstream is None:
+                continue
+            chain: list[Filter] = []
+            specs = ordered([self.specs[n] for n in policy.plugins if self.specs[n].scope != "inbound"])
+            for spec in specs:
+                key = (policy.name, spec.name, config_digest(policy.raw.get(spec.name)))
+                f = self._filters.get(key) or filters_now.get(key)
+                if f is None:
+                    try:
+                        f = spec.build(policy.plugins[spec.name], BuildContext(policy.name, policy, self))
+                    except (ConfigError, ValueError) as e:
+                        problems.append(f"{policy.file}: {spec.name}: {e}")
+                        continue
+                if f is None:
+                    continue
+                f.name = spec.name
+                filters_now[key] = f
+                chain.append(f)
+            upstream = self.pools.get(core.upstream, core.tls, core.timeouts)
+            limits = core.limits
+            route = Route(name=policy.name, prefix=core.route, policy=policy, upstream=upstream,
+                          filters=chain, handler=compile_chain(chain, self._terminal(policy.name, upstream)),
+                          tenant_header=core.tenant_header, max_body=limits.max_request_body,
+                          max_header_size=limits.max_header_size, max_headers=limits.max_headers,
+                          total_timeout=core.timeouts.total)
+            routes.append(route)
+        if problems:
+            raise ConfigError(problems)
+        return RouteTable(routes), filters_now
+
+    def _terminal(self, name: str, upstream: Upstream) -> Callable[[Exchange], Awaitable[ProxyResponse]]:
+        observe = self.metrics.upstream_duration.labels(name).observe
+        send = upstream.send
+        loop_time = time.monotonic
+
+        async def terminal(ex: Exchange) -> ProxyResponse:
+            t0 = loop_time()
+            try:
+                return await send(ex)
+            finally:
+                took = loop_time() - t0
+                observe(took)
+                ex.vars["upstream_ms"] = round(took * 1000, 3)
+
+        return terminal
+
+    def apply(self, policies: list[Policy]) -> None:
+        """Compile and swap in a policy set (raises ConfigError, leaving the old set)."""
+        table, filters = self.compile(policies)
+        dropped = [f for k, f in self._filters.items() if k not in filters]
+        self.table, self._filters, self.policies = table, filters, policies
+        self.loaded_at = time.time()
+        self.pm.hook.sidecar_policies_loaded(runtime=self, policies=policies)
+        if dropped:
+            # In-flight requests may still be inside a dropped filter: close it
+            # once they have had the drain timeout to finish.
+            asyncio.get_running_loop().call_later(
+                self.settings.sidecar.drain_timeout,
+                lambda: [asyncio.ensure_future(f.close()) for f in dropped])
+
+    async def reload(self) -> list[str]:
+        """Re-read policies/; returns the problems (empty when the new set is live)."""
+        async with self._reload_lock:
+            try:
+                self.apply(self.load_policies())
+            except ConfigError as e:
+                self.metrics.reloads.labels("rejected").inc()
+                log.error("policy reload rejected; the previous policy set keeps serving:\n%s",
+                          "\n".join(e.problems))
+                return e.problems
+            self.metrics.reloads.labels("ok").inc()
+            log.info("policies reloaded: %d routes", len(self.table.routes))
+            return []
+
+    async def start(self) -> None:
+        """Load policies, run start-up hooks. Raises ConfigError on a bad set."""
+        self.apply(self.load_policies())
+        for result in self.pm.hook.sidecar_runtime_startup(runtime=self):
+            if inspect.isawaitable(result):
+                await result
+
+    def on_shutdown(self, callback: Callable[[], Any]) -> None:
+        """Register a cleanup (sync or async) run at shutdown, last registered first."""
+        self._on_shutdown.append(callback)
+
+    async def stop(self) -> None:
+        for result in self.pm.hook.sidecar_runtime_shutdown(runtime=self):
+            if inspect.isawaitable(result):
+                await result
+        for cb in reversed(self._on_shutdown):
+            try:
+                r = cb()
+                if inspect.isawaitable(r):
+                    await r
+            except Exception:
+                log.exception("shutdown callback failed")
+        for f in self._filters.values():
+            try:
+                await f.close()
+            except Exception:
+                log.exception("closing filter %s failed", f.name)
+        self._filters.clear()
+        await self.pools.close()
+        await self.state.close()
+        self.accesslog.close()
+
+    async def ready(self) -> tuple[bool, dict[str, Any]]:
+        checks = {"policies_loaded": self.loaded_at is not None,
+                  "state_backend": await self.state.ping()}
+        return all(checks.values()), checks
+
+    # ---- data plane: one call per request -------------------------------
+
+    def access(self, request: "BaseRequest", route: Route | None, ex: Exchange | None, rid: str,
+               status: int, started: float, error: str | None) -> None:
+        """Record one request: access-log line and metrics."""
+        took = time.monotonic() - started
+        name = route.name if route is not None else ""
+        m = self.metrics
+        m.requests.labels(name, request.method, str(status)).inc()
+        if route is not None:
+            m.duration.labels(name).observe(took)
+        if not self.accesslog.enabled:
+            return
+        record: dict[str, Any] = {
+            "ts": round(time.time(), 3), "request_id": rid, "route": name,
+            "tenant": ex.tenant if ex is not None else None,
+            "method": request.method, "path": request.raw_path.partition("?")[0],
+            "status": status, "duration_ms": round(took * 1000, 3),
+        }
+        if ex is not None:
+            if "upstream_ms" in ex.vars:
+                record["upstream_ms"] = ex.vars["upstream_ms"]
+            if ex.attempt > 1:
+                record["attempts"] = ex.attempt
+            if ex.log:
+                record["decisions"] = ex.log
+        if error:
+            record["error"] = error
+        if self._log_headers:
+            record["headers"] = self.redactor.headers_dict(request.headers, self._log_headers)
+        self.accesslog.write(record)

@@ -1,0 +1,168 @@
+"""Upstreams: one pooled aiohttp client per upstream origin and TLS setting.
+
+Pools are kept by the runtime across reloads (a reload that keeps an upstream
+keeps its warm connections). Redirects are never followed: a 3xx goes back to
+the service, so injected credentials never reach another host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+import aiohttp
+from multidict import CIMultiDict
+from yarl import URL
+
+from .chain import Exchange, ProxyResponse
+from .errors import (RequestBodyTooLarge, UpstreamTimeout, UpstreamTLSError,
+                     UpstreamUnavailable)
+from .http import strip_hop_by_hop
+
+if TYPE_CHECKING:
+    from .config import TLS, Timeouts
+
+# aiohttp adds these when absent; a proxy forwards what the client sent, no more.
+_SKIP_AUTO = frozenset({"Accept-Encoding", "User-Agent", "Accept", "Content-Type"})
+
+
+def make_ssl_context(tls: "TLS") -> ssl.SSLContext | bool:
+    """Verification on by default against the system store (SSL_CERT_FILE honoured)."""
+    if not tls.verify:
+        return False
+    ctx = ssl.create_default_context(cafile=tls.ca_bundle)
+    return ctx
+
+
+class BodyOverflow:
+    """Set by the streaming request body when it passes the route's limit."""
+
+    __slots__ = ("hit",)
+
+    def __init__(self) -> None:
+        self.hit = False
+
+
+class Upstream:
+    """One upstream base URL: where a route's requests go."""
+
+    def __init__(self, url: str, session: aiohttp.ClientSession, timeouts: "Timeouts") -> None:
+        u = URL(url)
+        self.url = url
+        self.scheme = u.scheme
+        self.host = u.host or ""
+        self.port = u.port
+        self.origin = str(u.origin())
+        self.base_path = u.raw_path.rstrip("/")
+        default_port = 443 if u.scheme == "https" else 80
+        self.authority = u.raw_host if u.port == default_port else f"{u.raw_host}:{u.port}"
+        self.session = session
+        self.timeouts = timeouts
+        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeouts.connect,
+                                              sock_read=timeouts.idle or None)
+
+    def target(self, ex: Exchange) -> URL:
+        raw = self.base_path + ex.path
+        if ex.query:
+            raw += "?" + ex.query
+        return URL(self.origin + raw, encoded=True)
+
+    async def send(self, ex: Exchange) -> ProxyResponse:
+        """Send the exchange's request; the response body is left streaming."""
+        headers = ex.headers
+        headers["Host"] = self.authority
+        body = ex.body
+        if isinstance(body, bytes | bytearray):
+            if body or "Content-Length" in headers:
+                headers["Content-Length"] = str(len(body))
+        timeout = self._timeout
+        if ex.deadline is not None:
+            remaining = ex.deadline - time.monotonic()
+            if remaining <= 0:
+                raise UpstreamTimeout()
+            timeout = aiohttp.ClientTimeout(total=remaining, sock_connect=self.timeouts.connect,
+                                            sock_read=self.timeouts.idle or None)
+        overflow = ex.vars.get("_overflow")
+        try:
+            resp = await self.session._request(
+                ex.method, self.target(ex), headers=headers, data=body,
+                allow_redirects=False, skip_auto_headers=_SKIP_AUTO, timeout=timeout,
+                compress=None, chunked=None,
+            )
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:
+            if overflow is not None and overflow.hit:
+                raise RequestBodyTooLarge() from None
+            raise map_client_error(e, self) from None
+        return ProxyResponse(resp.status, strip_hop_by_hop(resp.headers),
+                             _stream(resp, self), reason=resp.reason,
+                             release=lambda ok: resp.release() if ok else resp.close(),
+                             upstream=True)
+
+
+async def _stream(resp: aiohttp.ClientResponse, up: Upstream) -> AsyncIterator[bytes]:
+    content = resp.content
+    try:
+        while True:
+            chunk = await content.readany()
+            if not chunk:
+                break
+            yield chunk
+    except (asyncio.TimeoutError, aiohttp.ClientError, OSError) as e:
+        resp.close()
+        raise map_client_error(e, up) from None
+    resp.release()
+
+
+def map_client_error(e: BaseException, up: Upstream) -> Exception:
+    where = f"{up.host}:{up.port}"
+    if isinstance(e, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
+        return UpstreamTimeout(f"upstream {where} did not answer in time")
+    if isinstance(e, (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError, ssl.SSLError)):
+        return UpstreamTLSError(f"TLS with upstream {where} failed: certificate or handshake error")
+    if isinstance(e, aiohttp.ClientConnectorError):
+        return UpstreamUnavailable(f"cannot connect to upstream {where}")
+    if isinstance(e, (aiohttp.ClientError, OSError)):
+        return UpstreamUnavailable(f"upstream {where} closed or reset the connection")
+    return UpstreamUnavailable(f"upstream {where} failed ({type(e).__name__})")
+
+
+class UpstreamPools:
+    """aiohttp sessions by (origin, TLS settings), kept across reloads."""
+
+    def __init__(self, pool_size: int, idle_timeout: float) -> None:
+        self._sessions: dict[tuple[str, bool, str | None], aiohttp.ClientSession] = {}
+        self.pool_size = pool_size
+        self.idle_timeout = idle_timeout
+
+    def get(self, url: str, tls: "TLS", timeouts: "Timeouts") -> Upstream:
+        origin = str(URL(url).origin())
+        key = (origin, tls.verify, tls.ca_bundle)
+        session = self._sessions.get(key)
+        if session is None or session.closed:
+            connector = aiohttp.TCPConnector(
+                limit=self.pool_size, limit_per_host=self.pool_size,
+                keepalive_timeout=self.idle_timeout, ssl=make_ssl_context(tls),
+                enable_cleanup_closed=False, ttl_dns_cache=60,
+            )
+            session = aiohttp.ClientSession(
+                connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
+                skip_auto_headers=_SKIP_AUTO, trust_env=False, timeout=aiohttp.ClientTimeout(total=None),
+            )
+            self._sessions[key] = session
+        return Upstream(url, session, timeouts)
+
+    def retain(self, keep: set[tuple[str, bool, str | None]]) -> list[aiohttp.ClientSession]:
+        """Forget sessions no route uses any more; returns them for a delayed close."""
+        gone = [s for k, s in self._sessions.items() if k not in keep]
+        self._sessions = {k: s for k, s in self._sessions.items() if k in keep}
+        return gone
+
+    async def close(self) -> None:
+        for s in self._sessions.values():
+            await s.close()
+        self._sessions.clear()
