@@ -128,7 +128,7 @@ class Sidecar:
     async def _serve(self, name: str, runner: web.BaseRunner, host: str, port: int) -> int:
         await runner.setup()
         sock = bind(host, port, self.reuse_port)
-        site = web.SockSite(runner, sock, shutdown_timeout=self.settings.sidecar.drain_timeout)
+        site = web.SockSite(runner, sock)
         await site.start()
         self._runners.append(runner)
         self.ports[name] = sock.getsockname()[1]

@@ -1,0 +1,118 @@
+"""Shared fixtures: fake upstreams, sidecars on free ports, and a real Redis.
+
+Redis: the suite uses the server at 127.0.0.1:6379 (or SIDECAR_TEST_REDIS_URL),
+on database SIDECAR_TEST_REDIS_DB (default 13), flushed before each test that
+asks for it. When none answers it starts a throwaway ``redis-server`` on a free
+port. When neither is possible Redis tests are skipped with a loud reason,
+unless SIDECAR_REQUIRE_REDIS=1 (CI), where that is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.support.sidecar import RunningSidecar, free_port, start_sidecar
+from tests.support.upstream import FakeUpstream
+
+REDIS_DB = int(os.environ.get("SIDECAR_TEST_REDIS_DB", "13"))
+
+
+def _redis_answers(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[tuple[str, int]]:
+    """(host, port) of a real Redis server for the whole session."""
+    url = os.environ.get("SIDECAR_TEST_REDIS_URL")
+    host, port = "127.0.0.1", 6379
+    if url:
+        from urllib.parse import urlparse
+
+        u = urlparse(url)
+        host, port = u.hostname or host, u.port or port
+    if _redis_answers(host, port):
+        yield host, port
+        return
+    binary = shutil.which("redis-server")
+    reason = f"no Redis answers at {host}:{port} and no redis-server binary is on PATH"
+    if binary is None:
+        if os.environ.get("SIDECAR_REQUIRE_REDIS") == "1":
+            pytest.fail(f"SIDECAR_REQUIRE_REDIS=1 but {reason}")
+        pytest.skip(f"REDIS TESTS SKIPPED: {reason}")
+    port = free_port()
+    workdir = tempfile.mkdtemp(prefix="sidecar-redis-")
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", workdir],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            if _redis_answers("127.0.0.1", port):
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("started redis-server but it never answered")
+        yield "127.0.0.1", port
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture
+async def redis_url(redis_server: tuple[str, int]) -> AsyncIterator[str]:
+    """URL of this suite's own Redis database, flushed before the test."""
+    import redis.asyncio as aioredis
+
+    host, port = redis_server
+    url = f"redis://{host}:{port}/{REDIS_DB}"
+    client = aioredis.from_url(url)
+    await client.flushdb()
+    await client.aclose()
+    yield url
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[FakeUpstream]:
+    up = await FakeUpstream().start()
+    yield up
+    await up.stop()
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(auto_decompress=False) as s:
+        yield s
+
+
+@pytest.fixture
+async def sidecar_factory(tmp_path: Path) -> AsyncIterator:
+    """``await sidecar_factory({"name": policy_toml}, config_toml="")`` starts an in-process sidecar."""
+    started: list[RunningSidecar] = []
+    n = 0
+
+    async def make(policies: dict[str, str], config: str = "") -> RunningSidecar:
+        nonlocal n
+        n += 1
+        sc = await start_sidecar(tmp_path / f"sc{n}", policies, config)
+        started.append(sc)
+        return sc
+
+    yield make
+    for sc in started:
+        await sc.sidecar.stop()

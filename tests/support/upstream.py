@@ -1,0 +1,81 @@
+"""Fake upstreams: small aiohttp servers on port 0 that record what they received."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+from multidict import CIMultiDict
+
+
+@dataclass
+class Seen:
+    """One request as the fake upstream received it."""
+
+    method: str
+    path_qs: str
+    headers: CIMultiDict[str]
+    body: bytes
+    raw_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+
+
+Responder = Callable[[web.Request, Seen], Awaitable[web.StreamResponse]]
+
+
+async def echo(request: web.Request, seen: Seen) -> web.StreamResponse:
+    return web.json_response({"method": seen.method, "path": seen.path_qs,
+                              "headers": dict(seen.headers), "body_len": len(seen.body)})
+
+
+class FakeUpstream:
+    """Records every request; answers with ``responder`` (default: JSON echo).
+
+    Replace ``responder`` in a test to script failures, hangs, streams.
+    """
+
+    def __init__(self, responder: Responder = echo, *, read_body: bool = True) -> None:
+        self.responder = responder
+        self.read_body = read_body
+        self.seen: list[Seen] = []
+        self.runner: web.AppRunner | None = None
+        self.port = 0
+        self.connections = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read() if self.read_body else b""
+        seen = Seen(request.method, request.path_qs, CIMultiDict(request.headers), body,
+                    list(request.raw_headers))
+        self.seen.append(seen)
+        return await self.responder(request, seen)
+
+    async def start(self) -> "FakeUpstream":
+        app = web.Application(client_max_size=1024**4)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self.runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return self
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
+
+
+async def wait_for(predicate: Callable[[], Any], timeout: float = 5.0, interval: float = 0.02) -> None:
+    """Poll until ``predicate()`` is truthy (fails the test after ``timeout``)."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not predicate():
+        if loop.time() > end:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(interval)
