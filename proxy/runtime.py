@@ -26,6 +26,7 @@ from .plugins import (BuildContext, PluginSpec, collect_settings_models, collect
                       make_plugin_manager, ordered)
 from .redact import Redactor
 from .routes import Route, RouteTable
+from .secrets import SecretStore
 from .state import make_state
 from .upstream import Upstream, UpstreamPools
 
@@ -47,6 +48,7 @@ class Runtime:
         self.extra_settings = validate_extra_settings(settings, collect_settings_models(self.pm))
         self.metrics = Metrics()
         self.redactor = Redactor(settings.logging.redact_headers)
+        self.secrets = SecretStore()
         self.state = make_state(settings.state.backend, settings.sidecar.service, settings.state.url)
         self.pools = UpstreamPools(settings.outbound.pool_size, settings.outbound.pool_idle_timeout)
         self.accesslog = AccessLog(settings.logging.access_log)
