@@ -214,7 +214,7 @@ class Runtime:
             "ts": round(time.time(), 3), "request_id": rid, "route": name,
             "tenant": ex.tenant if ex is not None else None,
             "method": request.method, "path": request.raw_path.partition("?")[0],
-            "status": status, "duration_ms": round(took * 1000, 3),
+            "status": status, "duration_ms": round(took * 1000, 3), "worker": self.worker_id,
         }
         if ex is not None:
             if "upstream_ms" in ex.vars:

@@ -93,6 +93,18 @@ class RunningSidecar:
             return []
         return [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
 
+    async def wait_access_lines(self, n: int, timeout: float = 5.0) -> list[dict]:
+        """The access-log lines once there are at least ``n`` (a line is written
+        just after the response's last byte, so a client can be ahead of it)."""
+        import asyncio
+
+        end = time.monotonic() + timeout
+        while True:
+            lines = self.access_lines()
+            if len(lines) >= n or time.monotonic() > end:
+                return lines
+            await asyncio.sleep(0.02)
+
     def write_policy(self, name: str, text: str) -> None:
         (self.dir / "policies" / f"{name}.toml").write_text(textwrap.dedent(text))
 
