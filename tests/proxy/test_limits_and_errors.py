@@ -97,26 +97,15 @@ async def test_unreachable_upstream_is_502(sidecar_factory, client):
         assert "secret" not in body["error"]["message"]
 
 
-async def test_slow_upstream_is_504(sidecar_factory, client):
+@pytest.mark.parametrize("timeouts", ['total = "300ms"', 'total = "10s"\nidle = "200ms"'],
+                         ids=["total", "idle_before_headers"])
+async def test_slow_upstream_is_504(sidecar_factory, client, timeouts):
     async def hang(request, seen):
         await asyncio.sleep(5)
         return web.Response(text="late")
     up = await FakeUpstream(hang).start()
     try:
-        sc = await sidecar_factory({"p": policy(up.url, '[timeouts]\ntotal = "300ms"\n')})
-        async with client.get(f"{sc.url}/p/x") as r:
-            assert_error(r.status, r.headers, await r.json(), "upstream_timeout", 504)
-    finally:
-        await up.stop()
-
-
-async def test_idle_timeout_is_504_before_headers(sidecar_factory, client):
-    async def hang(request, seen):
-        await asyncio.sleep(5)
-        return web.Response(text="late")
-    up = await FakeUpstream(hang).start()
-    try:
-        sc = await sidecar_factory({"p": policy(up.url, '[timeouts]\ntotal = "10s"\nidle = "200ms"\n')})
+        sc = await sidecar_factory({"p": policy(up.url, f"[timeouts]\n{timeouts}\n")})
         async with client.get(f"{sc.url}/p/x") as r:
             assert_error(r.status, r.headers, await r.json(), "upstream_timeout", 504)
     finally:

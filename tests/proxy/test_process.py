@@ -4,48 +4,27 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import threading
-import time
 
 import aiohttp
 from aiohttp import web
 
 from tests.support.sidecar import SidecarProcess, free_port, write_config
+from tests.support.upstream import ThreadedApp
 
 
-def _slow_upstream(port: int, delay: float, stop: threading.Event, pids: list[str]) -> None:
-    async def main() -> None:
-        async def slow(request):
-            await asyncio.sleep(delay)
-            return web.Response(text="finished")
-
-        async def who(request):
-            pids.append(request.headers.get("X-Request-ID", ""))
-            return web.Response(text="ok")
-        app = web.Application()
-        app.router.add_get("/slow", slow)
-        app.router.add_get("/who", who)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        while not stop.is_set():
-            await asyncio.sleep(0.05)
-        await runner.cleanup()
-    asyncio.run(main())
-
-
-def start_upstream(delay: float = 1.5):
-    port, stop, seen = free_port(), threading.Event(), []
-    t = threading.Thread(target=_slow_upstream, args=(port, delay, stop, seen), daemon=True)
-    t.start()
-    time.sleep(0.3)
-    return port, stop, t
+def slow_app(delay: float) -> web.Application:
+    async def slow(request):
+        await asyncio.sleep(delay)
+        return web.Response(text="finished")
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", slow)
+    return app
 
 
 def test_sigterm_drains_in_flight_requests(tmp_path):
-    up_port, stop, t = start_upstream(delay=1.5)
+    up = ThreadedApp(lambda: slow_app(1.5)).start()
     out, adm = free_port(), free_port()
-    cfg = write_config(tmp_path, {"p": f'route = "/p"\nupstream = "http://127.0.0.1:{up_port}"\n'},
+    cfg = write_config(tmp_path, {"p": f'route = "/p"\nupstream = "{up.url}"\n'},
                        outbound_port=out, admin_port=adm)
     sc = SidecarProcess(cfg, out, adm).start()
     try:
@@ -71,14 +50,13 @@ def test_sigterm_drains_in_flight_requests(tmp_path):
         assert sc.wait(15) == 0
     finally:
         sc.kill()
-        stop.set()
-        t.join(5)
+        up.stop()
 
 
 def test_two_workers_share_the_port_and_aggregate_metrics(tmp_path):
-    up_port, stop, t = start_upstream(delay=0)
+    up = ThreadedApp(lambda: slow_app(0)).start()
     out, adm = free_port(), free_port()
-    cfg = write_config(tmp_path, {"p": f'route = "/p"\nupstream = "http://127.0.0.1:{up_port}"\n'},
+    cfg = write_config(tmp_path, {"p": f'route = "/p"\nupstream = "{up.url}"\n'},
                        outbound_port=out, admin_port=adm, workers=2)
     sc = SidecarProcess(cfg, out, adm).start(timeout=30)
     try:
@@ -90,7 +68,7 @@ def test_two_workers_share_the_port_and_aggregate_metrics(tmp_path):
             # Many separate connections, so the kernel spreads them over both workers.
             for _ in range(60):
                 async with aiohttp.ClientSession() as s:
-                    async with s.get(f"{sc.url}/p/who") as r:
+                    async with s.get(f"{sc.url}/p/x") as r:
                         assert r.status == 200
             async with aiohttp.ClientSession() as s:
                 async with s.get(f"{sc.admin}/metrics") as r:
@@ -109,5 +87,4 @@ def test_two_workers_share_the_port_and_aggregate_metrics(tmp_path):
         assert {x["worker"] for x in lines} == {0, 1}
     finally:
         sc.kill()
-        stop.set()
-        t.join(5)
+        up.stop()

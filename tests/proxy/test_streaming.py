@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import threading
-import time
-
 import psutil
 from aiohttp import web
 
 from tests.support.sidecar import SidecarProcess, free_port, write_config
-from tests.support.upstream import FakeUpstream
+from tests.support.upstream import FakeUpstream, ThreadedApp
 
 
 def policy(url: str, extra: str = "") -> str:
@@ -66,45 +63,36 @@ async def test_request_body_reaches_upstream_before_client_finishes(sidecar_fact
         await up.stop()
 
 
-def _serve_download(port: int, size: int, stop: threading.Event) -> None:
-    async def main() -> None:
-        chunk = b"x" * 65536
+def download_app(size: int) -> web.Application:
+    chunk = b"x" * 65536
 
-        async def download(request):
-            resp = web.StreamResponse(headers={"Content-Length": str(size)})
-            await resp.prepare(request)
-            sent = 0
-            while sent < size:
-                await resp.write(chunk)
-                sent += len(chunk)
-            await resp.write_eof()
-            return resp
+    async def download(request):
+        resp = web.StreamResponse(headers={"Content-Length": str(size)})
+        await resp.prepare(request)
+        sent = 0
+        while sent < size:
+            await resp.write(chunk)
+            sent += len(chunk)
+        await resp.write_eof()
+        return resp
 
-        async def upload(request):
-            n = 0
-            async for data in request.content.iter_any():
-                n += len(data)
-            return web.Response(text=str(n))
-        app = web.Application(client_max_size=1024**4)
-        app.router.add_get("/big", download)
-        app.router.add_post("/up", upload)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        while not stop.is_set():
-            await asyncio.sleep(0.05)
-        await runner.cleanup()
-    asyncio.run(main())
+    async def upload(request):
+        n = 0
+        async for data in request.content.iter_any():
+            n += len(data)
+        return web.Response(text=str(n))
+    app = web.Application(client_max_size=1024**4)
+    app.router.add_get("/big", download)
+    app.router.add_post("/up", upload)
+    return app
 
 
 def test_large_transfers_keep_memory_flat(tmp_path):
     """512 MB each way through a sidecar process; its RSS must not grow with the body."""
     size = 512 * 1024 * 1024
-    up_port, out_port, admin_port = free_port(), free_port(), free_port()
-    stop = threading.Event()
-    t = threading.Thread(target=_serve_download, args=(up_port, size, stop), daemon=True)
-    t.start()
-    cfg = write_config(tmp_path, {"p": policy(f"http://127.0.0.1:{up_port}", '[limits]\nmax_request_body = "1GB"\n')},
+    out_port, admin_port = free_port(), free_port()
+    up = ThreadedApp(lambda: download_app(size)).start()
+    cfg = write_config(tmp_path, {"p": policy(up.url, '[limits]\nmax_request_body = "1GB"\n')},
                        outbound_port=out_port, admin_port=admin_port)
     sc = SidecarProcess(cfg, out_port, admin_port).start()
     peak = 0
@@ -141,5 +129,4 @@ def test_large_transfers_keep_memory_flat(tmp_path):
         assert peak - base < 64 * 1024 * 1024, f"RSS grew by {(peak - base) >> 20} MB"
     finally:
         sc.kill()
-        stop.set()
-        t.join(5)
+        up.stop()
