@@ -154,3 +154,37 @@ async def test_smuggling_attempts_get_400_and_reach_nobody(sidecar_factory, upst
     assert b'"code":"bad_request"' in body
     await asyncio.sleep(0.05)
     assert upstream.seen == []
+
+
+async def test_expect_100_continue_is_answered_by_the_sidecar(sidecar_factory, upstream):
+    sc = await sidecar_factory({"p": policy(upstream.url)})
+    host, port = sc.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(b"POST /p/x HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+        await writer.drain()
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert interim.startswith(b"HTTP/1.1 100 Continue")
+        writer.write(b"hello")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200")
+    finally:
+        writer.close()
+    assert upstream.seen[-1].body == b"hello"
+    assert "Expect" not in upstream.seen[-1].headers
+
+
+async def test_unknown_expectation_is_417(sidecar_factory, upstream):
+    sc = await sidecar_factory({"p": policy(upstream.url)})
+    status, head, body = await raw_request(sc.url, b"GET /p/x HTTP/1.1\r\nHost: x\r\nExpect: magic\r\n\r\n")
+    assert status == 417 and b"expectation_failed" in body
+    assert upstream.seen == []
+
+
+async def test_websocket_upgrade_is_refused_clearly(sidecar_factory, upstream):
+    sc = await sidecar_factory({"p": policy(upstream.url)})
+    status, head, body = await raw_request(sc.url, b"GET /p/ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
+                                           b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+                                           b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+    assert status == 501 and b"upgrade_not_supported" in body
+    assert upstream.seen == []
