@@ -196,8 +196,9 @@ class SharedStore:
         self.mm = mmap.mmap(fd, size)
         self._warned = 0.0
 
-    def _find(self, h: int, now: float) -> int:
-        """Offset of ``h``'s slot, claiming one if absent (call under the lock)."""
+    def _find(self, h: int, now: float, claim: bool = True) -> int:
+        """Offset of ``h``'s slot, claiming one if absent (call under the lock);
+        -1 when absent and not ``claim``."""
         mm = self.mm
         unpack = _SLOT.unpack_from
         start = h % self.slots
@@ -218,6 +219,8 @@ class SharedStore:
                     free = off
             elif tat < oldest_tat:
                 oldest, oldest_tat = off, tat
+        if not claim:
+            return -1
         if free < 0:
             free = oldest
             if now - self._warned > 60:
@@ -248,7 +251,8 @@ class SharedStore:
         fcntl.flock(self.fd, fcntl.LOCK_EX)
         try:
             now = time.monotonic()
-            tats = [_SLOT.unpack_from(self.mm, self._find(h, now))[1] for h in hashes]
+            offs = [self._find(h, now, claim=False) for h in hashes]
+            tats = [_SLOT.unpack_from(self.mm, o)[1] if o >= 0 else 0.0 for o in offs]
             return peek(tats, now, limits)
         finally:
             fcntl.flock(self.fd, fcntl.LOCK_UN)

@@ -156,5 +156,6 @@ def test_shared_store_is_exact_until_full_then_evicts_nearest_expiry(tmp_path, c
         assert s.decide([f"k{i}"], lim, 0.0).admitted
     assert s.decide(["new"], lim, 0.0).admitted
     assert "full" in caplog.text
-    assert sum(not s.decide([f"k{i}"], lim, 0.0).admitted for i in range(32)) == 31
+    assert sum(s.peek([f"k{i}"], lim)[0][0] == 0 for i in range(32)) == 31
+    assert s.peek(["k0"], lim)[0][0] == 1  # the one nearest expiry went first
     s.close()
