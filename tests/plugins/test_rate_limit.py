@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from plugins.rate_limit import Config
 from plugins.rate_limit.gcra import LimitSpec, MemoryStore, SharedStore, decide
+from tests.support.upstream import wait_for
 
 ROUTE = "/api"
 
@@ -159,3 +160,216 @@ def test_shared_store_is_exact_until_full_then_evicts_nearest_expiry(tmp_path, c
     assert sum(s.peek([f"k{i}"], lim)[0][0] == 0 for i in range(32)) == 31
     assert s.peek(["k0"], lim)[0][0] == 1  # the one nearest expiry went first
     s.close()
+
+
+# ---- end to end: memory backend ------------------------------------------------
+
+# draft-ietf-httpapi-ratelimit-headers-10 (RFC 8941 Lists of Items with parameters).
+_SF_STRING = r'"[\x20\x21\x23-\x5b\x5d-\x7e]*"'
+POLICY_ITEM = re.compile(rf'{_SF_STRING};q=\d+;w=\d+')
+QUOTA_ITEM = re.compile(rf'{_SF_STRING};r=\d+;t=\d+')
+
+
+def sf_list(value: str, item: re.Pattern) -> list[str]:
+    items = [i.strip() for i in value.split(",")]
+    for i in items:
+        assert item.fullmatch(i), f"{i!r} is not a valid item"
+    return items
+
+
+async def test_sixth_request_in_a_minute_is_429_with_headers(sidecar_factory, upstream, client):
+    sc = await sidecar_factory({"api": policy(upstream.url, '''
+        key = "header:X-Tenant-ID"
+        limits = [{ requests = 5, per = "1m" }]''')})
+    h = {"X-Tenant-ID": "acme"}
+    for i in range(5):
+        status, headers, _ = await send(client, f"{sc.url}/api/x", headers=h)
+        assert status == 200
+        assert headers["X-RateLimit-Limit"] == "5"
+        assert headers["X-RateLimit-Remaining"] == str(4 - i)
+        assert sf_list(headers["RateLimit-Policy"], POLICY_ITEM) == ['"5/1m";q=5;w=60']
+        assert sf_list(headers["RateLimit"], QUOTA_ITEM) == [f'"5/1m";r={4 - i};t={headers["X-RateLimit-Reset"]}']
+        # Whole seconds until the quota is full again: 12s per request used.
+        assert 12 * (i + 1) - 1 <= int(headers["X-RateLimit-Reset"]) <= 12 * (i + 1)
+    status, headers, body = await send(client, f"{sc.url}/api/x", headers=h)
+    assert status == 429
+    assert headers["X-Sidecar-Error"] == "rate_limited"
+    assert b'"code":"rate_limited"' in body
+    assert 11 <= int(headers["Retry-After"]) <= 12
+    assert headers["X-RateLimit-Remaining"] == "0"
+    assert sf_list(headers["RateLimit"], QUOTA_ITEM) == [f'"5/1m";r=0;t={headers["X-RateLimit-Reset"]}']
+    assert 59 <= int(headers["X-RateLimit-Reset"]) <= 60
+    assert len(upstream.seen) == 5
+    # Another tenant has its own quota.
+    status, _, _ = await send(client, f"{sc.url}/api/x", headers={"X-Tenant-ID": "other"})
+    assert status == 200
+    await wait_for(lambda: len(sc.access_lines()) == 7)
+    lines = sc.access_lines()
+    assert lines[5]["status"] == 429
+    assert lines[5]["decisions"]["rate_limit"] == {"result": "rejected", "limit": "5/1m"}
+    assert lines[0]["decisions"]["rate_limit"] == {"result": "allowed"}
+    async with client.get(f"{sc.admin}/metrics") as r:
+        text = await r.text()
+    assert 'sidecar_rate_limit_decisions_total{limit="5/1m",result="allowed",route="api"} 6.0' in text
+    assert 'sidecar_rate_limit_decisions_total{limit="5/1m",result="rejected",route="api"} 1.0' in text
+
+
+async def test_refill_is_smooth(sidecar_factory, upstream, client):
+    # 4 per 400ms, burst 2: one request every 100ms after a burst of 2.
+    sc = await sidecar_factory({"api": policy(upstream.url, 'limits = [{ requests = 4, per = "400ms", burst = 2 }]')})
+    results = [(await send(client, f"{sc.url}/api/x"))[0] for _ in range(3)]
+    assert results == [200, 200, 429]
+    t0 = time.monotonic()
+    # The limiter's own answer says when: poll instead of sleeping blindly.
+    while (await send(client, f"{sc.url}/api/x"))[0] != 200:
+        await asyncio.sleep(0.01)
+    assert time.monotonic() - t0 < 0.5
+    status, headers, _ = await send(client, f"{sc.url}/api/x")
+    assert status == 429 and headers["Retry-After"] == "1"
+
+
+async def test_burst_larger_than_rate(sidecar_factory, upstream, client):
+    sc = await sidecar_factory({"api": policy(upstream.url, 'limits = [{ requests = 1, per = "1m", burst = 3 }]')})
+    results = [(await send(client, f"{sc.url}/api/x"))[0] for _ in range(4)]
+    assert results == [200, 200, 200, 429]
+
+
+async def test_multiple_limits_consume_from_none_when_one_refuses(sidecar_factory, upstream, client):
+    sc = await sidecar_factory({"api": policy(upstream.url, '''
+        limits = [{ requests = 3, per = "1s", burst = 5 }, { requests = 6, per = "1d" }]''')})
+    statuses = []
+    for _ in range(5):
+        status, headers, _ = await send(client, f"{sc.url}/api/x")
+        statuses.append(status)
+    assert statuses == [200] * 5
+    status, headers, _ = await send(client, f"{sc.url}/api/x")
+    assert status == 429
+    # The 1s limit refused; the daily one lost nothing to the refusal.
+    assert sf_list(headers["RateLimit-Policy"], POLICY_ITEM) == ['"3/1s";q=3;w=1', '"6/1d";q=6;w=86400']
+    items = sf_list(headers["RateLimit"], QUOTA_ITEM)
+    assert items[0].startswith('"3/1s";r=0;') and items[1].startswith('"6/1d";r=1;')
+    async with client.get(f"{sc.admin}/admin/rate_limits", params={"route": "api", "key": "x"}) as r:
+        data = await r.json()
+    assert [lim["remaining"] for lim in data["limits"]] == [0, 1]
+    # Once the 1s limit has room, the day limit refuses after one more.
+    deadline = time.monotonic() + 3
+    while (await send(client, f"{sc.url}/api/x"))[0] != 200:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.4)  # room again on the 1s limit (3/s)
+    status, headers, _ = await send(client, f"{sc.url}/api/x")
+    assert status == 429
+    assert headers["X-RateLimit-Limit"] == "6" and int(headers["Retry-After"]) > 3600
+    assert len(upstream.seen) == 6
+
+
+async def test_overrides_replace_the_route_limits(sidecar_factory, upstream, client):
+    sc = await sidecar_factory({"api": policy(upstream.url, '''
+        limits = [{ requests = 1, per = "1m" }]
+        [[rate_limit.overrides]]
+        match = "POST /v1/embeddings*"
+        limits = [{ requests = 3, per = "1m" }]
+        [[rate_limit.overrides]]
+        match = "/health"
+        limits = [{ requests = 100, per = "1s", name = "health" }]''')})
+    emb = [(await send(client, f"{sc.url}/api/v1/embeddings/x", "POST", data=b"{}"))[0] for _ in range(4)]
+    assert emb == [200, 200, 200, 429]
+    # GET on the same path is not the override: the route's 1/1m.
+    assert [(await send(client, f"{sc.url}/api/v1/embeddings"))[0] for _ in range(2)] == [200, 429]
+    # Exact match only (no '*'): /health/x falls back to the route's exhausted limit.
+    status, headers, _ = await send(client, f"{sc.url}/api/health")
+    assert status == 200 and headers["RateLimit-Policy"] == '"health";q=100;w=1'
+    assert (await send(client, f"{sc.url}/api/health/x"))[0] == 429
+    async with client.get(f"{sc.admin}/admin/rate_limits") as r:
+        data = await r.json()
+    (route,) = data["routes"]
+    assert data["backend"] == "memory"
+    assert route["route"] == "api" and route["limits"][0]["requests"] == 1
+    assert [o["match"] for o in route["overrides"]] == ["POST /v1/embeddings*", "/health"]
+    async with client.get(f"{sc.admin}/admin/rate_limits", params={"route": "api", "key": "any"}) as r:
+        data = await r.json()
+    assert data["limits"][0]["remaining"] == 0
+    assert data["overrides"][0]["limits"][0]["remaining"] == 0
+    assert data["overrides"][1]["limits"][0]["remaining"] == 99
+    async with client.get(f"{sc.admin}/admin/rate_limits", params={"route": "nope"}) as r:
+        assert r.status == 404
+
+
+async def test_queue_mode_is_fifo_and_times_out(sidecar_factory, upstream, client):
+    # One request every 500ms; at most 1.2s of waiting.
+    sc = await sidecar_factory({"api": policy(upstream.url, '''
+        limits = [{ requests = 1, per = "500ms" }]
+        on_limit = "queue"
+        max_wait = "1200ms"''')})
+
+    async def one(i: int) -> tuple[int, float, dict]:
+        t = time.monotonic()
+        status, headers, _ = await send(client, f"{sc.url}/api/{i}")
+        return status, time.monotonic() - t, headers
+
+    tasks = []
+    t0 = time.monotonic()
+    for i in range(4):
+        tasks.append(asyncio.create_task(one(i)))
+        # Start the next only once this one has been decided (queued or sent).
+        await wait_for(lambda: _decisions(sc) >= i + 1)
+    launched = time.monotonic() - t0
+    results = await asyncio.gather(*tasks)
+    # 0 goes now; 1 and 2 wait 500ms and 1s; 3 would wait about 1.5s > max_wait.
+    assert [s for s, _, _ in results] == [200, 200, 200, 429], launched
+    assert [s.path_qs for s in upstream.seen] == ["/0", "/1", "/2"]
+    assert results[2][1] >= 0.9 - launched
+    assert int(results[3][2]["Retry-After"]) >= 1
+    await wait_for(lambda: len(sc.access_lines()) == 4)
+    assert sorted(ln["decisions"]["rate_limit"]["result"] for ln in sc.access_lines()) == \
+        ["allowed", "queued", "queued", "rejected"]
+
+
+def _decisions(sc) -> int:
+    # Decisions made so far: the limiter's counter, read through the registry.
+    m = sc.runtime.metrics.registry
+    total = 0
+    for fam in m.collect():
+        if fam.name == "sidecar_rate_limit_decisions":
+            total = sum(s.value for s in fam.samples if s.name.endswith("_total"))
+    return int(total)
+
+
+async def test_shadow_mode_lets_everything_through(sidecar_factory, upstream, client):
+    sc = await sidecar_factory({"api": policy(upstream.url, '''
+        limits = [{ requests = 2, per = "1m" }]
+        enforce = false''')})
+    got = [await send(client, f"{sc.url}/api/x") for _ in range(4)]
+    assert [s for s, _, _ in got] == [200] * 4
+    assert [h["X-RateLimit-Remaining"] for _, h, _ in got] == ["1", "0", "0", "0"]
+    assert "Retry-After" not in got[3][1]
+    assert len(upstream.seen) == 4
+    await wait_for(lambda: len(sc.access_lines()) == 4)
+    assert [ln["decisions"]["rate_limit"]["result"] for ln in sc.access_lines()] == \
+        ["allowed", "allowed", "shadow_rejected", "shadow_rejected"]
+
+
+async def test_headers_on_upstream_errors_too(sidecar_factory, upstream, client):
+    from aiohttp import web
+
+    async def fail(request, seen):
+        return web.Response(status=500, text="boom")
+
+    upstream.responder = fail
+    sc = await sidecar_factory({"api": policy(upstream.url, 'limits = [{ requests = 5, per = "1s" }]')})
+    status, headers, _ = await send(client, f"{sc.url}/api/x")
+    assert status == 500 and headers["X-RateLimit-Remaining"] == "4"
+
+
+async def test_key_kinds(sidecar_factory, upstream, client):
+    sc = await sidecar_factory({"t": f'route = "/t"\nupstream = "{upstream.url}"\ntenant_header = "X-Org"\n'
+                                     '[rate_limit]\nkey = "tenant"\nlimits = [{ requests = 1, per = "1m" }]\n',
+                                "ip": f'route = "/ip"\nupstream = "{upstream.url}"\n'
+                                      '[rate_limit]\nkey = "client_ip"\nlimits = [{ requests = 1, per = "1m" }]\n'})
+    assert (await send(client, f"{sc.url}/t/x", headers={"X-Org": "a"}))[0] == 200
+    assert (await send(client, f"{sc.url}/t/x", headers={"X-Org": "b"}))[0] == 200
+    assert (await send(client, f"{sc.url}/t/x", headers={"X-Org": "a"}))[0] == 429
+    assert (await send(client, f"{sc.url}/ip/x"))[0] == 200
+    assert (await send(client, f"{sc.url}/ip/x"))[0] == 429
+    async with client.get(f"{sc.admin}/admin/rate_limits", params={"route": "ip", "key": "127.0.0.1"}) as r:
+        assert (await r.json())["limits"][0]["remaining"] == 0
