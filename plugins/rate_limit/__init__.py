@@ -27,7 +27,7 @@ from proxy.hookspecs import hookimpl
 from proxy.plugins import BuildContext, PluginSpec
 
 from .config import Config, Limit, Override
-from .filter import Group, RateLimitFilter, compile_group
+from .filter import BACKEND_ERRORS, Group, RateLimitFilter, compile_group
 from .gcra import MemoryStore, SharedStore
 
 if TYPE_CHECKING:
@@ -133,7 +133,7 @@ async def admin_rate_limits(request: web.Request) -> web.Response:
                 out["limits"] = await _remaining(f, f.default, key)
             out["overrides"] = [{"match": g.scope, "limits": await _remaining(f, g, key)}
                                 for *_, g in f.overrides]
-        except Exception:
+        except BACKEND_ERRORS:
             return json_error(503, "rate_limit_unavailable", "the rate-limit backend is unavailable")
     return json_response(out)
 

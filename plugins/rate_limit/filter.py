@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import inspect
 import logging
 import math
 import time
@@ -95,7 +96,7 @@ class RateLimitFilter(Filter):
         self.default = default
         self.overrides = overrides
         self.store = store
-        self.sync = not asyncio.iscoroutinefunction(store.decide)
+        self.sync = not inspect.iscoroutinefunction(store.decide)
         self.key_of = key_function(config.key)
         self.enforce = config.enforce
         # Shadow mode never makes a request wait.
