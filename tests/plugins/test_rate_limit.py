@@ -373,3 +373,25 @@ async def test_key_kinds(sidecar_factory, upstream, client):
     assert (await send(client, f"{sc.url}/ip/x"))[0] == 429
     async with client.get(f"{sc.admin}/admin/rate_limits", params={"route": "ip", "key": "127.0.0.1"}) as r:
         assert (await r.json())["limits"][0]["remaining"] == 0
+
+
+async def test_reload_keeps_buckets_unless_the_limit_changes(sidecar_factory, upstream, client):
+    table = 'limits = [{ requests = 2, per = "1m" }]'
+    sc = await sidecar_factory({"api": policy(upstream.url, table)})
+    assert [(await send(client, f"{sc.url}/api/x"))[0] for _ in range(3)] == [200, 200, 429]
+    sc.write_policy("api", policy(upstream.url, table + '\nenforce = true\nfail_open = false'))
+    assert await sc.runtime.reload() == []
+    assert (await send(client, f"{sc.url}/api/x"))[0] == 429
+    sc.write_policy("api", policy(upstream.url, 'limits = [{ requests = 3, per = "1m" }]'))
+    assert await sc.runtime.reload() == []
+    assert (await send(client, f"{sc.url}/api/x"))[0] == 200
+
+
+async def test_long_key_values_are_hashed(sidecar_factory, upstream, client):
+    sc = await sidecar_factory({"api": policy(upstream.url, 'key = "header:X-Key"\nlimits = [{ requests = 1, per = "1m" }]')})
+    long = "k" * 5000
+    assert (await send(client, f"{sc.url}/api/x", headers={"X-Key": long}))[0] == 200
+    assert (await send(client, f"{sc.url}/api/x", headers={"X-Key": long}))[0] == 429
+    assert (await send(client, f"{sc.url}/api/x", headers={"X-Key": long + "x"}))[0] == 200
+    store = sc.runtime.table.routes[0].filters[0].store
+    assert max(len(k) for k in store._tats) < 200
