@@ -290,7 +290,7 @@ async def test_overrides_replace_the_route_limits(sidecar_factory, upstream, cli
         data = await r.json()
     assert data["limits"][0]["remaining"] == 0
     assert data["overrides"][0]["limits"][0]["remaining"] == 0
-    assert data["overrides"][1]["limits"][0]["remaining"] == 99
+    assert data["overrides"][1]["limits"][0]["remaining"] in (99, 100)  # refills every 10ms
     async with client.get(f"{sc.admin}/admin/rate_limits", params={"route": "nope"}) as r:
         assert r.status == 404
 

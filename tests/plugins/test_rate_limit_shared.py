@@ -85,7 +85,7 @@ async def test_two_workers_on_memory_admit_exactly_the_limit(tmp_path, upstream)
         sc.kill()
     assert statuses.count(200) == 50, statuses
     assert statuses.count(429) == 150
-    assert data["limits"][0]["remaining"] == 0
+    assert data["limits"][0]["remaining"] in (0, 1)  # one refills every 1.2s
 
 
 class ThrowawayRedis:
@@ -186,16 +186,16 @@ async def test_redis_keys_are_namespaced_and_expire(sidecar_factory, upstream, c
     import redis.asyncio as aioredis
 
     sc = await sidecar_factory({"api": policy(upstream.url, '[rate_limit]\nkey = "header:X-Tenant-ID"\n'
-                                                           'limits = [{ requests = 10, per = "2s" }]\n')},
+                                                           'limits = [{ requests = 10, per = "20s" }]\n')},
                                f'[state]\nbackend = "redis"\nurl = "{redis_url}"\n')
     async with client.get(f"{sc.url}/api/x", headers={"X-Tenant-ID": "acme"}) as r:
         assert r.status == 200 and r.headers["X-RateLimit-Remaining"] == "9"
     r = aioredis.from_url(redis_url)
     try:
         keys = [k.decode() for k in await r.keys("*")]
-        assert keys == ["sidecar:test:rl:api:-:10r2s10b:acme"]
+        assert keys == ["sidecar:test:rl:api:-:10r20s10b:acme"]
         ttl = await r.pttl(keys[0])
-        assert 0 < ttl <= 201  # expires when the TAT passes (one 200ms interval)
+        assert 1900 < ttl <= 2001  # expires when the TAT passes (one 2s interval)
     finally:
         await r.aclose()
     async with client.get(f"{sc.admin}/admin/rate_limits", params={"route": "api", "key": "acme"}) as resp:
