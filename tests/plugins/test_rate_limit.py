@@ -296,11 +296,11 @@ async def test_overrides_replace_the_route_limits(sidecar_factory, upstream, cli
 
 
 async def test_queue_mode_is_fifo_and_times_out(sidecar_factory, upstream, client):
-    # One request every 500ms; at most 1.2s of waiting.
+    # One request every 500ms; at most 1.1s of waiting.
     sc = await sidecar_factory({"api": policy(upstream.url, '''
         limits = [{ requests = 1, per = "500ms" }]
         on_limit = "queue"
-        max_wait = "1200ms"''')})
+        max_wait = "1100ms"''')})
 
     async def one(i: int) -> tuple[int, float, dict]:
         t = time.monotonic()
