@@ -28,6 +28,7 @@ ENTRY_POINT_GROUP = "sidecar.plugins"
 BUILTIN_PLUGINS = (
     "plugins.headers",
     "plugins.tracing",
+    "plugins.rate_limit",
 )
 
 
