@@ -27,6 +27,9 @@ ENTRY_POINT_GROUP = "sidecar.plugins"
 #: Built-in plugin modules, registered on every manager.
 BUILTIN_PLUGINS = (
     "plugins.headers",
+    "plugins.circuit_breaker",
+    "plugins.retry",
+    "plugins.fallback",
 )
 
 
