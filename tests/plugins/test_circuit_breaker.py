@@ -246,7 +246,7 @@ async def test_client_disconnect_is_not_a_failure(sidecar_factory, upstream, cli
             async with client.get(f"{sc.url}/up/", timeout=aiohttp.ClientTimeout(total=0.15)):
                 pass
     await wait_for(lambda: len(upstream.seen) == 3)
-    await asyncio.sleep(0.05)  # let the sidecar see the disconnects
+    await wait_for(lambda: [l["status"] for l in sc.access_lines()] == [499] * 3)
     b = (await breakers(client, sc))["up"]
     assert b["state"] == "closed" and b["failures"] == 0
 
@@ -267,6 +267,7 @@ async def test_trial_cancelled_by_client_keeps_half_open(sidecar_factory, upstre
     with pytest.raises(asyncio.TimeoutError):
         async with client.get(f"{sc.url}/up/", timeout=aiohttp.ClientTimeout(total=0.2)):
             pass
+    await wait_for(lambda: [l["status"] for l in sc.access_lines()][-1:] == [499])
     await wait_for_async(client, sc, lambda b: b["half_open_trials"] == 0)
     b = (await breakers(client, sc))["up"]
     assert b["state"] == "half_open"  # neither closed by a "success" nor reopened
