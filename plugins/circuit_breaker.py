@@ -333,7 +333,7 @@ class Registry:
         self.instance = os.urandom(8).hex()
         self.gauge = runtime.metrics.gauge(
             "sidecar_circuit_state", "Circuit breaker state by route: 0 closed, 1 open, 2 half-open.",
-            ["route"])
+            ["route"], multiprocess_mode="liveall")  # a state per worker, not a sum of states
         self.channel = runtime.state.key("breakers")
         self._tasks: set[asyncio.Task[Any]] = set()
         self._follower: asyncio.Task[None] | None = None
