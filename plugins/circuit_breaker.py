@@ -216,7 +216,13 @@ class Breaker(CircuitBreakerListener):
 
     def apply_remote(self, state: str, opened_at: float | None, at: float) -> None:
         """Take a peer's transition (open or closed) unless ours is newer."""
-        if at <= self.changed_at or state == self.state:
+        if at <= self.changed_at:
+            return
+        if state == self.state:
+            if state == STATE_OPEN and opened_at:
+                # A peer's trial failed and reopened: wait from its new opening time.
+                self.storage.opened_at = datetime.fromtimestamp(opened_at, UTC)
+            self.changed_at = at
             return
         self.remote = True
         try:

@@ -350,6 +350,27 @@ async def test_transitions_propagate_between_sidecars_through_redis(sidecar_fact
     assert (await breakers(client, c))["up"]["state"] == "open"
 
 
+async def test_a_peers_failed_trial_restarts_the_wait_everywhere(sidecar_factory, upstream, client, redis_url):
+    from plugins.circuit_breaker import registry_of
+
+    upstream.responder = status(500)
+    state = f'[state]\nbackend = "redis"\nurl = "{redis_url}"\n'
+    pol = policy(upstream.url, 'failure_threshold = 1\nrecovery_timeout = "400ms"')
+    a = await sidecar_factory({"up": pol}, state)
+    b = await sidecar_factory({"up": pol}, state)
+    for sc in (a, b):
+        await asyncio.wait_for(registry_of(sc.runtime).synced.wait(), 5)
+    assert (await get(client, f"{a.url}/up/"))[0] == 500
+    await wait_for_async(client, b, lambda s: s["state"] == "open", timeout=1.0)
+    await wait_for_async(client, a, lambda s: s["retry_in"] == 0)
+    assert (await get(client, f"{a.url}/up/"))[0] == 500   # A's trial fails: A reopens
+    assert (await breakers(client, a))["up"]["state"] == "open"
+    # B waits from A's new opening time instead of sending its own doomed trial now.
+    await wait_for_async(client, b, lambda s: s["retry_in"] > 0.2, timeout=1.0)
+    assert (await get(client, f"{b.url}/up/"))[1]["X-Sidecar-Error"] == "circuit_open"
+    assert len(upstream.seen) == 2
+
+
 async def test_memory_backend_keeps_breakers_local(sidecar_factory, upstream, client):
     upstream.responder = status(500)
     pol = policy(upstream.url, "failure_threshold = 1")
