@@ -155,6 +155,10 @@ async def _reset(request: "web.Request") -> "web.Response":
         return json_error(404, "no_breaker", f"no circuit breaker for policy {name!r}")
     if b.state != STATE_CLOSED:
         b.close("reset by an operator")
+    else:
+        # Closed here, maybe not on every peer: share the reset all the same.
+        b.changed_at = time.time()
+        reg.transitioned(b, STATE_CLOSED)
     b.storage.reset_counter()
     if b.window is not None:
         b.window.clear()

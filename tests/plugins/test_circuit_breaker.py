@@ -371,6 +371,29 @@ async def test_a_peers_failed_trial_restarts_the_wait_everywhere(sidecar_factory
     assert len(upstream.seen) == 2
 
 
+async def test_reset_of_a_closed_breaker_still_closes_its_peers(sidecar_factory, upstream, client, redis_url):
+    from plugins.circuit_breaker import registry_of
+
+    upstream.responder = status(500)
+    state = f'[state]\nbackend = "redis"\nurl = "{redis_url}"\n'
+    pol = policy(upstream.url, "failure_threshold = 1")
+    a = await sidecar_factory({"up": pol}, state)
+    b = await sidecar_factory({"up": pol}, state)
+    for sc in (a, b):
+        await asyncio.wait_for(registry_of(sc.runtime).synced.wait(), 5)
+    await get(client, f"{a.url}/up/")
+    await wait_for_async(client, b, lambda s: s["state"] == "open", timeout=1.0)
+    # B missed a transition (say Redis blinked) and is closed while A is open.
+    bb = registry_of(b.runtime).breakers["up"]
+    bb.remote = True
+    bb.cb.close()
+    bb.remote = False
+    assert (await breakers(client, b))["up"]["state"] == "closed"
+    async with client.post(f"{b.admin}/admin/breakers/up/reset") as r:
+        assert r.status == 200
+    await wait_for_async(client, a, lambda s: s["state"] == "closed", timeout=1.0)
+
+
 async def test_memory_backend_keeps_breakers_local(sidecar_factory, upstream, client):
     upstream.responder = status(500)
     pol = policy(upstream.url, "failure_threshold = 1")
