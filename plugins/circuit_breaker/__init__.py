@@ -75,6 +75,8 @@ class CircuitBreakerFilter(Filter):
         b = self.breaker
         storage = b.storage
         state = storage.state
+        if state == STATE_CLOSED and storage.counter == 0:
+            return await self._healthy(b, ex, call_next)
         trial = False
         if state != STATE_CLOSED:
             # pybreaker moves open -> half-open on the first call after the
@@ -117,6 +119,34 @@ class CircuitBreakerFilter(Filter):
             if outcome is not None and not trial and b.window is not None:
                 self._count(b, outcome == "failed")
         return resp
+
+    async def _healthy(self, b: Breaker, ex: Exchange, call_next: Handler) -> ProxyResponse:
+        """Closed with no failure streak: the common case, without pybreaker's
+        ~10 µs ``calling()`` per request (measured). A success there would
+        record nothing (the streak is already 0), so only a failure is handed
+        to pybreaker, after the fact, with the same effect on its counters."""
+        try:
+            resp = await call_next(ex)
+        except UpstreamError as e:
+            self._record_failure(b, e)
+            raise
+        if resp.status in self.statuses:
+            self._record_failure(b, _FailedStatus(resp))
+        elif b.window is not None:
+            self._count(b, False)
+        return resp
+
+    def _record_failure(self, b: Breaker, exc: Exception) -> None:
+        try:
+            with b.cb.calling():
+                raise exc
+        except CircuitBreakerError:
+            pass  # another request opened the circuit meanwhile
+        except Exception as e:
+            if e is not exc:
+                raise
+        if b.window is not None:
+            self._count(b, True)
 
     def _count(self, b: Breaker, failed: bool) -> None:
         w = b.window

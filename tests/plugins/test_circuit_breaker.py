@@ -431,3 +431,19 @@ async def test_upstream_recovering_after_a_delay_closes_the_circuit(sidecar_fact
     finally:
         await up.stop()
 
+
+
+async def test_breaker_state_survives_a_reload_that_keeps_its_config(sidecar_factory, upstream, client):
+    upstream.responder = status(500)
+    sc = await sidecar_factory({"up": policy(upstream.url, "failure_threshold = 1")})
+    await get(client, f"{sc.url}/up/")
+    assert (await breakers(client, sc))["up"]["state"] == "open"
+    sc.write_policy("up", policy(upstream.url, "failure_threshold = 1", extra='description = "edited"'))
+    async with client.post(f"{sc.admin}/admin/reload") as r:
+        assert r.status == 200
+    assert (await breakers(client, sc))["up"]["state"] == "open"
+    sc.write_policy("up", policy(upstream.url, "failure_threshold = 2"))
+    async with client.post(f"{sc.admin}/admin/reload") as r:
+        assert r.status == 200
+    b = (await breakers(client, sc))["up"]
+    assert b["state"] == "closed" and b["failure_threshold"] == 2
