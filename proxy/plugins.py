@@ -29,6 +29,9 @@ BUILTIN_PLUGINS = (
     "plugins.headers",
     "plugins.tracing",
     "plugins.rate_limit",
+    "plugins.circuit_breaker",
+    "plugins.retry",
+    "plugins.fallback",
 )
 
 
