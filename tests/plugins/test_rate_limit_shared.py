@@ -7,6 +7,7 @@ import asyncio
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import aiohttp
@@ -31,7 +32,20 @@ async def blast(urls: list[str], n: int = 200) -> list[int]:
             async with s.get(f"{urls[i % len(urls)]}/api/x", headers={"X-Tenant-ID": "acme"}) as r:
                 await r.read()
                 return r.status
-        return await asyncio.gather(*(one(i) for i in range(n)))
+        t0 = time.monotonic()
+        statuses = await asyncio.gather(*(one(i) for i in range(n)))
+        blast.elapsed = time.monotonic() - t0  # type: ignore[attr-defined]
+        return statuses
+
+
+def assert_exactly_the_limit(statuses: list[int]) -> None:
+    """50 per minute is a burst of 50, then one more every 1.2 s (GCRA): on a
+    loaded machine the blast can outlast an emission interval, and a slot that
+    refilled meanwhile is rightly admitted. Nothing else may pass."""
+    refilled = int(blast.elapsed / 1.2)  # type: ignore[attr-defined]
+    admitted = statuses.count(200)
+    assert 50 <= admitted <= 50 + refilled, (admitted, blast.elapsed, statuses)
+    assert statuses.count(429) == 200 - admitted
 
 
 def start(tmp: Path, upstream_url: str, config: str = "", workers: int = 1) -> SidecarProcess:
@@ -52,9 +66,8 @@ async def test_two_sidecars_sharing_redis_admit_exactly_the_limit(tmp_path, upst
             b.kill()
     finally:
         a.kill()
-    assert statuses.count(200) == 50, statuses
-    assert statuses.count(429) == 150
-    assert len(upstream.seen) == 50
+    assert_exactly_the_limit(statuses)
+    assert len(upstream.seen) == statuses.count(200)
 
 
 async def test_two_workers_on_memory_admit_exactly_the_limit(tmp_path, upstream):
@@ -83,8 +96,7 @@ async def test_two_workers_on_memory_admit_exactly_the_limit(tmp_path, upstream)
                 data = await r.json()
     finally:
         sc.kill()
-    assert statuses.count(200) == 50, statuses
-    assert statuses.count(429) == 150
+    assert_exactly_the_limit(statuses)
     assert data["limits"][0]["remaining"] in (0, 1)  # one refills every 1.2s
 
 
