@@ -27,6 +27,7 @@ _EMPTY: dict[str, str | None] = {}
 _NOT_STORED = frozenset({"age", "x-cache", "x-request-id", "content-length", "set-cookie"})
 # RFC 9111 4.3.4: a 304 does not replace these stored fields.
 _NOT_FRESHENED = _NOT_STORED | {"content-encoding", "content-type", "content-range", "etag"}
+_SAFE = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 _CONDITIONALS = ("If-None-Match", "If-Modified-Since", "If-Match", "If-Unmodified-Since", "If-Range")
 # Headers a 304 to the client carries from the stored response (RFC 9110 15.4.5).
 _304_FIELDS = ("Cache-Control", "Content-Location", "Date", "ETag", "Expires", "Vary", "Last-Modified")
@@ -70,7 +71,9 @@ class CacheFilter(Filter):
 
     async def handle(self, ex: Exchange, call_next: Handler) -> ProxyResponse:
         if ex.method not in self.methods:
-            return await call_next(ex)
+            if ex.method in _SAFE:
+                return await call_next(ex)
+            return await self._invalidating(ex, call_next)
         h = ex.headers
         cc_value = h.get("Cache-Control")
         req_cc = parse_cache_control(cc_value) if cc_value else _EMPTY
@@ -173,6 +176,22 @@ class CacheFilter(Filter):
             length = resp.headers.get("Content-Length")
             expected = int(length) if length is not None and length.isdigit() else None
             resp.body = self._tee(body, primary, store_key, stored, vary, expected, key, flight)
+        return resp
+
+    async def _invalidating(self, ex: Exchange, call_next: Handler) -> ProxyResponse:
+        """RFC 9111 4.4: a successful unsafe request (PUT, POST, DELETE...) makes
+        the stored responses for its URI stale, here by deleting them: the shared
+        entry and the requester's own (per-tenant) one."""
+        h = ex.headers
+        keys = {primary_key(ex.path, ex.query, h, self.key_headers, "")}
+        if self.authorized and (self.injects or "Authorization" in h):
+            keys.add(primary_key(ex.path, ex.query, h, self.key_headers,
+                                 credential_scope(ex.tenant, h.get("Authorization"))))
+        resp = await call_next(ex)
+        if 200 <= resp.status < 400:
+            for key in keys:
+                await self.store.delete(key)  # a Vary marker: its variants become unreachable
+            ex.log[NAME] = "invalidated"
         return resp
 
     async def _bypass(self, ex: Exchange, call_next: Handler, why: str) -> ProxyResponse:

@@ -508,6 +508,45 @@ async def test_lru_bound_admin_purge_and_metrics(sidecar_factory, client, origin
     assert 'sidecar_cache_requests_total{result="miss",route="p"} 5.0' in text
 
 
+async def test_unsafe_methods_invalidate_and_204_and_timeouts(sidecar_factory, client, origin):
+    sc = await sidecar_factory({"p": policy(origin.up.url, extra='timeouts = { total = "300ms" }')})
+    await get(client, f"{sc.url}/p/item")
+    _, h, _ = await get(client, f"{sc.url}/p/item")
+    assert h["X-Cache"] == "HIT"
+    origin.status = 500
+    await get(client, f"{sc.url}/p/item", method="PUT", data=b"v2")
+    _, h, _ = await get(client, f"{sc.url}/p/item")
+    assert h["X-Cache"] == "HIT" and origin.hits == 2             # a failed write changes nothing
+    origin.status = 200
+    await get(client, f"{sc.url}/p/item", method="DELETE")
+    s, h, _ = await get(client, f"{sc.url}/p/item")
+    assert h["X-Cache"] == "MISS" and origin.hits == 4
+    origin.status = 204
+    for expect in ("MISS", "HIT", "HIT"):
+        s, h, body = await get(client, f"{sc.url}/p/empty", method="HEAD" if expect == "HIT" else "GET")
+        assert (s, body, h["X-Cache"]) == (204, b"", expect)
+    # stale-if-error on an upstream timeout
+    origin.status = 200
+    origin.headers = {"Cache-Control": "max-age=0, stale-if-error=60"}
+    await get(client, f"{sc.url}/p/slow")
+    origin.gate = asyncio.Event()
+    s, h, body = await get(client, f"{sc.url}/p/slow")
+    origin.gate.set()
+    assert (s, h["X-Cache"]) == (200, "STALE")
+    lines = await sc.wait_access_lines(11)
+    assert lines[-1]["decisions"]["cache"] == "stale-if-error (upstream_timeout)"
+
+
+async def test_a_redis_outage_never_fails_a_request(sidecar_factory, client, origin):
+    from tests.support.sidecar import free_port
+    sc = await sidecar_factory({"p": policy(origin.up.url)},
+                               f'[state]\nbackend = "redis"\nurl = "redis://127.0.0.1:{free_port()}/0"\n')
+    for _ in range(2):
+        s, h, _ = await get(client, f"{sc.url}/p/a")
+        assert (s, h["X-Cache"]) == (200, "MISS")
+    assert origin.hits == 2
+
+
 async def test_cache_survives_a_reload_that_keeps_its_config(sidecar_factory, client, origin):
     sc = await sidecar_factory({"p": policy(origin.up.url)})
     await get(client, f"{sc.url}/p/a")
