@@ -75,7 +75,7 @@ class CacheFilter(Filter):
                 return await call_next(ex)
             return await self._invalidating(ex, call_next)
         h = ex.headers
-        cc_value = h.get("Cache-Control")
+        cc_value = ",".join(h.getall("Cache-Control")) if "Cache-Control" in h else None
         req_cc = parse_cache_control(cc_value) if cc_value else _EMPTY
         if "no-store" in req_cc or "Range" in h:
             return await self._bypass(ex, call_next, "no-store" if "Range" not in h else "range")
