@@ -491,6 +491,35 @@ async def test_streamed_bodies_are_teed_and_large_ones_not_kept(sidecar_factory,
         await up.stop()
 
 
+async def test_a_client_leaving_mid_body_stores_nothing_and_releases_waiters(sidecar_factory, client):
+    gate = asyncio.Event()
+
+    async def slow(request, seen):
+        r = web.StreamResponse(headers={"Cache-Control": "max-age=60", "Content-Length": "2000"})
+        await r.prepare(request)
+        await r.write(b"a" * 1000)
+        await gate.wait()
+        await r.write(b"b" * 1000)
+        return r
+
+    up = await FakeUpstream(slow).start()
+    try:
+        sc = await sidecar_factory({"p": policy(up.url)})
+        filt = sc.runtime.table.routes[0].filters[0]
+        r = await client.get(f"{sc.url}/p/a")
+        assert await r.content.readexactly(1000) == b"a" * 1000
+        follower = asyncio.ensure_future(get(client, f"{sc.url}/p/a"))
+        await wait_for(lambda: filt.counts["miss"] == 1 and len(filt.flights) == 1)
+        r.close()                                                 # the first client goes away
+        gate.set()
+        await wait_for(lambda: not filt.flights)
+        s, h, body = await asyncio.wait_for(follower, 5)
+        assert s == 200 and len(body) == 2000
+        assert len(up.seen) == 2
+    finally:
+        await up.stop()
+
+
 async def test_conditional_revalidation_and_client_304(sidecar_factory, client, origin):
     async def answer(request, seen):
         if request.headers.get("If-None-Match") == '"v1"':
