@@ -26,6 +26,7 @@ ENTRY_POINT_GROUP = "sidecar.plugins"
 
 #: Built-in plugin modules, registered on every manager.
 BUILTIN_PLUGINS = (
+    "plugins.cache",
     "plugins.headers",
     "plugins.tracing",
     "plugins.rate_limit",
