@@ -28,7 +28,7 @@ from .config import Config
 from .filter import NAME, CacheFilter, CacheMiss
 from .store import MemoryStore, RedisStore
 
-PRIORITY = 600
+PRIORITY = 755  # outside retry and the breaker: a hit skips both, stale-if-error catches circuit_open
 
 __all__ = ["Config", "CacheFilter", "CacheMiss", "PRIORITY", "build", "cache_filters"]
 
