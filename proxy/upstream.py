@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 import aiohttp
-from multidict import CIMultiDict
 from yarl import URL
 
 from .chain import Exchange, ProxyResponse

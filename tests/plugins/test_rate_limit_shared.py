@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import aiohttp
-import psutil
 import pytest
 
 from tests.support.sidecar import SidecarProcess, free_port, write_config
@@ -73,22 +72,7 @@ async def test_two_sidecars_sharing_redis_admit_exactly_the_limit(tmp_path, upst
 async def test_two_workers_on_memory_admit_exactly_the_limit(tmp_path, upstream):
     sc = start(tmp_path, upstream.url, workers=2)
     try:
-        assert sc.proc is not None
-        parent = psutil.Process(sc.proc.pid)
-
-        def both_listening() -> bool:
-            # Children include multiprocessing's resource tracker: count listeners.
-            listening = 0
-            for k in parent.children():
-                try:
-                    conns = k.net_connections("tcp")
-                except psutil.Error:
-                    continue
-                listening += any(c.laddr.port == sc.outbound_port and c.status == psutil.CONN_LISTEN
-                                 for c in conns)
-            return listening == 2
-
-        await wait_for(both_listening, timeout=20)
+        await asyncio.get_running_loop().run_in_executor(None, sc.wait_workers, 2)
         statuses = await blast([sc.url])
         async with aiohttp.ClientSession() as s:
             async with s.get(f"{sc.admin}/admin/rate_limits",

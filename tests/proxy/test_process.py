@@ -60,9 +60,7 @@ def test_two_workers_share_the_port_and_aggregate_metrics(tmp_path):
                        outbound_port=out, admin_port=adm, workers=2)
     sc = SidecarProcess(cfg, out, adm).start(timeout=30)
     try:
-        import psutil
-
-        assert len(psutil.Process(sc.proc.pid).children()) >= 2
+        sc.wait_workers(2)
 
         async def run():
             # Many separate connections, so the kernel spreads them over both workers.

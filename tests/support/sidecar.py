@@ -153,6 +153,29 @@ class SidecarProcess:
         self.kill()
         raise RuntimeError("sidecar did not start listening in time")
 
+    def listening_workers(self) -> int:
+        """How many worker processes listen on the outbound port (SO_REUSEPORT)."""
+        import psutil
+
+        assert self.proc is not None
+        count = 0
+        # Children include multiprocessing's resource tracker: count listeners.
+        for child in psutil.Process(self.proc.pid).children():
+            try:
+                conns = child.net_connections("tcp")
+            except psutil.Error:
+                continue
+            count += any(c.laddr.port == self.outbound_port and c.status == psutil.CONN_LISTEN for c in conns)
+        return count
+
+    def wait_workers(self, n: int, timeout: float = 30.0) -> None:
+        """Block until ``n`` workers listen (worker 0 may answer long before the others)."""
+        end = time.monotonic() + timeout
+        while self.listening_workers() < n:
+            if time.monotonic() > end:
+                raise RuntimeError(f"only {self.listening_workers()} of {n} workers listening")
+            time.sleep(0.1)
+
     def signal(self, sig: int = signal.SIGTERM) -> None:
         assert self.proc is not None
         self.proc.send_signal(sig)
