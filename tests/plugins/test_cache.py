@@ -16,7 +16,7 @@ from plugins.cache.rules import (credential_scope, etag_matches, explicit_lifeti
                                  parse_cache_control, primary_key, variant_key, vary_names)
 from plugins.cache.store import Entry, MemoryStore, VaryMarker, decode
 from proxy.chain import ProxyResponse
-from proxy.errors import ConfigError, UpstreamUnavailable
+from proxy.errors import ConfigError
 from tests.support.upstream import FakeUpstream, wait_for
 
 
