@@ -59,6 +59,10 @@ class Runtime:
         self._on_shutdown: list[Callable[[], Any]] = []
         self._reload_lock = asyncio.Lock()
         self._log_headers = settings.logging.log_headers
+        # Per-runtime objects a plugin shares between its routes' filters
+        # (metrics, a Vault client), keyed by plugin name; no module globals.
+        self.plugin_state: dict[str, Any] = {}
+        self.pm.hook.sidecar_secrets_register(runtime=self)
 
     # ---- control plane -------------------------------------------------
 
