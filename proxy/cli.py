@@ -26,7 +26,7 @@ def check(config: str | None, warnings: list[str] | None = None) -> list[str]:
         try:
             rt.compile(rt.load_policies())
             if warnings is not None:
-                warnings += rt.secrets.check()
+                warnings.extend(rt.secrets.check())
         except ConfigError as e:
             return e.problems
         finally:
