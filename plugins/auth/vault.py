@@ -142,15 +142,20 @@ class VaultSecret(SecretRef):
         return d
 
 
+_STATUS = {400: "InvalidRequest", 401: "Unauthorized", 403: "Forbidden", 404: "InvalidPath",
+           429: "RateLimitExceeded", 500: "InternalServerError", 501: "VaultNotInitialized",
+           502: "BadGateway", 503: "VaultDown"}
+
+
 def _why(e: BaseException) -> str:
     """A short, value-free reason for a failed Vault call."""
     import hvac.exceptions as hx
 
     if isinstance(e, hx.VaultError):
-        status = getattr(e, "status_code", None) or type(e).__name__
+        status = next((code for code, cls in _STATUS.items() if isinstance(e, getattr(hx, cls))), None)
         errors = e.errors if isinstance(e.errors, list) else []
-        first = str(errors[0])[:120] if errors else ""
-        return f"Vault answered {status}{': ' + first if first else ''}"
+        first = f": {str(errors[0])[:120]}" if errors else ""
+        return f"Vault answered {status or '?'} ({type(e).__name__}){first}"
     if isinstance(e, OSError) or type(e).__module__.startswith(("requests", "urllib3")):
         return f"cannot reach Vault ({type(e).__name__})"
     return f"Vault call failed ({type(e).__name__})"

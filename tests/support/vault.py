@@ -10,6 +10,7 @@ a sealed Vault does; ``stop()``/``start(port)`` make it unreachable and back.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from dataclasses import dataclass, field
@@ -50,6 +51,7 @@ class FakeVault:
         self.approles: dict[str, dict[str, Any]] = {}
         self.k8s_roles: dict[str, dict[str, Any]] = {}
         self.sealed = False
+        self.delay = 0.0            # seconds every answer waits (a slow Vault)
         self.calls: list[tuple[str, str]] = []
         self.runner: web.AppRunner | None = None
         self.port = 0
@@ -117,6 +119,8 @@ class FakeVault:
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
         self.calls.append((request.method, request.path))
+        if self.delay:
+            await asyncio.sleep(self.delay)
         if self.sealed:
             return _err(503, "Vault is sealed")
         return await handler(request)
