@@ -295,3 +295,25 @@ async def test_secrets_hook_registers_a_source(tmp_path):
     rt.compile(rt.load_policies())
     assert {r.raw for r in rt.secrets.refs()} >= {"vault:a/b#c@2", "vault:x#y"}
     await rt.pools.close()
+
+
+async def test_example_policy_injects_httpbin_token(sidecar_factory, upstream, client, monkeypatch):
+    """The shipped policies/httpbin.toml, pointed at a fake upstream."""
+    from tests.support.sidecar import REPO
+
+    text = (REPO / "policies" / "httpbin.toml").read_text()
+    text = "\n".join(f'upstream = "{upstream.url}"' if line.startswith("upstream =") else line
+                     for line in text.splitlines())
+    monkeypatch.setenv("HTTPBIN_TOKEN", "httpbin-token-value")
+    sc = await sidecar_factory({"httpbin": text})
+    async with client.get(f"{sc.url}/httpbin/anything") as r:
+        assert r.status == 200
+    assert upstream.seen[-1].headers["Authorization"] == "Bearer httpbin-token-value"
+
+
+def test_repo_config_validates_with_a_warning(capsys, monkeypatch):
+    from tests.support.sidecar import REPO
+
+    monkeypatch.delenv("HTTPBIN_TOKEN", raising=False)
+    assert cli_main(["validate", "--config", str(REPO / "config.toml")]) == 0
+    assert "warning: env:HTTPBIN_TOKEN: does not resolve now" in capsys.readouterr().err

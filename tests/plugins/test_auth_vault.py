@@ -257,6 +257,12 @@ async def test_outage_serves_stale_then_fails_closed_then_recovers(fake_vault, s
     [ref] = [s for s in body["secrets"] if s["reference"] == "vault:p/k#v"]
     assert ref["available"] is False and "503" in ref["error"]
     assert "503" in body["vault"]["last_error"]
+    metrics = await (await client.get(sc.admin + "/metrics")).text()
+    [stale] = [line for line in metrics.splitlines()
+               if line.startswith('sidecar_secret_staleness_seconds{reference="vault:p/k#v"')]
+    assert float(stale.rsplit(" ", 1)[1]) > 1.5
+    assert 'sidecar_secret_available{reference="vault:p/k#v",source="vault"} 0.0' in metrics
+    assert 'sidecar_secret_refreshes_total{reference="vault:p/k#v",result="error",source="vault"}' in metrics
     async with client.get(sc.admin + "/ready") as r:
         assert r.status == 200
     fake_vault.sealed = False
