@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from proxy.secrets import SecretRef, SecretUnavailable
 
+from .inject import Tally
 from .vault import PREFIX as VAULT_PREFIX
 from .vault import SecretsSettings, VaultBackend, VaultSecret
 
@@ -44,8 +45,15 @@ class AuthState:
         settings = runtime.extra_settings.get("secrets")
         self.settings: SecretsSettings = settings if isinstance(settings, SecretsSettings) else SecretsSettings()
         self.vault: VaultBackend | None = None
+        self._tallies: dict[str, tuple[SecretRef, Tally]] = {}
         self._ticker: asyncio.Task[None] | None = None
         runtime.secrets.register(VAULT_PREFIX, self._vault_ref)
+
+    def tally(self, ref: SecretRef) -> Tally:
+        got = self._tallies.get(ref.raw)
+        if got is None:
+            got = self._tallies[ref.raw] = (ref, Tally())
+        return got[1]
 
     def _vault_ref(self, raw: str) -> VaultSecret:
         if self.vault is None:
@@ -79,7 +87,13 @@ class AuthState:
             await asyncio.sleep(1.0)
 
     def update_metrics(self) -> None:
-        """Refresh the per-reference gauges (and count background reads)."""
+        """Flush resolution counts and refresh the per-reference gauges."""
+        for ref, tally in self._tallies.values():
+            ok, fail = tally.flush()
+            if ok:
+                self.resolutions.labels(ref.raw, ref.source, "ok").inc(ok)
+            if fail:
+                self.resolutions.labels(ref.raw, ref.source, "unavailable").inc(fail)
         now = time.time()
         for r in self.runtime.secrets.refs():
             ok = _resolves(r)

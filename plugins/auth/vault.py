@@ -380,7 +380,6 @@ class VaultBackend:
             verify = s.ca_bundle or os.environ["VAULT_CACERT"]
         client = hvac.Client(url=self.address, timeout=s.timeout, verify=verify,
                              namespace=s.namespace or os.environ.get("VAULT_NAMESPACE") or None)
-        client.adapter.allow_redirects = False
         return client
 
     def _ensure_token(self) -> None:

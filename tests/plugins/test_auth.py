@@ -204,9 +204,16 @@ async def test_unresolvable_secret_is_503_and_never_forwarded(sidecar_factory, u
     async with client.get(sc.url + "/a/x") as r:
         assert r.status == 200
     assert upstream.seen[-1].headers["Authorization"] == "Bearer now-set"
-    metrics = await (await client.get(sc.admin + "/metrics")).text()
-    assert 'sidecar_secret_resolutions_total{reference="env:NOT_SET_ANYWHERE",result="unavailable",source="env"} 1.0' in metrics
-    assert 'sidecar_secret_resolutions_total{reference="env:NOT_SET_ANYWHERE",result="ok",source="env"} 1.0' in metrics
+    # Resolution counts reach /metrics within the one-second flush.
+    want = ['sidecar_secret_resolutions_total{reference="env:NOT_SET_ANYWHERE",result="unavailable",source="env"} 1.0',
+            'sidecar_secret_resolutions_total{reference="env:NOT_SET_ANYWHERE",result="ok",source="env"} 1.0',
+            'sidecar_secret_available{reference="env:NOT_SET_ANYWHERE",source="env"} 1.0']
+    for _ in range(60):
+        metrics = await (await client.get(sc.admin + "/metrics")).text()
+        if all(w in metrics for w in want):
+            break
+        await asyncio.sleep(0.05)
+    assert all(w in metrics for w in want), metrics
 
 
 async def test_file_rotation_under_load(sidecar_factory, upstream, client, tmp_path):
