@@ -120,6 +120,12 @@ class Config(Model):
         if t == "oauth2_client_credentials":
             if not self.token_url or not self.token_url.startswith(("https://", "http://")):
                 raise ValueError("type = \"oauth2_client_credentials\" needs token_url (an https:// URL)")
+        injected = {"header": (self.header or "").lower(), "query": ""}.get(t, "authorization")
+        names = {n.lower() for n in self.headers}
+        for tc in self.tenants.values():
+            names |= {n.lower() for n in tc.headers}
+        if injected and injected in names:
+            raise ValueError(f"[auth.headers] cannot set {injected!r}: type = \"{t}\" sets it")
         needed = SECRET_FIELDS[t]
         if self.unknown_tenant == "default" or not self.tenants:
             missing = [f for f in needed if getattr(self, f) is None]

@@ -182,7 +182,10 @@ class AuthFilter(Filter):
             return resp
         # The provider refused the token (revoked or rotated early): fetch a new
         # one (single-flight across requests) and, when the body can be resent, retry once.
-        fresh = await source.renew(token)
+        try:
+            fresh = await source.renew(token)
+        except SidecarError:
+            return resp   # no new token: the provider's 401 is the honest answer
         if not replayable:
             return resp
         try:

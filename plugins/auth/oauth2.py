@@ -58,6 +58,9 @@ class TokenSource:
         self.expires = 0.0
         self.refresh_at = 0.0
         self._inflight: asyncio.Future[str] | None = None
+        # After a failed refresh-ahead, wait before the next one instead of
+        # trying again on every request while the current token is still valid.
+        self._next_try = 0.0
 
     async def get(self) -> str:
         tok = self.token
@@ -66,7 +69,8 @@ class TokenSource:
             if now < self.refresh_at:
                 return tok
             if now < self.expires:
-                self._fetch_shared()   # refresh ahead; this request keeps the current token
+                if now >= self._next_try:
+                    self._fetch_shared()   # refresh ahead; this request keeps the current token
                 return tok
         return await asyncio.shield(self._fetch_shared())
 
@@ -86,8 +90,9 @@ class TokenSource:
 
     def _done(self, fut: "asyncio.Future[str]") -> None:
         self._inflight = None
-        if not fut.cancelled():
-            fut.exception()   # retrieved: a background refresh failure is logged once, below
+        if not fut.cancelled() and fut.exception() is not None:
+            # Retrieved here (the failure was logged in _fetch); back off the refresh-ahead.
+            self._next_try = time.monotonic() + 1.0
 
     async def _fetch(self) -> str:
         try:

@@ -41,6 +41,9 @@ def policy(up: str, auth: str, route: str = "/httpbin") -> str:
     ({"type": "bearer", "secret": "env:X", "unknown_tenant": "maybe"}, "unknown_tenant"),
     ({"headers": {"X-A": "1"}, "tenants": {"a": {"secret": "env:A"}}}, "needs a type"),
     ({"type": "bearer", "secret": "env:X", "colour": "red"}, "Extra inputs"),
+    ({"type": "bearer", "secret": "env:X", "headers": {"authorization": "env:Y"}}, "cannot set 'authorization'"),
+    ({"type": "header", "header": "X-Key", "secret": "env:X", "tenants": {"a": {"headers": {"x-key": "1"}}}},
+     "cannot set 'x-key'"),
 ])
 def test_config_rejects(table, error):
     with pytest.raises(ValidationError) as e:

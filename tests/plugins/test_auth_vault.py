@@ -265,6 +265,10 @@ async def test_outage_serves_stale_then_fails_closed_then_recovers(fake_vault, s
     assert 'sidecar_secret_refreshes_total{reference="vault:p/k#v",result="error",source="vault"}' in metrics
     async with client.get(sc.admin + "/ready") as r:
         assert r.status == 200
+    # While Vault fails the loop retries at its retry delay (0.2 s here), never spinning.
+    n = len(fake_vault.calls)
+    await asyncio.sleep(1.0)
+    assert len(fake_vault.calls) - n <= 10
     fake_vault.sealed = False
     fake_vault.write("p/k", {"v": "recovered-2"})
 
