@@ -22,7 +22,7 @@ from proxy.admin import json_response, runtime_of
 from proxy.hookspecs import hookimpl
 from proxy.plugins import BuildContext, PluginSpec
 
-from .config import SECRET_FIELDS, Config
+from .config import LITERAL_CREDENTIAL, LITERAL_OK, SECRET_FIELDS, Config
 from .inject import AuthFilter, BasicSlot, Credentials, HeaderSlot, QuerySlot, Secret, Slot
 from .oauth2 import SessionHolder, TokenSource
 from .state import NAME, AuthState, auth_state
@@ -41,7 +41,11 @@ def _credentials(label: str, config: Config, over: dict[str, Any], state: AuthSt
 
     def secret(field: str) -> Secret:
         raw = over.get(field) or getattr(config, field)
-        return Secret(store.ref(raw), state)
+        ref = store.ref(raw)
+        if ref.source == "literal" and field not in LITERAL_OK:
+            where = "" if label == "default" else f"tenants.{label}."
+            raise ValueError(f"{where}{field} {LITERAL_CREDENTIAL}")
+        return Secret(ref, state)
 
     slots: list[Slot] = []
     token = None

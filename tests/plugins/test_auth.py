@@ -26,7 +26,6 @@ def policy(up: str, auth: str, route: str = "/httpbin") -> str:
 @pytest.mark.parametrize("table,error", [
     ({}, "set type"),
     ({"type": "bearer"}, "needs secret"),
-    ({"type": "bearer", "secret": "sk-literal-value"}, "must be a secret reference"),
     ({"type": "header", "secret": "env:X"}, "needs header"),
     ({"type": "header", "secret": "env:X", "header": "Bad Name"}, "not a valid header name"),
     ({"type": "header", "secret": "env:X", "header": "Content-Length"}, "cannot carry a credential"),
@@ -65,13 +64,20 @@ def test_config_accepts(table):
     Config(**table)
 
 
-def test_bad_policy_names_file_and_field(tmp_path):
-    path = write_config(tmp_path, {"p": policy("http://127.0.0.1:1", '[auth]\ntype = "bearer"\nsecret = "abc"')})
+@pytest.mark.parametrize("auth,field", [
+    ('type = "bearer"\nsecret = "sk-LITERAL-1"', "secret"),
+    ('type = "basic"\nusername = "u"\npassword = "sk-LITERAL-1"', "password"),
+    ('type = "bearer"\nsecret = "env:X"\n[auth.tenants.a]\nsecret = "sk-LITERAL-1"', "tenants.a.secret"),
+    ('type = "oauth2_client_credentials"\ntoken_url = "https://x/t"\nclient_id = "c"\nclient_secret = "sk-LITERAL-1"',
+     "client_secret"),
+])
+def test_literal_credential_is_refused_with_file_and_field(tmp_path, auth, field):
+    path = write_config(tmp_path, {"p": policy("http://127.0.0.1:1", "[auth]\n" + auth)})
     from proxy.cli import check
 
     problems = check(str(path))
-    assert len(problems) == 1 and problems[0].startswith(f"{tmp_path / 'policies' / 'p.toml'}: auth")
-    assert "must be a secret reference" in problems[0]
+    assert problems == [f"{tmp_path / 'policies' / 'p.toml'}: auth: {field} must be a secret reference "
+                        "(env:NAME, file:/path or vault:path#key), never the credential itself"]
 
 
 # ---- injection of every type ---------------------------------------------------
@@ -327,3 +333,32 @@ def test_repo_config_validates_with_a_warning(capsys, monkeypatch):
     monkeypatch.delenv("HTTPBIN_TOKEN", raising=False)
     assert cli_main(["validate", "--config", str(REPO / "config.toml")]) == 0
     assert "warning: env:HTTPBIN_TOKEN: does not resolve now" in capsys.readouterr().err
+
+
+async def test_third_party_secret_source_through_the_hook(tmp_path, monkeypatch):
+    """A plugin module adds a ``const:`` source with sidecar_secrets_register; the
+    auth plugin's build() resolves it like any built-in source."""
+    from proxy.config import load_settings
+    from proxy.plugins import make_plugin_manager
+    from proxy.runtime import Runtime
+
+    (tmp_path / "const_source.py").write_text(
+        "from proxy.hookspecs import hookimpl\n"
+        "from proxy.secrets import LiteralSecret\n"
+        "class Const(LiteralSecret):\n"
+        "    source = 'const'\n"
+        "    def __init__(self, raw):\n"
+        "        super().__init__(raw)\n"
+        "        self.value = raw.split(':', 1)[1][::-1]\n"
+        "@hookimpl\n"
+        "def sidecar_secrets_register(runtime):\n"
+        "    runtime.secrets.register('const:', Const)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = write_config(tmp_path / "sc", {"a": policy("http://127.0.0.1:1", '[auth]\ntype = "bearer"\nsecret = "const:cba"')})
+    rt = Runtime(load_settings(path), pm=make_plugin_manager(["const_source"]))
+    try:
+        rt.compile(rt.load_policies())
+        [ref] = [r for r in rt.secrets.refs() if r.source == "const"]
+        assert ref.get() == "abc"
+    finally:
+        await rt.pools.close()
