@@ -9,8 +9,10 @@ collected and searched for every secret value and every Vault token issued.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import time
 
 from aiohttp import web
 
@@ -139,3 +141,58 @@ max_stale = "1h"
     for name, value in secrets.items():
         assert value not in text, f"{name} leaked"
     assert os.environ["LEAK_ENV"] == S["env"]
+
+
+async def test_no_secret_in_a_real_process_output(tmp_path, client, monkeypatch):
+    """`sidecar run` as a subprocess (real logging set-up): stderr, stdout and the
+    access log hold no secret, through Vault reads, rotations and failures."""
+    import signal
+
+    from tests.support.sidecar import SidecarProcess, write_config
+
+    vault = await FakeVault().start()
+    up = await FakeUpstream().start()
+    value_1, value_2, env_value = "proc-LEAK-v1-" + os.urandom(4).hex(), "proc-LEAK-v2-" + os.urandom(4).hex(), \
+        "proc-LEAK-env-" + os.urandom(4).hex()
+    vault.write("p/k", {"v": value_1})
+    monkeypatch.setenv("PROC_VAULT_TOKEN", vault.root_token)
+    monkeypatch.setenv("PROC_ENV", env_value)
+    out_port, admin_port = free_port(), free_port()
+    path = write_config(tmp_path, {
+        "v": f'route = "/v"\nupstream = "{up.url}"\n[auth]\ntype = "bearer"\nsecret = "vault:p/k#v"\n',
+        "e": f'route = "/e"\nupstream = "{up.url}"\n[auth]\ntype = "query"\nparam = "key"\nsecret = "env:PROC_ENV"\n',
+        "x": f'route = "/x"\nupstream = "{up.url}"\n[auth]\ntype = "bearer"\nsecret = "env:PROC_UNSET"\n',
+    }, f'[secrets.vault]\naddress = "{vault.address}"\ntoken = "env:PROC_VAULT_TOKEN"\nrefresh = "0.2s"\n',
+        outbound_port=out_port, admin_port=admin_port)
+    monkeypatch.delenv("PROC_UNSET", raising=False)
+    proc = SidecarProcess(path, out_port, admin_port)
+    await asyncio.to_thread(proc.start)   # the fake Vault answers on this loop meanwhile
+    try:
+        async with client.get(f"{proc.url}/v/a") as r:
+            assert r.status == 200
+        vault.write("p/k", {"v": value_2})
+        end = time.monotonic() + 5
+        while up.seen[-1].headers.get("Authorization") != f"Bearer {value_2}":   # rotation picked up
+            assert time.monotonic() < end
+            await asyncio.sleep(0.05)
+            async with client.get(f"{proc.url}/v/a") as r:
+                assert r.status == 200
+        async with client.get(f"{proc.url}/e/a?key=mine") as r:
+            assert r.status == 200
+        async with client.get(f"{proc.url}/x/a") as r:
+            assert r.status == 503
+        vault.sealed = True
+        n = len(vault.calls)
+        await wait_for(lambda: len(vault.calls) > n + 2)
+        proc.signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait) == 0
+        out, err = await asyncio.to_thread(proc.output)
+    finally:
+        proc.kill()
+        await up.stop()
+        await vault.stop()
+    assert "vault read failed" in err
+    text = out + err + (tmp_path / "access.log").read_text()
+    for value in (value_1, value_2, env_value, vault.root_token):
+        assert value not in text
+    assert up.seen[-1].path_qs.endswith(f"key={env_value}")
