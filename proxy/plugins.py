@@ -27,6 +27,7 @@ ENTRY_POINT_GROUP = "sidecar.plugins"
 #: Built-in plugin modules, registered on every manager.
 BUILTIN_PLUGINS = (
     "plugins.headers",
+    "plugins.tracing",
     "plugins.auth",
 )
 

@@ -49,6 +49,9 @@ class Runtime:
         self.metrics = Metrics()
         self.redactor = Redactor(settings.logging.redact_headers)
         self.secrets = SecretStore()
+        # Objects plugins share across their routes for this runtime (a tracer
+        # provider, a Vault client...), by plugin name. Never module globals.
+        self.services: dict[str, Any] = {}
         self.state = make_state(settings.state.backend, settings.sidecar.service, settings.state.url)
         self.pools = UpstreamPools(settings.outbound.pool_size, settings.outbound.pool_idle_timeout)
         self.accesslog = AccessLog(settings.logging.access_log)
@@ -59,9 +62,6 @@ class Runtime:
         self._on_shutdown: list[Callable[[], Any]] = []
         self._reload_lock = asyncio.Lock()
         self._log_headers = settings.logging.log_headers
-        # Per-runtime objects a plugin shares between its routes' filters
-        # (metrics, a Vault client), keyed by plugin name; no module globals.
-        self.plugin_state: dict[str, Any] = {}
         self.pm.hook.sidecar_secrets_register(runtime=self)
 
     # ---- control plane -------------------------------------------------
@@ -218,7 +218,7 @@ class Runtime:
             "ts": round(time.time(), 3), "request_id": rid, "route": name,
             "tenant": ex.tenant if ex is not None else None,
             "method": request.method, "path": request.raw_path.partition("?")[0],
-            "status": status, "duration_ms": round(took * 1000, 3),
+            "status": status, "duration_ms": round(took * 1000, 3), "worker": self.worker_id,
         }
         if ex is not None:
             if "upstream_ms" in ex.vars:

@@ -33,9 +33,10 @@ class AuthState:
         self.staleness = m.gauge(
             "sidecar_secret_staleness_seconds",
             "Seconds since the secret's value was last confirmed by its source (0 for a set env var).",
-            ["reference", "source"])
+            ["reference", "source"], multiprocess_mode="livemax")   # workers > 1: the stalest worker
         self.available = m.gauge(
-            "sidecar_secret_available", "1 when the secret resolves now, else 0.", ["reference", "source"])
+            "sidecar_secret_available", "1 when the secret resolves now, else 0.", ["reference", "source"],
+            multiprocess_mode="livemin")   # workers > 1: 0 when any worker lacks it
         self.vault_ops = m.counter(
             "sidecar_vault_operations", "Vault calls by operation (login, renew, read, metadata) and result.",
             ["operation", "result"])
@@ -128,7 +129,7 @@ def _resolves(r: SecretRef) -> bool:
 
 
 def auth_state(runtime: "Runtime") -> AuthState:
-    state = runtime.plugin_state.get(NAME)
+    state = runtime.services.get(NAME)
     if state is None:
-        state = runtime.plugin_state[NAME] = AuthState(runtime)
+        state = runtime.services[NAME] = AuthState(runtime)
     return state
