@@ -95,6 +95,10 @@ _STATUS = {400: "InvalidRequest", 401: "Unauthorized", 403: "Forbidden", 404: "I
            502: "BadGateway", 503: "VaultDown"}
 
 
+class LoginError(Exception):
+    """A login that cannot be attempted; its message is safe to log."""
+
+
 def _why(e: BaseException) -> str:
     """A short, value-free reason for a failed Vault call."""
     import hvac.exceptions as hx
@@ -104,6 +108,10 @@ def _why(e: BaseException) -> str:
         errors = e.errors if isinstance(e.errors, list) else []
         first = f": {str(errors[0])[:120]}" if errors else ""
         return f"Vault answered {status or '?'} ({type(e).__name__}){first}"
+    if isinstance(e, SecretUnavailable):
+        return f"Vault login credential unavailable: {e.message}"
+    if isinstance(e, LoginError):
+        return str(e)
     if isinstance(e, OSError) or type(e).__module__.startswith(("requests", "urllib3")):
         return f"cannot reach Vault ({type(e).__name__})"
     return f"Vault call failed ({type(e).__name__})"
@@ -356,7 +364,7 @@ class VaultBackend:
         self.authenticated = False
         if s.auth == "token":
             if self._token_ref is None:
-                raise RuntimeError("no Vault token configured")
+                raise LoginError("no Vault token configured")
             c.token = self._token_ref.get()
             data = c.auth.token.lookup_self()["data"]
             ttl, renewable = int(data.get("ttl") or 0), bool(data.get("renewable"))
@@ -367,7 +375,10 @@ class VaultBackend:
                                             secret_id=self._secret_id_ref.get(),
                                             mount_point=s.approle_mount)
             else:
-                jwt = Path(s.jwt_path).read_text().strip()
+                try:
+                    jwt = Path(s.jwt_path).read_text().strip()
+                except OSError as e:
+                    raise LoginError(f"cannot read the service-account token {s.jwt_path}: {e.strerror}") from None
                 resp = c.auth.kubernetes.login(role=s.role, jwt=jwt, mount_point=s.kubernetes_mount)
             auth = resp["auth"]
             ttl, renewable = int(auth.get("lease_duration") or 0), bool(auth.get("renewable"))

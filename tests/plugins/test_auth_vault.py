@@ -373,3 +373,19 @@ async def test_bad_vault_settings_are_config_errors(tmp_path):
     path = write_config(tmp_path, {}, '[secrets.vault]\nauth = "approle"\n')
     problems = await asyncio.to_thread(check, str(path))
     assert len(problems) == 1 and "needs role_id and secret_id" in problems[0]
+
+
+@pytest.mark.parametrize("extra,why", [
+    ('token = "env:SURELY_NOT_SET_VAULT_TOKEN"', "Vault login credential unavailable: secret env:SURELY_NOT_SET_VAULT_TOKEN"),
+    ('auth = "kubernetes"\nrole = "r"\njwt_path = "/nonexistent/sa-token"',
+     "cannot read the service-account token /nonexistent/sa-token"),
+])
+async def test_login_problems_are_reported(fake_vault, sidecar_factory, upstream, client, monkeypatch, extra, why):
+    monkeypatch.delenv("SURELY_NOT_SET_VAULT_TOKEN", raising=False)
+    fake_vault.write("p/k", {"v": "x-1234"})
+    sc = await sidecar_factory({"s": bearer(upstream.url, "/s", "vault:p/k#v")}, vault_config(fake_vault.address, extra))
+    assert (await get_auth(client, f"{sc.url}/s/x", upstream))[0] == 503
+    async with client.get(sc.admin + "/admin/secrets") as r:
+        body = await r.json()
+    assert body["vault"]["last_error"].startswith(why)
+    assert body["vault"]["authenticated"] is False
