@@ -68,7 +68,7 @@ class AuthState:
         """Called on every policy load: start what the loaded references need."""
         if self.vault is not None:
             self.vault.start()
-        if self._ticker is None:
+        if self._ticker is None and self.runtime.secrets.refs():
             self._ticker = asyncio.create_task(self._tick_loop(), name="sidecar-secret-metrics")
 
     async def close(self) -> None:
