@@ -78,6 +78,8 @@ class SidecarSection(Model):
 class StateSettings(Model):
     backend: Literal["memory", "redis"] = "memory"
     url: str = "redis://127.0.0.1:6379/0"
+    # Redis connections per worker; past it, commands wait for a free one.
+    max_connections: int = Field(default=64, ge=1)
 
 
 class Limits(Model):

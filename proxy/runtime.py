@@ -52,7 +52,8 @@ class Runtime:
         # Objects plugins share across their routes for this runtime (a tracer
         # provider, a Vault client...), by plugin name. Never module globals.
         self.services: dict[str, Any] = {}
-        self.state = make_state(settings.state.backend, settings.sidecar.service, settings.state.url)
+        self.state = make_state(settings.state.backend, settings.sidecar.service, settings.state.url,
+                                settings.state.max_connections)
         self.pools = UpstreamPools(settings.outbound.pool_size, settings.outbound.pool_idle_timeout)
         self.accesslog = AccessLog(settings.logging.access_log)
         self.table = RouteTable([])

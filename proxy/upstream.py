@@ -153,6 +153,10 @@ class UpstreamPools:
                 connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
                 skip_auto_headers=_SKIP_AUTO, trust_env=False, timeout=aiohttp.ClientTimeout(total=None),
             )
+            # aiohttp resends an idempotent request once, silently, when the
+            # connection drops; retries belong to the retry plugin (its policy,
+            # budget and deadline), so a request is sent once per try.
+            session._retry_connection = False
             self._sessions[key] = session
         return Upstream(url, session, timeouts)
 
