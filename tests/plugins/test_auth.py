@@ -362,3 +362,41 @@ async def test_third_party_secret_source_through_the_hook(tmp_path, monkeypatch)
         assert ref.get() == "abc"
     finally:
         await rt.pools.close()
+
+
+async def test_each_retry_carries_the_current_credential(sidecar_factory, client, tmp_path):
+    """auth (500) is inside retry (750): every try is injected afresh, so a try
+    after a rotation carries the new value and the service's own is never sent."""
+    from aiohttp import web
+
+    from tests.support.upstream import FakeUpstream, Seen
+
+    key = tmp_path / "k"
+    key.write_text("before-rotation-1")
+
+    async def flaky(request: web.Request, seen: Seen) -> web.StreamResponse:
+        if len(up.seen) == 1:
+            # Rotate while the first try is in flight; the next try must carry the new value.
+            key.write_text("after-rotation-2")
+            sc.runtime.secrets.ref(f"file:{key}")._checked = 0.0   # no 1 s wait for the re-check
+            return web.json_response({"error": "busy"}, status=503)
+        return web.json_response({"ok": True})
+
+    up = await FakeUpstream(flaky).start()
+    try:
+        sc = await sidecar_factory({"p": policy(up.url, f'''
+[auth]
+type = "bearer"
+secret = "file:{key}"
+
+[retry]
+attempts = 2
+backoff = {{ base = "10ms", max = "10ms" }}
+on = [503]
+''')})
+        async with client.get(f"{sc.url}/httpbin/x", headers={"Authorization": "Bearer service"}) as r:
+            assert r.status == 200
+        assert [s.headers.getall("Authorization") for s in up.seen] == [
+            ["Bearer before-rotation-1"], ["Bearer after-rotation-2"]]
+    finally:
+        await up.stop()
