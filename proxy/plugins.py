@@ -33,6 +33,7 @@ BUILTIN_PLUGINS = (
     "plugins.circuit_breaker",
     "plugins.retry",
     "plugins.fallback",
+    "plugins.auth",
 )
 
 

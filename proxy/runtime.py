@@ -63,6 +63,7 @@ class Runtime:
         self._on_shutdown: list[Callable[[], Any]] = []
         self._reload_lock = asyncio.Lock()
         self._log_headers = settings.logging.log_headers
+        self.pm.hook.sidecar_secrets_register(runtime=self)
 
     # ---- control plane -------------------------------------------------
 
