@@ -26,14 +26,14 @@ ENTRY_POINT_GROUP = "sidecar.plugins"
 
 #: Built-in plugin modules, registered on every manager.
 BUILTIN_PLUGINS = (
-    "plugins.cache",
-    "plugins.headers",
-    "plugins.tracing",
-    "plugins.rate_limit",
-    "plugins.circuit_breaker",
-    "plugins.retry",
-    "plugins.fallback",
     "plugins.auth",
+    "plugins.cache",
+    "plugins.circuit_breaker",
+    "plugins.fallback",
+    "plugins.headers",
+    "plugins.rate_limit",
+    "plugins.retry",
+    "plugins.tracing",
 )
 
 

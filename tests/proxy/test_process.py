@@ -68,13 +68,18 @@ def test_two_workers_share_the_port_and_aggregate_metrics(tmp_path):
                 async with aiohttp.ClientSession() as s:
                     async with s.get(f"{sc.url}/p/x") as r:
                         assert r.status == 200
+            # A request is counted just after its last byte went out: poll.
             async with aiohttp.ClientSession() as s:
-                async with s.get(f"{sc.admin}/metrics") as r:
-                    return await r.text()
-        text = asyncio.run(run())
-        line = next(x for x in text.splitlines()
-                    if x.startswith("sidecar_requests_total{") and 'status="200"' in x)
-        assert float(line.rsplit(" ", 1)[1]) == 60.0
+                for _ in range(100):
+                    async with s.get(f"{sc.admin}/metrics") as r:
+                        text = await r.text()
+                    line = next(x for x in text.splitlines()
+                                if x.startswith("sidecar_requests_total{") and 'status="200"' in x)
+                    if float(line.rsplit(" ", 1)[1]) >= 60.0:
+                        break
+                    await asyncio.sleep(0.05)
+            return float(line.rsplit(" ", 1)[1])
+        assert asyncio.run(run()) == 60.0
         sc.signal(signal.SIGTERM)
         assert sc.wait(20) == 0
         # Both workers served: the kernel spread 60 connections over the two
