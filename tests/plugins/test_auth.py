@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
-from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
