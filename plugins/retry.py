@@ -40,6 +40,7 @@ from proxy.chain import Exchange, Filter, Handler, ProxyResponse
 from proxy.config import Model
 from proxy.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from proxy.hookspecs import hookimpl
+from proxy.http import check_header_name
 from proxy.plugins import BuildContext, PluginSpec
 from proxy.units import Duration, Size
 
@@ -93,9 +94,7 @@ class Config(Model):
     @field_validator("idempotency_header")
     @classmethod
     def _header(cls, v: str) -> str:
-        if not v or any(c in v for c in " :\r\n\t\x00"):
-            raise ValueError(f"{v!r} is not a valid header name")
-        return v
+        return check_header_name(v, forwardable=False)
 
     @field_validator("budget_window")
     @classmethod
