@@ -27,7 +27,6 @@ import logging
 import random
 import time
 import uuid
-import weakref
 from collections import deque
 from collections.abc import AsyncIterator
 from email.utils import parsedate_to_datetime
@@ -170,16 +169,9 @@ async def _chain(head: list[bytes], rest: AsyncIterator[bytes]) -> AsyncIterator
         yield chunk
 
 
-_counters: "weakref.WeakKeyDictionary[Metrics, Counter]" = weakref.WeakKeyDictionary()
-
-
 def retries_counter(metrics: "Metrics") -> Counter:
-    c = _counters.get(metrics)
-    if c is None:
-        c = _counters[metrics] = metrics.counter(
-            "sidecar_retries", "Retries sent upstream, by route and the reason for the retry.",
-            ["route", "reason"])
-    return c
+    return metrics.counter("sidecar_retries", "Retries sent upstream, by route and the reason for the retry.",
+                           ["route", "reason"])
 
 
 class RetryFilter(Filter):
