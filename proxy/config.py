@@ -259,8 +259,14 @@ def load_settings(path: str | os.PathLike[str] | None) -> Settings:
 _SETTINGS_TABLES = {"sidecar", "outbound", "admin", "state", "limits", "logging"}
 
 
-def validate_extra_settings(settings: Settings, models: dict[str, type[BaseModel]]) -> dict[str, BaseModel]:
-    """Validate the plugin-owned tables of config.toml; unknown tables are errors."""
+def validate_extra_settings(settings: Settings, models: dict[str, type[BaseModel]],
+                            context: dict[str, Any] | None = None) -> dict[str, BaseModel]:
+    """Validate the plugin-owned tables of config.toml; unknown tables are errors.
+
+    ``context`` reaches the models' validators (``info.context``): the runtime
+    passes ``{"plugin_specs": ...}`` so a table may nest plugin tables
+    (``[inbound.routes."/api".jwt]``) and validate them with their plugin's model.
+    """
     where = settings.path or "config"
     problems: list[str] = []
     out: dict[str, BaseModel] = {}
@@ -270,7 +276,7 @@ def validate_extra_settings(settings: Settings, models: dict[str, type[BaseModel
             problems.append(f"{where}: {name}: expected a table [{name}]")
             continue
         try:
-            out[name] = model(**table)
+            out[name] = model.model_validate(table, context=context)
         except ValidationError as e:
             problems += pydantic_problems(where, e, prefix=name)
     for name in settings.extra_tables:

@@ -123,6 +123,10 @@ class OutboundHandler:
         finally:
             rt.metrics.inflight.dec()
 
+    def match(self, path: str) -> "tuple[Route, str] | None":
+        """The route for ``path`` (the inbound listener matches its own table)."""
+        return self.rt.table.match(path)
+
     def _admit(self, request: BaseRequest, hin, rid: str, started: float) -> "tuple[Route, Exchange]":
         raw = request.raw_path
         path, _, query = raw.partition("?")
@@ -130,7 +134,7 @@ class OutboundHandler:
             raise BadRequest("request target must be a path (origin-form)")
         if has_dot_segment(path):
             raise BadRequest("path must not contain '.' or '..' segments")
-        m = self.rt.table.match(path)
+        m = self.match(path)
         if m is None:
             raise NoRoute(f"no route for {path}")
         route, rest = m

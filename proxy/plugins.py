@@ -27,6 +27,10 @@ ENTRY_POINT_GROUP = "sidecar.plugins"
 #: Built-in plugin modules, registered on every manager.
 BUILTIN_PLUGINS = (
     "plugins.headers",
+    "proxy.inbound",
+    "plugins.webhook",
+    "plugins.jwt",
+    "plugins.forward_auth",
 )
 
 

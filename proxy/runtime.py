@@ -45,7 +45,8 @@ class Runtime:
         self.worker_id = worker_id
         self.pm = pm or make_plugin_manager(settings.sidecar.plugins)
         self.specs: dict[str, PluginSpec] = collect_specs(self.pm)
-        self.extra_settings = validate_extra_settings(settings, collect_settings_models(self.pm))
+        self.extra_settings = validate_extra_settings(settings, collect_settings_models(self.pm),
+                                                      context={"plugin_specs": self.specs})
         self.metrics = Metrics()
         self.redactor = Redactor(settings.logging.redact_headers)
         self.secrets = SecretStore()
@@ -57,6 +58,8 @@ class Runtime:
         self.loaded_at: float | None = None
         self._filters: dict[tuple[str, str, str], Filter] = {}
         self._on_shutdown: list[Callable[[], Any]] = []
+        # Per-runtime objects owned by plugins (the inbound listener, the webhook queue).
+        self.extensions: dict[str, Any] = {}
         self._reload_lock = asyncio.Lock()
         self._log_headers = settings.logging.log_headers
 
