@@ -55,12 +55,12 @@ class FakeUpstream:
         self.seen.append(seen)
         return await self.responder(request, seen)
 
-    async def start(self) -> "FakeUpstream":
+    async def start(self, port: int = 0) -> "FakeUpstream":
         app = web.Application(client_max_size=1024**4)
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self.runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
         await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        site = web.TCPSite(self.runner, "127.0.0.1", port)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         return self
