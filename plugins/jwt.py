@@ -78,14 +78,14 @@ class Config(Model):
 
 class Jwks:
     """A cached key set, fetched off the request path when stale; a token with an
-    unknown ``kid`` triggers at most one refresh per 10 s (key rotation)."""
+    unknown ``kid`` triggers a refresh (key rotation), at most one per 10 s."""
 
     def __init__(self, url: str, ttl: float) -> None:
         self.url = url
         self.ttl = ttl
         self.keys: dict[str | None, Any] = {}
         self.fetched = 0.0
-        self._last_try = 0.0
+        self._last_miss = 0.0
         self._lock = asyncio.Lock()
         self._session: aiohttp.ClientSession | None = None
 
@@ -104,13 +104,16 @@ class Jwks:
 
     def _due(self, kid: str | None) -> bool:
         now = time.monotonic()
-        return now - self.fetched > self.ttl or (kid not in self.keys and now - self._last_try > 10)
+        # An unknown kid (key rotation) refetches at once, then at most every 10 s,
+        # so tokens with made-up kids cannot hammer the identity provider.
+        return now - self.fetched > self.ttl or (kid not in self.keys and now - self._last_miss > 10)
 
     async def key(self, kid: str | None) -> Any:
         if self._due(kid):
             async with self._lock:
                 if self._due(kid):
-                    self._last_try = time.monotonic()
+                    if time.monotonic() - self.fetched <= self.ttl:
+                        self._last_miss = time.monotonic()
                     try:
                         await self._fetch()
                     except Exception as e:
