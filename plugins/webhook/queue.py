@@ -395,6 +395,18 @@ class RedisQueue:
         return pending + lag, oldest
 
     async def prune(self, before: float) -> int:
-        # Delivered hashes expire on their own; trim the index and acknowledged stream entries.
+        """Delivered hashes expire on their own; trim the index, and drop stream
+        entries every consumer is done with (below the oldest unacknowledged one)."""
         n = await self.r.zremrangebyscore(self._index, "-inf", before)
+        for source in list(self._groups):
+            stream = self.stream(source)
+            groups = await self.r.xinfo_groups(stream)
+            g = next((g for g in groups if g["name"] in (GROUP, GROUP.encode())), None)
+            if g is None:
+                continue
+            floor = g.get("last-delivered-id") or b"0-0"
+            summary = await self.r.xpending(stream, GROUP)
+            if summary.get("pending"):
+                floor = summary["min"]
+            await self.r.xtrim(stream, minid=floor, approximate=False)
         return int(n)

@@ -385,3 +385,14 @@ async def test_policy_with_only_webhook_and_unset_env_validates(tmp_path, monkey
     import asyncio
 
     assert await asyncio.to_thread(check, str(path)) == []
+
+
+async def test_repository_config_and_example_policies_validate_without_secrets(monkeypatch):
+    import asyncio
+    from pathlib import Path
+
+    from proxy.cli import check
+
+    monkeypatch.delenv("GITHUB_WEBHOOK_SECRET", raising=False)
+    repo = Path(__file__).resolve().parents[2]
+    assert await asyncio.to_thread(check, str(repo / "config.toml")) == []

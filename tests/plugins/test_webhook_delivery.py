@@ -88,6 +88,15 @@ async def test_durable_202_then_delivered_with_event_headers(sidecar_factory, up
     db = sqlite3.connect(sc.dir / "data" / "webhooks.sqlite3")
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     db.close()
+    import time
+
+    assert await svc_of(sc).queue.prune(time.time() - 3600) == 0
+    assert await svc_of(sc).queue.prune(time.time() + 1) == 1
+    assert await admin_events(client, sc) == []
+
+
+def svc_of(sc):
+    return sc.runtime.extensions["webhook"]
 
 
 async def test_service_down_then_back_every_event_once_in_order(sidecar_factory, upstream, client):
@@ -298,3 +307,27 @@ async def test_publish_to_redis_stream(sidecar_factory, upstream, client, redis_
         assert orjson.loads(fields[b"body"])["id"] == "evt_pub"
     finally:
         await r.aclose()
+
+
+async def test_prune_trims_delivered_history(sidecar_factory, upstream, client, redis_url, tmp_path):
+    import time
+
+    import redis.asyncio as aioredis
+
+    upstream.responder = scripted({"status": 200})
+    sc = await sidecar_factory({"stripe": stripe_policy()}, redis_config(upstream.url, redis_url))
+    for e in ("evt_p0", "evt_p1"):
+        await send(client, inbound_url(sc), e)
+    await wait_for(lambda: len(delivered_ids(upstream)) == 2)
+    svc = sc.runtime.extensions["webhook"]
+    for _ in range(250):
+        if (await svc.queue.stats("stripe"))[0] == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert await svc.queue.prune(time.time() + 1) == 2
+    r = aioredis.from_url(redis_url)
+    try:
+        assert await r.xlen(svc.queue.stream("stripe")) <= 1
+    finally:
+        await r.aclose()
+    assert await admin_events(client, sc) == []
