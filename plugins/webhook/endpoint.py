@@ -30,6 +30,10 @@ log = logging.getLogger("sidecar.webhook")
 _DROP = frozenset({istr("Host"), istr("Content-Length")})
 
 
+class QueueUnavailable(SidecarError):
+    status, code, message = 503, "queue_unavailable", "the webhook could not be stored; retry later"
+
+
 class MethodNotAllowed(SidecarError):
     status, code, message = 405, "method_not_allowed", "webhooks are delivered with POST"
 
@@ -62,7 +66,7 @@ class WebhookEndpoint:
         self.m_duplicates = m.duplicates.labels(source)
         self.m_rejected = {code: m.rejected.labels(source, code) for code in (
             "signature_invalid", "signature_missing", "timestamp_out_of_tolerance",
-            "request_body_too_large", "secret_unavailable", "method_not_allowed")}
+            "request_body_too_large", "secret_unavailable", "method_not_allowed", "queue_unavailable")}
 
     def secrets(self) -> list[str]:
         """Every secret that resolves now; 503 when none does."""
@@ -143,14 +147,23 @@ class WebhookEndpoint:
         dedupe_key = None
         if event.provider_id and self.config.dedupe_ttl:
             dedupe_key = svc.rt.state.key("webhooks", "seen", self.source, event.provider_id)
-            if not await svc.rt.state.set_nx(dedupe_key, event.id, self.config.dedupe_ttl):
+            try:
+                fresh = await svc.rt.state.set_nx(dedupe_key, event.id, self.config.dedupe_ttl)
+            except Exception as e:
+                log.error("webhook %s: de-duplication check failed: %s", self.source, type(e).__name__)
+                raise QueueUnavailable("the state backend is unavailable; retry later") from None
+            if not fresh:
                 self.m_duplicates.inc()
                 return web.Response(status=200, body=orjson.dumps({"status": "duplicate"}),
                                     headers={"Content-Type": "application/json", "X-Sidecar-Duplicate": "1"})
         try:
             if self.durable:
                 # Shielded: a provider hanging up must not cancel a commit half-way.
-                await asyncio.shield(svc.enqueue(event))
+                try:
+                    await asyncio.shield(svc.enqueue(event))
+                except Exception as e:
+                    log.error("webhook %s: storing event %s failed: %s", self.source, event.id, type(e).__name__)
+                    raise QueueUnavailable() from None
                 return web.Response(status=202, body=orjson.dumps({"status": "accepted", "event_id": event.id}),
                                     headers={"Content-Type": "application/json", "X-Sidecar-Event-Id": event.id})
             resp = await self._passthrough(event)

@@ -255,7 +255,9 @@ class RedisQueue:
         return f"{self.prefix}:index"
 
     async def open(self) -> None:
-        await self.r.ping()
+        # No ping: a Redis that is down at start-up must not stop the sidecar;
+        # enqueue answers 503 and the delivery loops retry until it is back.
+        return None
 
     async def close(self) -> None:
         # Give up leases so another sidecar takes over at once.
@@ -312,20 +314,22 @@ class RedisQueue:
         if not await self._hold(source):
             return None
         stream = self.stream(source)
-        for start in ("0", ">"):
-            res = await self.r.xreadgroup(GROUP, self.consumer, {stream: start}, count=1)
-            entries = res[0][1] if res else []
-            if not entries:
-                continue
+        while True:
+            # Our own unacknowledged entries first (a retry waiting), then new ones.
+            for start in ("0", ">"):
+                res = await self.r.xreadgroup(GROUP, self.consumer, {stream: start}, count=1)
+                entries = res[0][1] if res else []
+                if entries:
+                    break
+            else:
+                return None
             entry_id, fields = entries[0]
-            event_id = fields[b"id"].decode()
-            ev = await self.get(event_id)
-            if ev is None or ev.status != "pending":
-                await self.r.xack(stream, GROUP, entry_id)
-                return await self.head(source)
-            self._entries[ev.id] = (stream, entry_id)
-            return ev
-        return None
+            ev = await self.get(fields[b"id"].decode())
+            if ev is not None and ev.status == "pending":
+                self._entries[ev.id] = (stream, entry_id)
+                return ev
+            # Already finished (a manual retry re-added it, then it was delivered): skip.
+            await self.r.xack(stream, GROUP, entry_id)
 
     async def save(self, ev: Event) -> None:
         async with self.r.pipeline(transaction=True) as p:

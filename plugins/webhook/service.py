@@ -203,8 +203,9 @@ class WebhookService:
                 await self._deliver(ep, ev)
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("webhook delivery loop for %s failed; retrying in 1s", source)
+            except Exception as e:
+                log.warning("webhook delivery loop for %s: %s: %s; retrying in 1s", source, type(e).__name__, e)
+                log.debug("delivery loop failure", exc_info=True)
                 await asyncio.sleep(1.0)
 
     async def _stats(self, source: str) -> None:

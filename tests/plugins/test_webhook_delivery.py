@@ -331,3 +331,11 @@ async def test_prune_trims_delivered_history(sidecar_factory, upstream, client, 
     finally:
         await r.aclose()
     assert await admin_events(client, sc) == []
+
+
+async def test_redis_down_answers_503_so_the_provider_retries(sidecar_factory, upstream, client):
+    sc = await sidecar_factory({"stripe": stripe_policy()},
+                               redis_config(upstream.url, f"redis://127.0.0.1:{free_port()}/0"))
+    status, headers = await send(client, inbound_url(sc), "evt_noredis")
+    assert status == 503 and headers["X-Sidecar-Error"] == "queue_unavailable"
+    assert upstream.seen == []
