@@ -53,6 +53,41 @@ class WebhookMetrics:
                               "Age of the oldest pending webhook, by source.", ["source"])
 
 
+class Waker:
+    """Wakes a sleeping delivery loop early (a new or retried event).
+
+    A plain future rather than ``asyncio.wait_for(event.wait(), t)``: on
+    Python 3.11 wait_for can swallow a cancellation that lands as its timeout
+    fires (gh-86296), and the loop would then never stop.
+    """
+
+    __slots__ = ("_fut", "_flag")
+
+    def __init__(self) -> None:
+        self._fut: asyncio.Future[None] | None = None
+        self._flag = False
+
+    def set(self) -> None:
+        fut = self._fut
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+        else:
+            self._flag = True
+
+    async def nap(self, timeout: float) -> None:
+        if self._flag:
+            self._flag = False
+            return
+        loop = asyncio.get_running_loop()
+        fut = self._fut = loop.create_future()
+        handle = loop.call_later(timeout, lambda: fut.done() or fut.set_result(None))
+        try:
+            await fut
+        finally:
+            handle.cancel()
+            self._fut = None
+
+
 def backoff(attempt: int, base: float, cap: float) -> float:
     """Exponential backoff with jitter: between half and all of min(cap, base * 2^(attempt-1))."""
     delay = min(cap, base * (2 ** min(attempt - 1, 60)))
@@ -67,8 +102,9 @@ class WebhookService:
         self.queue: SqliteQueue | RedisQueue | None = None
         self.session: aiohttp.ClientSession | None = None
         self.tasks: dict[str, asyncio.Task[None]] = {}
-        self.wake: dict[str, asyncio.Event] = {}
+        self.wake: dict[str, Waker] = {}
         self.started = False
+        self._stopping = False
         self._prune: asyncio.Task[None] | None = None
         self._open_lock: asyncio.Lock | None = None
 
@@ -132,17 +168,26 @@ class WebhookService:
             if source not in want:
                 self.tasks.pop(source).cancel()
         for source in want - set(self.tasks):
-            self.wake.setdefault(source, asyncio.Event())
+            self.wake.setdefault(source, Waker())
             self.tasks[source] = asyncio.create_task(self._loop(source), name=f"webhook-delivery-{source}")
 
     async def stop(self) -> None:
         self.started = False
+        # The flag as well as cancel(): a client library may swallow a
+        # cancellation that lands mid-call (redis-py's timeouts can), and
+        # the loop must end anyway.
+        self._stopping = True
         tasks = list(self.tasks.values())
         if self._prune is not None:
             tasks.append(self._prune)
+        for w in self.wake.values():
+            w.set()
         for t in tasks:
             t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        if tasks:
+            _, late = await asyncio.wait(tasks, timeout=5.0)
+            if late:
+                log.warning("%d webhook task(s) did not stop in time", len(late))
         self.tasks.clear()
         if self.queue is not None:
             await self.queue.close()
@@ -182,7 +227,7 @@ class WebhookService:
     async def _loop(self, source: str) -> None:
         wake = self.wake[source]
         next_stats = 0.0
-        while True:
+        while not self._stopping:
             try:
                 ep = self.endpoints.get(source)
                 if ep is None or self.queue is None:
@@ -193,17 +238,15 @@ class WebhookService:
                     await self._stats(source)
                 wait = POLL if ev is None else ev.next_at - time.time()
                 if wait > 0:
-                    wake.clear()
-                    try:
-                        await asyncio.wait_for(wake.wait(), min(wait, POLL))
-                    except asyncio.TimeoutError:
-                        pass
+                    await wake.nap(min(wait, POLL))
                     continue
                 assert ev is not None
                 await self._deliver(ep, ev)
             except asyncio.CancelledError:
                 raise
             except Exception as e:
+                if self._stopping:
+                    return
                 log.warning("webhook delivery loop for %s: %s: %s; retrying in 1s", source, type(e).__name__, e)
                 log.debug("delivery loop failure", exc_info=True)
                 await asyncio.sleep(1.0)
