@@ -18,7 +18,9 @@ from proxy.config import config_digest
 from proxy.inbound import inbound_of
 
 from .endpoint import WebhookEndpoint
-from .queue import Event, RedisQueue, SqliteQueue
+from .queue import Event
+from .redis_queue import RedisQueue
+from .sqlite_queue import SqliteQueue
 
 if TYPE_CHECKING:
     from proxy.config import Policy

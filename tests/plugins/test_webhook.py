@@ -23,7 +23,6 @@ from twilio.request_validator import RequestValidator
 from plugins.webhook.config import Config
 from plugins.webhook.schemes import compile_template
 from tests.support.inbound import inbound_config, inbound_url, webhook_policy
-from tests.support.upstream import wait_for
 
 STRIPE_SECRET = "whsec_test_current_secret"
 STRIPE_OLD = "whsec_test_old_secret"
