@@ -339,3 +339,20 @@ async def test_redis_down_answers_503_so_the_provider_retries(sidecar_factory, u
     status, headers = await send(client, inbound_url(sc), "evt_noredis")
     assert status == 503 and headers["X-Sidecar-Error"] == "queue_unavailable"
     assert upstream.seen == []
+
+
+async def test_webhook_added_by_reload_is_served_and_delivered(sidecar_factory, upstream, client):
+    sc = await sidecar_factory({}, inbound_config(upstream.url))
+    url = inbound_url(sc)
+    async with client.post(url + "/webhooks/stripe", data=b"{}") as r:
+        assert r.status == 404
+    sc.write_policy("stripe", stripe_policy())
+    async with client.post(sc.admin + "/admin/reload") as r:
+        assert r.status == 200
+    assert (await send(client, url, "evt_reloaded"))[0] == 202
+    await wait_for(lambda: len(upstream.seen) == 1)
+    # Removing the policy removes the endpoint.
+    (sc.dir / "policies" / "stripe.toml").unlink()
+    async with client.post(sc.admin + "/admin/reload") as r:
+        assert r.status == 200
+    assert (await send(client, url, "evt_gone"))[0] == 404
