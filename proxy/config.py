@@ -262,25 +262,31 @@ _SETTINGS_TABLES = {"sidecar", "outbound", "admin", "state", "limits", "logging"
 
 
 def validate_table(where: Path | str, name: str, table: Any, model: type[BaseModel],
-                   problems: list[str]) -> BaseModel | None:
+                   problems: list[str], context: dict[str, Any] | None = None) -> BaseModel | None:
     """Validate one TOML table with its model; problems are appended as file: field: reason."""
     if not isinstance(table, dict):
         problems.append(f"{where}: {name}: expected a table [{name}]")
         return None
     try:
-        return model(**table)
+        return model.model_validate(table, context=context)
     except ValidationError as e:
         problems += pydantic_problems(where, e, prefix=name)
         return None
 
 
-def validate_extra_settings(settings: Settings, models: dict[str, type[BaseModel]]) -> dict[str, BaseModel]:
-    """Validate the plugin-owned tables of config.toml; unknown tables are errors."""
+def validate_extra_settings(settings: Settings, models: dict[str, type[BaseModel]],
+                            context: dict[str, Any] | None = None) -> dict[str, BaseModel]:
+    """Validate the plugin-owned tables of config.toml; unknown tables are errors.
+
+    ``context`` reaches the models' validators (``info.context``): the runtime
+    passes ``{"plugin_specs": ...}`` so a table may nest plugin tables
+    (``[inbound.routes."/api".jwt]``) and validate them with their plugin's model.
+    """
     where = settings.path or "config"
     problems: list[str] = []
     out: dict[str, BaseModel] = {}
     for name, model in models.items():
-        value = validate_table(where, name, settings.extra_tables.get(name, {}), model, problems)
+        value = validate_table(where, name, settings.extra_tables.get(name, {}), model, problems, context)
         if value is not None:
             out[name] = value
     for name in settings.extra_tables:

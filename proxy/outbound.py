@@ -143,6 +143,10 @@ class OutboundHandler:
         if request.version >= (1, 1) and request.body_exists:
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
+    def match(self, path: str) -> "tuple[Route, str] | None":
+        """The route for ``path`` (the inbound listener matches its own table)."""
+        return self.rt.table.match(path)
+
     def _admit(self, request: BaseRequest, hin, rid: str, started: float) -> "tuple[Route, Exchange]":
         raw = request.raw_path
         path, _, query = raw.partition("?")
@@ -150,7 +154,7 @@ class OutboundHandler:
             raise BadRequest("request target must be a path (origin-form)")
         if has_dot_segment(path):
             raise BadRequest("path must not contain '.' or '..' segments")
-        m = self.rt.table.match(path)
+        m = self.match(path)
         if m is None:
             raise NoRoute(f"no route for {path}")
         route, rest = m

@@ -30,10 +30,14 @@ BUILTIN_PLUGINS = (
     "plugins.cache",
     "plugins.circuit_breaker",
     "plugins.fallback",
+    "plugins.forward_auth",
     "plugins.headers",
+    "plugins.jwt",
     "plugins.rate_limit",
     "plugins.retry",
     "plugins.tracing",
+    "plugins.webhook",
+    "proxy.inbound",
 )
 
 

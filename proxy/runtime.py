@@ -46,7 +46,8 @@ class Runtime:
         self.worker_id = worker_id
         self.pm = pm or make_plugin_manager(settings.sidecar.plugins)
         self.specs: dict[str, PluginSpec] = collect_specs(self.pm)
-        self.extra_settings = validate_extra_settings(settings, collect_settings_models(self.pm))
+        self.extra_settings = validate_extra_settings(settings, collect_settings_models(self.pm),
+                                                      context={"plugin_specs": self.specs})
         self.metrics = Metrics()
         self.redactor = Redactor(settings.logging.redact_headers)
         self.secrets = SecretStore()

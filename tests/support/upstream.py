@@ -64,10 +64,10 @@ class FakeUpstream:
         self.seen.append(seen)
         return await self.responder(request, seen)
 
-    async def start(self) -> "FakeUpstream":
+    async def start(self, port: int = 0) -> "FakeUpstream":
         app = web.Application(client_max_size=1024**4)
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        self.runner, self.port = await serve(app)
+        self.runner, self.port = await serve(app, port)
         return self
 
     async def stop(self) -> None:

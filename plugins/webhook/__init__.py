@@ -1,0 +1,70 @@
+"""webhook: verify provider webhooks on the inbound listener, de-duplicate them and
+deliver them to the service durably (or pass them through).
+
+```toml
+# policies/stripe.toml
+[webhook]
+path = "/webhooks/stripe"          # on the inbound listener
+forward_to = "/hooks/stripe"       # on the service ([inbound] service_url)
+scheme = "stripe"
+secrets = ["env:STRIPE_WEBHOOK_SECRET", "env:STRIPE_WEBHOOK_SECRET_OLD"]
+tolerance = "5m"
+max_body = "1MB"
+delivery = "durable"               # or "passthrough"
+retry = { attempts = 8, base = "1s", max = "5m" }
+dedupe_ttl = "24h"
+```
+Scope "inbound": the outbound chains never include it; a policy may hold only
+``[webhook]``. Admin: ``GET /admin/webhooks/events?status=&source=``,
+``GET /admin/webhooks/events/<id>``, ``POST /admin/webhooks/events/<id>/retry``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from proxy.hookspecs import hookimpl
+from proxy.plugins import BuildContext, PluginSpec
+
+from .admin import add_routes
+from .config import Config
+from .service import NAME, WebhookService
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from proxy.runtime import Runtime
+
+PRIORITY = 0  # not in any chain: the inbound listener calls the endpoint directly
+
+
+def service_of(runtime: "Runtime") -> WebhookService:
+    return runtime.service(NAME, lambda: WebhookService(runtime))
+
+
+def build(config: Config, ctx: BuildContext) -> None:
+    # Endpoints are built from the whole policy set in sidecar_policies_loaded.
+    return None
+
+
+@hookimpl
+def sidecar_plugins_register() -> list[PluginSpec]:
+    return [PluginSpec(NAME, Config, PRIORITY, build, scope="inbound",
+                       description="verify, de-duplicate and durably deliver provider webhooks")]
+
+
+@hookimpl
+def sidecar_policies_loaded(runtime: "Runtime", policies: list[Any]) -> None:
+    service_of(runtime).update(policies)
+
+
+@hookimpl
+async def sidecar_runtime_startup(runtime: "Runtime") -> None:
+    svc = service_of(runtime)
+    await svc.start()
+    runtime.on_shutdown(svc.stop)
+
+
+@hookimpl
+def sidecar_admin_routes(runtime: "Runtime", app: "web.Application") -> None:
+    add_routes(app, lambda: service_of(runtime))

@@ -1,0 +1,205 @@
+"""One webhook endpoint on the inbound listener: verify, de-duplicate, then queue or pass through."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from aiohttp import web
+from aiohttp.web_request import BaseRequest
+from multidict import CIMultiDict, istr
+
+from proxy.errors import RequestBodyTooLarge, SidecarError, UpstreamUnavailable, error_body
+from proxy.http import strip_hop_by_hop
+from proxy.outbound import new_request_id
+from proxy.secrets import SecretRef, SecretUnavailable
+
+from .config import Config
+from .queue import Event, new_event_id
+from .schemes import Incoming, Rejected, make_scheme
+
+if TYPE_CHECKING:
+    from .service import WebhookService
+
+log = logging.getLogger("sidecar.webhook")
+
+# Not stored with an event: the service gets its own Host and framing.
+_DROP = frozenset({istr("Host"), istr("Content-Length")})
+
+
+class QueueUnavailable(SidecarError):
+    status, code, message = 503, "queue_unavailable", "the webhook could not be stored; retry later"
+
+
+class MethodNotAllowed(SidecarError):
+    status, code, message = 405, "method_not_allowed", "webhooks are delivered with POST"
+
+
+class _RouteName:
+    """What the access log needs of a route: its name."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+class WebhookEndpoint:
+    """Built once per policy (and kept across reloads that leave ``[webhook]`` unchanged)."""
+
+    def __init__(self, service: "WebhookService", source: str, config: Config, digest: str) -> None:
+        self.service = service
+        self.source = source
+        self.config = config
+        self.digest = digest
+        self.scheme = make_scheme(config)
+        self.durable = config.delivery == "durable"
+        self.route = _RouteName(f"webhook:{source}")
+        # Built on first use: secret sources such as vault: register at start-up,
+        # after the policies are loaded.
+        self._refs: list[SecretRef] | None = None
+        m = service.m
+        self.m_received = m.received.labels(source)
+        self.m_duplicates = m.duplicates.labels(source)
+        self.m_rejected = {code: m.rejected.labels(source, code) for code in (
+            "signature_invalid", "signature_missing", "timestamp_out_of_tolerance",
+            "request_body_too_large", "secret_unavailable", "method_not_allowed", "queue_unavailable")}
+
+    def secrets(self) -> list[str]:
+        """Every secret that resolves now; 503 when none does."""
+        refs = self._refs
+        if refs is None:
+            try:
+                refs = self._refs = [self.service.rt.secrets.ref(s) for s in self.config.secrets]
+            except ValueError as e:
+                raise SecretUnavailable(f"webhook {self.source}: {e}") from None
+        out = []
+        for ref in refs:
+            try:
+                out.append(ref.get())
+            except SecretUnavailable:
+                continue
+        if not out:
+            raise SecretUnavailable(f"no secret of webhook {self.source} resolves")
+        return out
+
+    async def _read(self, request: BaseRequest) -> bytes:
+        limit = self.config.max_body
+        length = request.content_length
+        if length is not None and length > limit:
+            raise RequestBodyTooLarge(f"webhook body exceeds {limit} bytes")
+        parts = []
+        size = 0
+        content = request.content
+        while True:
+            chunk = await content.readany()
+            if not chunk:
+                break
+            size += len(chunk)
+            if size > limit:
+                raise RequestBodyTooLarge(f"webhook body exceeds {limit} bytes")
+            parts.append(chunk)
+        return b"".join(parts)
+
+    async def __call__(self, request: BaseRequest) -> web.StreamResponse:
+        started = time.monotonic()
+        rid = request.headers.get("X-Request-ID") or new_request_id()
+        error: str | None = None
+        try:
+            resp = await self._handle(request, rid)
+        except SidecarError as e:
+            error = e.code
+            counter = self.m_rejected.get(e.code)
+            if counter is not None:
+                counter.inc()
+            if isinstance(e, Rejected):
+                # The reason, never the secret or the expected MAC.
+                log.warning("webhook %s rejected: %s (%s) from %s", self.source, e.code, e.message, request.remote)
+            headers = {"Content-Type": "application/json", "X-Sidecar-Error": e.code, **e.headers}
+            resp = web.Response(status=e.status, body=error_body(e.code, e.message, rid), headers=headers)
+            if not request.content.is_eof():
+                resp.force_close()
+        except Exception:
+            log.exception("webhook %s: request %s failed inside the sidecar", self.source, rid)
+            error = "internal_error"
+            resp = web.Response(status=500, body=error_body("internal_error", "internal error", rid),
+                                headers={"Content-Type": "application/json", "X-Sidecar-Error": "internal_error"})
+        resp.headers["X-Request-ID"] = rid
+        self.service.rt.access(request, self.route, None, rid, resp.status, started, error)  # type: ignore[arg-type]
+        return resp
+
+    async def _handle(self, request: BaseRequest, rid: str) -> web.StreamResponse:
+        if request.method != "POST":
+            raise MethodNotAllowed(headers={"Allow": "POST"})
+        body = await self._read(request)
+        query = request.raw_path.partition("?")[2]
+        inc = Incoming(body, request.headers, query, time.time())
+        self.scheme.verify(inc, self.secrets())
+        self.m_received.inc()
+        svc = self.service
+        event = Event(id=new_event_id(), source=self.source, type=self.scheme.event_type(inc) or "event",
+                      provider_id=self.scheme.event_id(inc), method=request.method, query=query,
+                      headers=[(k, v) for k, v in strip_hop_by_hop(request.headers).items() if k not in _DROP],
+                      body=body, received_at=time.time())
+        dedupe_key = None
+        if event.provider_id and self.config.dedupe_ttl:
+            dedupe_key = svc.rt.state.key("webhooks", "seen", self.source, event.provider_id)
+            try:
+                fresh = await svc.rt.state.set_nx(dedupe_key, event.id, self.config.dedupe_ttl)
+            except Exception as e:
+                log.error("webhook %s: de-duplication check failed: %s", self.source, type(e).__name__)
+                raise QueueUnavailable("the state backend is unavailable; retry later") from None
+            if not fresh:
+                self.m_duplicates.inc()
+                return web.Response(status=200, body=orjson.dumps({"status": "duplicate"}),
+                                    headers={"Content-Type": "application/json", "X-Sidecar-Duplicate": "1"})
+        try:
+            if self.durable:
+                # Shielded: a provider hanging up must not cancel a commit half-way.
+                try:
+                    await asyncio.shield(svc.enqueue(event))
+                except Exception as e:
+                    log.error("webhook %s: storing event %s failed: %s", self.source, event.id, type(e).__name__)
+                    raise QueueUnavailable() from None
+                return web.Response(status=202, body=orjson.dumps({"status": "accepted", "event_id": event.id}),
+                                    headers={"Content-Type": "application/json", "X-Sidecar-Event-Id": event.id})
+            resp = await self._passthrough(event)
+        except BaseException:
+            if dedupe_key is not None:
+                await _forget(svc, dedupe_key)
+            raise
+        if dedupe_key is not None and not 200 <= resp.status < 300:
+            # The provider will retry; that retry must not be taken for a duplicate.
+            await _forget(svc, dedupe_key)
+        return resp
+
+    async def _passthrough(self, event: Event) -> web.StreamResponse:
+        try:
+            status, headers, body = await self.service.send(self, event, 1)
+        except SidecarError:
+            raise
+        except Exception as e:
+            raise UpstreamUnavailable(f"service unreachable: {type(e).__name__}") from None
+        out = CIMultiDict()
+        if "Content-Type" in headers:
+            out["Content-Type"] = headers["Content-Type"]
+        out["X-Sidecar-Event-Id"] = event.id
+        (self.service.m.delivered if 200 <= status < 300 else self.service.m.failed).labels(self.source).inc()
+        return web.Response(status=status, body=body, headers=out)
+
+    def describe(self) -> dict[str, Any]:
+        c = self.config
+        return {"source": self.source, "path": c.path, "forward_to": c.target, "scheme": c.scheme,
+                "delivery": c.delivery, "secrets": len(c.secrets), "tolerance": c.tolerance,
+                "max_body": c.max_body, "dedupe_ttl": c.dedupe_ttl, "retry": c.retry.model_dump(),
+                "publish": c.publish}
+
+
+async def _forget(svc: "WebhookService", key: str) -> None:
+    try:
+        await svc.rt.state.delete(key)
+    except Exception:
+        log.exception("could not clear the de-duplication key of a failed webhook")

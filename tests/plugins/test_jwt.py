@@ -1,0 +1,174 @@
+"""jwt on an inbound route: HS256 with a secret reference, RS256/ES256 from a JWKS server."""
+
+from __future__ import annotations
+
+import time
+
+import jwt
+import pytest
+from aiohttp import web
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from plugins.jwt import Config
+from tests.support.inbound import inbound_config, inbound_url
+from tests.support.upstream import FakeUpstream
+
+SECRET = "jwt-test-secret-0123456789-abcdefghij"
+
+
+def hs_route(extra: str = "") -> str:
+    return f"""
+        [inbound.routes."/api".jwt]
+        secret = "env:JWT_SECRET"
+        issuer = "https://id.example"
+        audience = "orders"
+        leeway = "30s"
+        {extra}
+        """
+
+
+def claims(**over: object) -> dict:
+    now = int(time.time())
+    base = {"sub": "user-1", "iss": "https://id.example", "aud": "orders", "iat": now, "exp": now + 60}
+    base.update(over)
+    return {k: v for k, v in base.items() if v is not None}
+
+
+async def get(client, url: str, token: str | None, **headers: str):
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    async with client.get(url, headers=headers) as r:
+        return r.status, dict(r.headers), await r.read()
+
+
+@pytest.fixture
+async def hs(monkeypatch, sidecar_factory, upstream):
+    monkeypatch.setenv("JWT_SECRET", SECRET)
+    sc = await sidecar_factory({}, inbound_config(upstream.url, extra=hs_route()))
+    return inbound_url(sc)
+
+
+async def test_valid_hs256_token_passes_with_the_same_path(hs, client, upstream):
+    token = jwt.encode(claims(), SECRET, algorithm="HS256")
+    status, _, _ = await get(client, f"{hs}/api/orders/7?x=1", token)
+    assert status == 200
+    assert upstream.seen[0].path_qs == "/api/orders/7?x=1"
+    assert upstream.seen[0].headers["Authorization"] == f"Bearer {token}"
+
+
+@pytest.mark.parametrize("token", [
+    None,
+    "not-a-jwt",
+    jwt.encode(claims(), "another-secret-another-secret-xx", algorithm="HS256"),
+    jwt.encode(claims(exp=int(time.time()) - 120), SECRET, algorithm="HS256"),
+    jwt.encode(claims(aud="billing"), SECRET, algorithm="HS256"),
+    jwt.encode(claims(iss="https://evil.example"), SECRET, algorithm="HS256"),
+    jwt.encode(claims(exp=None), SECRET, algorithm="HS256"),
+    jwt.encode(claims(), None, algorithm="none"),
+], ids=["missing", "garbage", "wrong-secret", "expired", "audience", "issuer", "no-exp", "alg-none"])
+async def test_bad_tokens_get_401_token_invalid(hs, client, upstream, token):
+    status, headers, body = await get(client, f"{hs}/api/orders", token)
+    assert status == 401
+    assert headers["X-Sidecar-Error"] == "token_invalid"
+    assert headers["WWW-Authenticate"].startswith("Bearer")
+    assert SECRET.encode() not in body
+    assert upstream.seen == []
+
+
+async def test_leeway_admits_a_token_just_expired(hs, client, upstream):
+    token = jwt.encode(claims(exp=int(time.time()) - 10), SECRET, algorithm="HS256")
+    assert (await get(client, f"{hs}/api", token))[0] == 200
+
+
+async def test_paths_outside_routes_are_404(hs, client, upstream):
+    token = jwt.encode(claims(), SECRET, algorithm="HS256")
+    status, headers, _ = await get(client, f"{hs}/apix", token)
+    assert status == 404 and headers["X-Sidecar-Error"] == "no_route"
+
+
+# ---- JWKS ------------------------------------------------------------------------
+
+def rsa_key():
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+def jwk(private, kid: str, alg: str) -> dict:
+    algo = jwt.algorithms.RSAAlgorithm if alg.startswith("RS") else jwt.algorithms.ECAlgorithm
+    out = algo.to_jwk(private.public_key(), as_dict=True)
+    out.update(kid=kid, alg=alg, use="sig")
+    return out
+
+
+async def test_jwks_rs256_and_es256_cached_and_rotated(sidecar_factory, upstream, client):
+    rsa1, ec1, rsa2 = rsa_key(), ec.generate_private_key(ec.SECP256R1()), rsa_key()
+    keyset = {"keys": [jwk(rsa1, "r1", "RS256"), jwk(ec1, "e1", "ES256")]}
+
+    async def jwks(request, seen):
+        return web.json_response(keyset)
+
+    idp = await FakeUpstream(jwks).start()
+    try:
+        sc = await sidecar_factory({}, inbound_config(upstream.url, extra=f"""
+            [inbound.routes."/api".jwt]
+            jwks_url = "{idp.url}/.well-known/jwks.json"
+            audience = "orders"
+            """))
+        url = inbound_url(sc)
+        t_rs = jwt.encode(claims(), rsa1, algorithm="RS256", headers={"kid": "r1"})
+        t_es = jwt.encode(claims(), ec1, algorithm="ES256", headers={"kid": "e1"})
+        for t in (t_rs, t_es, t_rs):
+            assert (await get(client, f"{url}/api/x", t))[0] == 200
+        assert len(idp.seen) == 1  # cached
+        # Algorithm confusion: an HS256 token keyed with the public key is refused.
+        pem = rsa1.public_key().public_bytes(serialization.Encoding.PEM,
+                                             serialization.PublicFormat.SubjectPublicKeyInfo)
+        import hashlib
+        import hmac as _hmac
+        import base64
+        import json
+
+        def b64(b: bytes) -> bytes:
+            return base64.urlsafe_b64encode(b).rstrip(b"=")
+
+        head = b64(json.dumps({"alg": "HS256", "kid": "r1", "typ": "JWT"}).encode())
+        body = b64(json.dumps(claims()).encode())
+        sig = b64(_hmac.new(pem, head + b"." + body, hashlib.sha256).digest())
+        forged = (head + b"." + body + b"." + sig).decode()
+        assert (await get(client, f"{url}/api/x", forged))[0] == 401
+        # Rotation: a token with a new kid makes the sidecar fetch the set again.
+        keyset["keys"].append(jwk(rsa2, "r2", "RS256"))
+        t_new = jwt.encode(claims(), rsa2, algorithm="RS256", headers={"kid": "r2"})
+        assert (await get(client, f"{url}/api/x", t_new))[0] == 200
+        assert len(idp.seen) == 2
+        t_unknown = jwt.encode(claims(), rsa_key(), algorithm="RS256", headers={"kid": "zz"})
+        status, headers, _ = await get(client, f"{url}/api/x", t_unknown)
+        assert status == 401 and headers["X-Sidecar-Error"] == "token_invalid"
+    finally:
+        await idp.stop()
+
+
+async def test_jwks_unreachable_is_503(sidecar_factory, upstream, client):
+    from tests.support.sidecar import free_port
+
+    sc = await sidecar_factory({}, inbound_config(upstream.url, extra=f"""
+        [inbound.routes."/api".jwt]
+        jwks_url = "http://127.0.0.1:{free_port()}/jwks"
+        """))
+    token = jwt.encode(claims(), rsa_key(), algorithm="RS256", headers={"kid": "r1"})
+    status, headers, _ = await get(client, f"{inbound_url(sc)}/api", token)
+    assert status == 503 and headers["X-Sidecar-Error"] == "auth_unavailable"
+    assert upstream.seen == []
+
+
+@pytest.mark.parametrize("table,fragment", [
+    ({}, "exactly one"),
+    ({"secret": "s", "jwks_url": "http://x"}, "exactly one"),
+    ({"secret": "s", "algorithms": ["RS256"]}, "does not fit"),
+    ({"jwks_url": "http://x", "algorithms": ["HS256"]}, "does not fit"),
+    ({"jwks_url": "ftp://x"}, "jwks_url"),
+])
+def test_config_errors(table, fragment):
+    with pytest.raises(ValueError) as e:
+        Config(**table)
+    assert fragment in str(e.value)
