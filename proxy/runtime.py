@@ -50,7 +50,8 @@ class Runtime:
         self.redactor = Redactor(settings.logging.redact_headers)
         self.secrets = SecretStore()
         self.state = make_state(settings.state.backend, settings.sidecar.service, settings.state.url)
-        self.pools = UpstreamPools(settings.outbound.pool_size, settings.outbound.pool_idle_timeout)
+        self.pools = UpstreamPools(settings.outbound.pool_size, settings.outbound.pool_idle_timeout,
+                                   client=settings.outbound.client)
         self.accesslog = AccessLog(settings.logging.access_log)
         self.table = RouteTable([])
         self.policies: list[Policy] = []
