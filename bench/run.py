@@ -341,7 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rate-duration", type=float, default=8.0)
     ap.add_argument("--idle", type=int, default=10000, help="idle keep-alive connections for the RSS probe")
     ap.add_argument("--transfer-mb", type=int, default=100)
-    ap.add_argument("--targets", default="direct,nginx,haproxy,naive,sidecar,sidecar-prod")
+    ap.add_argument("--targets", default="direct,nginx,haproxy,naive,sidecar-aiohttp,sidecar,sidecar-prod",
+                    help="sidecar-aiohttp: the sidecar with [outbound] client = \"aiohttp\", no plugins")
     ap.add_argument("--client", default="fast", choices=["fast", "aiohttp"],
                     help="the sidecar's upstream client ([outbound] client)")
     ap.add_argument("--python-loadgen", action="store_true", help="ignore wrk even when installed")
@@ -408,6 +409,10 @@ def main(argv: list[str] | None = None) -> int:
             procs.append(p)
             targets.append(("naive aiohttp", p, f"http://127.0.0.1:{p.port}/bench/json"))
         sidecar = prod = None
+        if "sidecar-aiohttp" in wanted:
+            p = start_sidecar(work, "sidecar-aiohttp", up, builtin.port, "", False, "aiohttp")
+            procs.append(p)
+            targets.append(("sidecar, aiohttp client", p, f"http://127.0.0.1:{p.port}/bench/json"))
         if "sidecar" in wanted:
             sidecar = start_sidecar(work, "sidecar", up, builtin.port, "", False, args.client)
             procs.append(sidecar)
