@@ -34,7 +34,7 @@ async def respond(request: web.Request, seen) -> web.StreamResponse:
         resp.headers["X-Odd"] = "  spaced  value"
         return resp
     if p.endswith("/gzip"):
-        return web.Response(body=gzip.compress(b"z" * 1000),
+        return web.Response(body=gzip.compress(b"z" * 1000, mtime=0),
                             headers={"Content-Encoding": "gzip", "Content-Type": "text/plain"})
     if p.endswith("/hop"):
         # Hop-by-hop response headers, one named in Connection: all stripped.
