@@ -67,26 +67,34 @@ class ProxyResponse:
             rel(True)
 
     async def read(self, limit: int | None = None) -> bytes:
-        """Buffer the whole body (for filters that need it, such as a cache)."""
-        if isinstance(self.body, bytes | bytearray):
-            return bytes(self.body)
-        if self.body is None:
-            return b""
-        parts = []
-        size = 0
+        """Buffer the whole body (for filters that need it, such as a cache).
+
+        Raises ValueError past ``limit``; the response is closed then.
+        """
+        body = self.body
+        if body is None or isinstance(body, bytes | bytearray):
+            return bytes(body or b"")
         try:
-            async for chunk in self.body:
-                size += len(chunk)
-                if limit is not None and size > limit:
-                    raise ValueError("response body larger than the limit")
-                parts.append(chunk)
+            data = await collect(body, limit, lambda: ValueError("response body larger than the limit"))
         except BaseException:
             self.close()
             raise
-        data = b"".join(parts)
         self.body = data
         self.done()
         return data
+
+
+async def collect(body: AsyncIterator[bytes], limit: int | None,
+                  too_large: Callable[[], Exception]) -> bytes:
+    """Join a streamed body, raising ``too_large()`` once it passes ``limit``."""
+    parts = []
+    size = 0
+    async for chunk in body:
+        size += len(chunk)
+        if limit is not None and size > limit:
+            raise too_large()
+        parts.append(chunk)
+    return b"".join(parts)
 
 
 class Exchange:
@@ -121,7 +129,7 @@ class Exchange:
         self.request_id = request_id
         self.client_ip = client_ip
         self.started = started
-        # Loop time by which the whole exchange must finish (None: no deadline).
+        # time.monotonic() by which the whole exchange must finish (None: no deadline).
         self.deadline = deadline
         self.response_headers: list[tuple[str, str]] = []
         self.log: dict[str, Any] = {}
@@ -142,14 +150,7 @@ class Exchange:
         if isinstance(body, bytes | bytearray):
             return bytes(body)
         cap = self._max_body if limit is None else min(limit, self._max_body)
-        parts = []
-        size = 0
-        async for chunk in body:
-            size += len(chunk)
-            if size > cap:
-                raise RequestBodyTooLarge()
-            parts.append(chunk)
-        data = b"".join(parts)
+        data = await collect(body, cap, RequestBodyTooLarge)
         self.body = data
         return data
 

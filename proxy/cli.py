@@ -10,8 +10,12 @@ from .config import load_settings
 from .errors import ConfigError
 
 
-def check(config: str | None) -> list[str]:
-    """Every problem in config.toml and policies/, as ``file: field: reason`` lines."""
+def check(config: str | None, warnings: list[str] | None = None) -> list[str]:
+    """Every problem in config.toml and policies/, as ``file: field: reason`` lines.
+
+    ``warnings`` collects what does not stop a start (a secret reference that
+    does not resolve now: the sidecar starts and that route answers 503).
+    """
     from .runtime import Runtime
 
     async def _check() -> list[str]:
@@ -21,6 +25,8 @@ def check(config: str | None) -> list[str]:
             return e.problems
         try:
             rt.compile(rt.load_policies())
+            if warnings is not None:
+                warnings.extend(rt.secrets.check())
         except ConfigError as e:
             return e.problems
         finally:
@@ -43,7 +49,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    problems = check(args.config)
+    warnings: list[str] = []
+    problems = check(args.config, warnings)
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
     if problems:
         print("\n".join(problems), file=sys.stderr)
         print(f"{len(problems)} problem(s) found", file=sys.stderr)

@@ -81,6 +81,8 @@ class SidecarSection(Model):
 class StateSettings(Model):
     backend: Literal["memory", "redis"] = "memory"
     url: str = "redis://127.0.0.1:6379/0"
+    # Redis connections per worker; past it, commands wait for a free one.
+    max_connections: int = Field(default=64, ge=1)
 
 
 class Limits(Model):
@@ -262,20 +264,28 @@ def load_settings(path: str | os.PathLike[str] | None) -> Settings:
 _SETTINGS_TABLES = {"sidecar", "outbound", "admin", "state", "limits", "logging"}
 
 
+def validate_table(where: Path | str, name: str, table: Any, model: type[BaseModel],
+                   problems: list[str]) -> BaseModel | None:
+    """Validate one TOML table with its model; problems are appended as file: field: reason."""
+    if not isinstance(table, dict):
+        problems.append(f"{where}: {name}: expected a table [{name}]")
+        return None
+    try:
+        return model(**table)
+    except ValidationError as e:
+        problems += pydantic_problems(where, e, prefix=name)
+        return None
+
+
 def validate_extra_settings(settings: Settings, models: dict[str, type[BaseModel]]) -> dict[str, BaseModel]:
     """Validate the plugin-owned tables of config.toml; unknown tables are errors."""
     where = settings.path or "config"
     problems: list[str] = []
     out: dict[str, BaseModel] = {}
     for name, model in models.items():
-        table = settings.extra_tables.get(name, {})
-        if not isinstance(table, dict):
-            problems.append(f"{where}: {name}: expected a table [{name}]")
-            continue
-        try:
-            out[name] = model(**table)
-        except ValidationError as e:
-            problems += pydantic_problems(where, e, prefix=name)
+        value = validate_table(where, name, settings.extra_tables.get(name, {}), model, problems)
+        if value is not None:
+            out[name] = value
     for name in settings.extra_tables:
         if name not in models:
             problems.append(f"{where}: {name}: unknown table{suggest(name, _SETTINGS_TABLES | set(models))}")
@@ -314,13 +324,9 @@ def parse_policy(path: Path, raw: dict[str, Any], settings: Settings,
             problems.append(f"{path}: {key}: unknown {kind}: no plugin or core setting of that name"
                             f"{suggest(key, set(plugin_configs) | CORE_POLICY_KEYS)}")
             continue
-        if not isinstance(table, dict):
-            problems.append(f"{path}: {key}: expected a table [{key}]")
-            continue
-        try:
-            plugins[key] = model(**table)
-        except ValidationError as e:
-            problems += pydantic_problems(path, e, prefix=key)
+        value = validate_table(path, key, table, model, problems)
+        if value is not None:
+            plugins[key] = value
     if problems or core is None:
         return None, problems
     return Policy(path.stem, path, core, plugins, raw), []

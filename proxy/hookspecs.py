@@ -41,6 +41,15 @@ def sidecar_settings_register() -> "dict[str, type[Any]]":
 
 
 @hookspec
+def sidecar_secrets_register(runtime: "Runtime") -> None:
+    """Add secret sources with ``runtime.secrets.register(prefix, factory)`` (``vault:``).
+
+    Called once per runtime when it is built, before any policy is compiled,
+    so every plugin's ``build`` can resolve references of every source.
+    """
+
+
+@hookspec
 def sidecar_runtime_startup(runtime: "Runtime") -> Any:
     """Called once per worker process after the runtime is built and before it listens.
 

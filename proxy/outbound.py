@@ -32,6 +32,14 @@ if TYPE_CHECKING:
 log = logging.getLogger("sidecar.outbound")
 
 
+class ExpectationFailed(SidecarError):
+    status, code, message = 417, "expectation_failed", "unsupported Expect header"
+
+
+class UpgradeNotSupported(SidecarError):
+    status, code, message = 501, "upgrade_not_supported", "protocol upgrades (WebSocket) are not proxied"
+
+
 class ProxyStreamResponse(web.StreamResponse):
     """A StreamResponse that adds no headers of its own: aiohttp would add
     ``Server`` and a default ``Content-Type``; a proxy forwards what it got."""
@@ -107,6 +115,8 @@ class OutboundHandler:
         try:
             try:
                 route, ex = self._admit(request, hin, rid, started)
+                if "Expect" in hin:
+                    await self._expect(request, ex)
                 resp = await route.handler(ex)
             except SidecarError as e:
                 resp = error_response(e, rid)
@@ -122,6 +132,16 @@ class OutboundHandler:
             return out
         finally:
             rt.metrics.inflight.dec()
+
+    async def _expect(self, request: BaseRequest, ex: Exchange) -> None:
+        """RFC 9110 10.1.1: answer ``100-continue`` ourselves once the request
+        passed the route and size checks (as nginx does), and do not forward it:
+        the body is already on its way. Any other expectation is 417."""
+        expect = ex.headers.popall("Expect", [""])[0]
+        if expect.lower() != "100-continue":
+            raise ExpectationFailed(f"unsupported expectation {expect[:40]!r}")
+        if request.version >= (1, 1) and request.body_exists:
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def _admit(self, request: BaseRequest, hin, rid: str, started: float) -> "tuple[Route, Exchange]":
         raw = request.raw_path
@@ -142,6 +162,10 @@ class OutboundHandler:
             size += len(k) + len(v) + 4
         if size > route.max_header_size:
             raise HeadersTooLarge(f"request headers exceed {route.max_header_size} bytes")
+        if "Upgrade" in hin and "upgrade" in hin.get("Connection", "").lower():
+            # WebSocket and other upgrades are not proxied: refuse clearly
+            # rather than forward a request that silently lost its Upgrade.
+            raise UpgradeNotSupported()
         length = request.content_length
         if length is not None and length > route.max_body:
             raise RequestBodyTooLarge(f"request body exceeds {route.max_body} bytes")

@@ -26,7 +26,14 @@ ENTRY_POINT_GROUP = "sidecar.plugins"
 
 #: Built-in plugin modules, registered on every manager.
 BUILTIN_PLUGINS = (
+    "plugins.auth",
+    "plugins.cache",
+    "plugins.circuit_breaker",
+    "plugins.fallback",
     "plugins.headers",
+    "plugins.rate_limit",
+    "plugins.retry",
+    "plugins.tracing",
 )
 
 

@@ -33,7 +33,7 @@ class Redactor:
             lk = k.lower()
             if keep is not None and lk not in keep:
                 continue
-            out[k] = REDACTED if lk in self.headers else v
+            out[str(k)] = REDACTED if lk in self.headers else v
         return out
 
     def query(self, query: str) -> str:

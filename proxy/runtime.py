@@ -49,7 +49,11 @@ class Runtime:
         self.metrics = Metrics()
         self.redactor = Redactor(settings.logging.redact_headers)
         self.secrets = SecretStore()
-        self.state = make_state(settings.state.backend, settings.sidecar.service, settings.state.url)
+        # Objects plugins share across their routes for this runtime (a tracer
+        # provider, a Vault client...), by plugin name. Never module globals.
+        self.services: dict[str, Any] = {}
+        self.state = make_state(settings.state.backend, settings.sidecar.service, settings.state.url,
+                                settings.state.max_connections)
         self.pools = UpstreamPools(settings.outbound.pool_size, settings.outbound.pool_idle_timeout,
                                    client=settings.outbound.client)
         self.accesslog = AccessLog(settings.logging.access_log)
@@ -62,6 +66,7 @@ class Runtime:
         self._log_headers = settings.logging.log_headers
         self._count_children: dict[tuple[str, str, int], Callable[[], None]] = {}
         self._duration_children: dict[str, Callable[[float], None]] = {}
+        self.pm.hook.sidecar_secrets_register(runtime=self)
 
     # ---- control plane -------------------------------------------------
 
@@ -225,7 +230,7 @@ class Runtime:
             "ts": round(time.time(), 3), "request_id": rid, "route": name,
             "tenant": ex.tenant if ex is not None else None,
             "method": request.method, "path": request.raw_path.partition("?")[0],
-            "status": status, "duration_ms": round(took * 1000, 3),
+            "status": status, "duration_ms": round(took * 1000, 3), "worker": self.worker_id,
         }
         if ex is not None:
             if "upstream_ms" in ex.vars:

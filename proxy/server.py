@@ -13,6 +13,7 @@ import inspect
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -217,6 +218,10 @@ def supervise(config_path: str | None, workers: int, settings: Settings) -> int:
     """Start N workers sharing the listeners; forward SIGTERM/SIGHUP; restart crashed ones."""
     mp_dir = tempfile.mkdtemp(prefix="sidecar-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = mp_dir
+    # Files the workers share for the sidecar's lifetime (the memory backend's
+    # rate-limit table: one limit for the whole sidecar, not per worker).
+    run_dir = tempfile.mkdtemp(prefix="sidecar-run-")
+    os.environ["SIDECAR_RUN_DIR"] = run_dir
     ctx = multiprocessing.get_context("spawn")
     procs: dict[int, multiprocessing.process.BaseProcess] = {}
     stopping = False
@@ -262,4 +267,5 @@ def supervise(config_path: str | None, workers: int, settings: Settings) -> int:
         for f in Path(mp_dir).glob("*.db"):
             f.unlink(missing_ok=True)
         os.rmdir(mp_dir)
+        shutil.rmtree(run_dir, ignore_errors=True)
     return code

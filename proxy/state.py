@@ -66,13 +66,18 @@ class RedisState:
 
     kind = "redis"
 
-    def __init__(self, service: str, url: str) -> None:
+    def __init__(self, service: str, url: str, max_connections: int = 64) -> None:
         import redis.asyncio as aioredis
 
         self.namespace = f"sidecar:{service}:"
         self.url = url
-        self.redis = aioredis.from_url(url, socket_connect_timeout=1.0, socket_timeout=2.0,
-                                       health_check_interval=10, decode_responses=False)
+        # A blocking pool: past max_connections a caller waits (up to the
+        # timeout) for a free connection instead of failing at once, which
+        # redis-py's default pool does at 100 concurrent commands.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=max_connections, timeout=2.0, socket_connect_timeout=1.0,
+            socket_timeout=2.0, health_check_interval=10, decode_responses=False)
+        self.redis = aioredis.Redis(connection_pool=pool)
 
     def key(self, *parts: str) -> str:
         return self.namespace + ":".join(parts)
@@ -97,12 +102,13 @@ class RedisState:
 
     async def close(self) -> None:
         await self.redis.aclose()
+        await self.redis.connection_pool.disconnect()
 
 
 State = MemoryState | RedisState
 
 
-def make_state(backend: str, service: str, url: str) -> State:
+def make_state(backend: str, service: str, url: str, max_connections: int = 64) -> State:
     if backend == "redis":
-        return RedisState(service, url)
+        return RedisState(service, url, max_connections)
     return MemoryState(service)

@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 import aiohttp
-from multidict import CIMultiDict
 from yarl import URL
 
 from .chain import Exchange, ProxyResponse
@@ -169,6 +168,10 @@ class UpstreamPools:
                 connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
                 skip_auto_headers=_SKIP_AUTO, trust_env=False, timeout=aiohttp.ClientTimeout(total=None),
             )
+            # aiohttp resends an idempotent request once, silently, when the
+            # connection drops; retries belong to the retry plugin (its policy,
+            # budget and deadline), so a request is sent once per try.
+            session._retry_connection = False
             self._sessions[key] = session
         return Upstream(url, session, timeouts)
 

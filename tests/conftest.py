@@ -102,14 +102,15 @@ async def client() -> AsyncIterator[aiohttp.ClientSession]:
 
 @pytest.fixture
 async def sidecar_factory(tmp_path: Path) -> AsyncIterator:
-    """``await sidecar_factory({"name": policy_toml}, config_toml="")`` starts an in-process sidecar."""
+    """``await sidecar_factory({"name": policy_toml}, config_toml="", outbound="", sidecar="")``
+    starts an in-process sidecar (see tests/support/sidecar.py write_config)."""
     started: list[RunningSidecar] = []
     n = 0
 
-    async def make(policies: dict[str, str], config: str = "") -> RunningSidecar:
+    async def make(policies: dict[str, str], config: str = "", **kw: object) -> RunningSidecar:
         nonlocal n
         n += 1
-        sc = await start_sidecar(tmp_path / f"sc{n}", policies, config)
+        sc = await start_sidecar(tmp_path / f"sc{n}", policies, config, **kw)
         started.append(sc)
         return sc
 

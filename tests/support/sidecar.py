@@ -26,10 +26,12 @@ def free_port() -> int:
 
 
 def write_config(tmp: Path, policies: dict[str, str], config: str = "", *,
-                 outbound_port: int = 0, admin_port: int = 0, workers: int = 1) -> Path:
+                 outbound_port: int = 0, admin_port: int = 0, workers: int = 1,
+                 outbound: str = "", sidecar: str = "") -> Path:
     """Write config.toml and policies/<name>.toml under ``tmp``; returns config.toml's path.
 
-    ``config`` is extra TOML appended to config.toml (tables not already written).
+    ``config`` is extra TOML appended to config.toml (tables not already written);
+    ``outbound`` and ``sidecar`` are extra lines for those tables.
     """
     pol = tmp / "policies"
     pol.mkdir(parents=True, exist_ok=True)
@@ -42,9 +44,10 @@ def write_config(tmp: Path, policies: dict[str, str], config: str = "", *,
         workers = {workers}
         drain_timeout = "5s"
         watch = true
-
+        {{sidecar}}
         [outbound]
         listen = "127.0.0.1:{outbound_port}"
+        {{outbound}}
 
         [admin]
         listen = "127.0.0.1:{admin_port}"
@@ -52,6 +55,7 @@ def write_config(tmp: Path, policies: dict[str, str], config: str = "", *,
         [logging]
         access_log = "{(tmp / 'access.log').as_posix()}"
         """)
+    base = base.replace("{sidecar}", sidecar).replace("{outbound}", outbound)
     extra = textwrap.dedent(config)
     if "[sidecar]" in extra or "[outbound]" in extra or "[admin]" in extra or "[logging]" in extra:
         raise ValueError("pass those tables through the keyword arguments")
@@ -89,12 +93,24 @@ class RunningSidecar:
             return []
         return [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
 
+    async def wait_access_lines(self, n: int, timeout: float = 5.0) -> list[dict]:
+        """The access-log lines once there are at least ``n`` (a line is written
+        just after the response's last byte, so a client can be ahead of it)."""
+        import asyncio
+
+        end = time.monotonic() + timeout
+        while True:
+            lines = self.access_lines()
+            if len(lines) >= n or time.monotonic() > end:
+                return lines
+            await asyncio.sleep(0.02)
+
     def write_policy(self, name: str, text: str) -> None:
         (self.dir / "policies" / f"{name}.toml").write_text(textwrap.dedent(text))
 
 
-async def start_sidecar(tmp: Path, policies: dict[str, str], config: str = "") -> RunningSidecar:
-    path = write_config(tmp, policies, config)
+async def start_sidecar(tmp: Path, policies: dict[str, str], config: str = "", **kw: object) -> RunningSidecar:
+    path = write_config(tmp, policies, config, **kw)  # type: ignore[arg-type]
     sc = Sidecar(load_settings(path))
     await sc.start()
     return RunningSidecar(sc, path)
@@ -136,6 +152,29 @@ class SidecarProcess:
                 time.sleep(0.1)
         self.kill()
         raise RuntimeError("sidecar did not start listening in time")
+
+    def listening_workers(self) -> int:
+        """How many worker processes listen on the outbound port (SO_REUSEPORT)."""
+        import psutil
+
+        assert self.proc is not None
+        count = 0
+        # Children include multiprocessing's resource tracker: count listeners.
+        for child in psutil.Process(self.proc.pid).children():
+            try:
+                conns = child.net_connections("tcp")
+            except psutil.Error:
+                continue
+            count += any(c.laddr.port == self.outbound_port and c.status == psutil.CONN_LISTEN for c in conns)
+        return count
+
+    def wait_workers(self, n: int, timeout: float = 30.0) -> None:
+        """Block until ``n`` workers listen (worker 0 may answer long before the others)."""
+        end = time.monotonic() + timeout
+        while self.listening_workers() < n:
+            if time.monotonic() > end:
+                raise RuntimeError(f"only {self.listening_workers()} of {n} workers listening")
+            time.sleep(0.1)
 
     def signal(self, sig: int = signal.SIGTERM) -> None:
         assert self.proc is not None

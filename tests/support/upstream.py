@@ -79,3 +79,44 @@ async def wait_for(predicate: Callable[[], Any], timeout: float = 5.0, interval:
         if loop.time() > end:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(interval)
+
+
+class ThreadedApp:
+    """An aiohttp app served from its own thread and loop, for tests whose
+    sidecar is a subprocess and whose client runs under ``asyncio.run``."""
+
+    def __init__(self, make_app: Callable[[], web.Application]) -> None:
+        import threading
+
+        self.make_app = make_app
+        self.port = 0
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _run(self) -> None:
+        async def main() -> None:
+            runner = web.AppRunner(self.make_app(), access_log=None, shutdown_timeout=0.5)
+            await runner.setup()
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+            self._ready.set()
+            while not self._stop.is_set():
+                await asyncio.sleep(0.05)
+            await runner.cleanup()
+        asyncio.run(main())
+
+    def start(self) -> "ThreadedApp":
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise RuntimeError("threaded upstream did not start")
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)

@@ -1,0 +1,149 @@
+"""auth: inject provider credentials into every outbound request on a route.
+
+```toml
+[auth]
+type = "bearer"                 # Authorization: Bearer <secret>
+secret = "env:HTTPBIN_TOKEN"    # env:NAME | file:/path | vault:path#key[@version]
+```
+Types: bearer, header, basic, query, oauth2_client_credentials; extra
+``[auth.headers]``; per-tenant ``[auth.tenants.<tenant>]``. See docs/auth.md.
+
+PRIORITY 500: innermost of the built-in plugins, so each retry re-injects a
+fresh credential and the OAuth2 401-refresh happens next to the upstream.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from proxy.admin import json_response, runtime_of
+from proxy.hookspecs import hookimpl
+from proxy.plugins import BuildContext, PluginSpec
+
+from .config import LITERAL_CREDENTIAL, LITERAL_OK, SECRET_FIELDS, Config
+from .inject import AuthFilter, BasicSlot, Credentials, HeaderSlot, QuerySlot, Secret, Slot
+from .oauth2 import SessionHolder, TokenSource
+from .state import NAME, AuthState, auth_state
+from .vault import SecretsSettings
+
+if TYPE_CHECKING:
+    from proxy.runtime import Runtime
+
+PRIORITY = 500
+
+
+def _credentials(label: str, config: Config, over: dict[str, Any], state: AuthState, route: str,
+                 session: SessionHolder | None) -> Credentials:
+    """The slots of one credential set: ``over`` holds the tenant's own values."""
+    store = state.runtime.secrets
+
+    def secret(field: str) -> Secret:
+        raw = over.get(field) or getattr(config, field)
+        ref = store.ref(raw)
+        if ref.source == "literal" and field not in LITERAL_OK:
+            where = "" if label == "default" else f"tenants.{label}."
+            raise ValueError(f"{where}{field} {LITERAL_CREDENTIAL}")
+        return Secret(ref, state)
+
+    slots: list[Slot] = []
+    token = None
+    t = config.type
+    if t == "bearer":
+        slots.append(HeaderSlot("Authorization", "Bearer ", secret("secret")))
+    elif t == "header":
+        assert config.header is not None
+        slots.append(HeaderSlot(config.header, config.prefix, secret("secret")))
+    elif t == "basic":
+        slots.append(BasicSlot(secret("username"), secret("password")))
+    elif t == "query":
+        assert config.param is not None
+        slots.append(QuerySlot(config.param, secret("secret")))
+    elif t == "oauth2_client_credentials":
+        assert session is not None and config.token_url is not None
+        token = TokenSource(
+            token_url=config.token_url, client_id=secret("client_id").ref,
+            client_secret=secret("client_secret").ref, scopes=config.scopes, audience=config.audience,
+            params=config.token_params, client_auth=config.client_auth,
+            refresh_before=config.refresh_before, timeout=config.token_timeout, session=session,
+            fetches=state.oauth2_fetches, label=route)
+    headers = {**config.headers, **over.get("headers", {})}
+    for name, value in headers.items():
+        slots.append(HeaderSlot(name, "", Secret(store.ref(value), state)))
+    return Credentials(label, slots, token)
+
+
+def build(config: Config, ctx: BuildContext) -> AuthFilter:
+    rt = ctx.runtime
+    state = auth_state(rt)
+    session = SessionHolder() if config.type == "oauth2_client_credentials" else None
+    needed = SECRET_FIELDS.get(config.type or "", ())
+    has_default = config.type is None or all(getattr(config, f) is not None for f in needed)
+    default = _credentials("default", config, {}, state, ctx.route, session) if has_default else None
+    tenants = {name: _credentials(name, config, tc.model_dump(exclude_none=True), state, ctx.route, session)
+               for name, tc in config.tenants.items()}
+    # Whatever the filter injects must never reach a log (http-rules: credentials).
+    secret_headers = {name for name, v in config.headers.items() if rt.secrets.ref(v).source != "literal"}
+    for tc in config.tenants.values():
+        secret_headers |= {n for n, v in tc.headers.items() if rt.secrets.ref(v).source != "literal"}
+    if config.type == "header" and config.header:
+        secret_headers.add(config.header)
+    rt.redactor.add(headers=secret_headers, query_params=[config.param] if config.param else [])
+    summary = {"type": config.type, "override": config.override, "unknown_tenant": config.unknown_tenant,
+               "tenants": sorted(config.tenants), "headers": sorted({**config.headers})}
+    if config.type == "header":
+        summary["header"] = config.header
+    if config.type == "query":
+        summary["param"] = config.param
+    return AuthFilter(default, tenants, config.unknown_tenant == "reject", config.override,
+                      config.replay_body_limit, session, summary)
+
+
+# ---- admin ----------------------------------------------------------------
+
+async def admin_secrets(request: web.Request) -> web.Response:
+    return json_response(auth_state(runtime_of(request)).describe())
+
+
+async def admin_secrets_refresh(request: web.Request) -> web.Response:
+    return json_response(await auth_state(runtime_of(request)).refresh())
+
+
+# ---- hooks ----------------------------------------------------------------
+
+@hookimpl
+def sidecar_plugins_register() -> list[PluginSpec]:
+    return [PluginSpec(NAME, Config, PRIORITY, build,
+                       description="inject credentials from env, file and Vault secrets")]
+
+
+@hookimpl
+def sidecar_settings_register() -> dict[str, type]:
+    return {"secrets": SecretsSettings}
+
+
+@hookimpl
+def sidecar_secrets_register(runtime: "Runtime") -> None:
+    auth_state(runtime)   # registers the vault: source
+
+
+@hookimpl
+def sidecar_policies_loaded(runtime: "Runtime", policies: list[Any]) -> None:
+    auth_state(runtime).start()
+
+
+@hookimpl
+async def sidecar_runtime_startup(runtime: "Runtime") -> None:
+    state = auth_state(runtime)
+    runtime.on_shutdown(state.close)
+    if state.vault is not None:
+        # Start-up waits (briefly) for the first reads; with Vault down the
+        # sidecar starts anyway and affected routes answer 503 until it is back.
+        await state.vault.first_read()
+
+
+@hookimpl
+def sidecar_admin_routes(runtime: "Runtime", app: web.Application) -> None:
+    app.router.add_get("/admin/secrets", admin_secrets)
+    app.router.add_post("/admin/secrets/refresh", admin_secrets_refresh)

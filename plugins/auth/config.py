@@ -1,0 +1,144 @@
+"""The ``[auth]`` policy table: what to inject, from which secrets, per tenant."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from proxy.config import Model
+from proxy.units import Duration, Size
+
+AuthType = Literal["bearer", "header", "basic", "query", "oauth2_client_credentials"]
+
+# The fields that carry a secret, per type; each must be a reference, never a literal.
+SECRET_FIELDS: dict[str, tuple[str, ...]] = {
+    "bearer": ("secret",), "header": ("secret",), "query": ("secret",),
+    "basic": ("username", "password"), "oauth2_client_credentials": ("client_id", "client_secret"),
+}
+LITERAL_OK = {"username", "client_id"}
+_TYPE_ONLY = {"header": {"header", "prefix"}, "query": {"param"},
+              "oauth2_client_credentials": {"token_url", "scopes", "audience", "token_params"}}
+_HOP = {"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
+        "upgrade", "host", "content-length"}
+
+
+def check_header_name(name: str) -> str:
+    if not name or any(c in name for c in " :\r\n\t\x00\"(),/;<=>?@[\\]{}"):
+        raise ValueError(f"{name!r} is not a valid header name")
+    if name.lower() in _HOP:
+        raise ValueError(f"{name!r} cannot carry a credential (hop-by-hop or framing header)")
+    return name
+
+
+LITERAL_CREDENTIAL = ("must be a secret reference (env:NAME, file:/path or vault:path#key), "
+                      "never the credential itself")
+
+
+def _check_ref(field: str, value: str | None) -> None:
+    """Syntax only; build() refuses a literal (a plugin may add sources beyond these)."""
+    if value is None:
+        return
+    if value.startswith("vault:") and "#" not in value:
+        raise ValueError(f"{field}: a Vault reference is vault:<path>#<key> (optionally @<version>)")
+
+
+class TenantCredentials(Model):
+    """``[auth.tenants.<tenant>]``: what differs for this tenant; the rest comes from [auth]."""
+
+    secret: str | None = None
+    username: str | None = None
+    password: str | None = None
+    client_id: str | None = None
+    client_secret: str | None = None
+    headers: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _refs(self) -> "TenantCredentials":
+        for f in ("secret", "username", "password", "client_id", "client_secret"):
+            _check_ref(f, getattr(self, f))
+        for name in self.headers:
+            check_header_name(name)
+        return self
+
+
+class Config(Model):
+    type: AuthType | None = None
+    secret: str | None = None
+    header: str | None = None            # type = "header"
+    prefix: str = ""                     # type = "header": sent before the secret
+    username: str | None = None          # type = "basic"
+    password: str | None = None
+    param: str | None = None             # type = "query"
+    # type = "oauth2_client_credentials"
+    token_url: str | None = None
+    client_id: str | None = None
+    client_secret: str | None = None
+    scopes: list[str] = Field(default_factory=list)
+    audience: str | None = None
+    token_params: dict[str, str] = Field(default_factory=dict)
+    client_auth: Literal["basic", "body"] = "basic"
+    refresh_before: Duration = 60.0
+    token_timeout: Duration = 10.0
+    # A request body up to this size is kept so a 401-refresh can resend it.
+    replay_body_limit: Size = 1024 * 1024
+    # Extra headers, static or secret-backed (a value that is not a reference is sent literally).
+    headers: dict[str, str] = Field(default_factory=dict)
+    tenants: dict[str, TenantCredentials] = Field(default_factory=dict)
+    unknown_tenant: Literal["default", "reject"] = "default"
+    override: bool = True
+
+    @field_validator("headers")
+    @classmethod
+    def _header_names(cls, v: dict[str, str]) -> dict[str, str]:
+        for name in v:
+            check_header_name(name)
+        return v
+
+    @model_validator(mode="after")
+    def _per_type(self) -> "Config":
+        t = self.type
+        if t is None:
+            if not self.headers:
+                raise ValueError("set type (bearer, header, basic, query, oauth2_client_credentials) "
+                                 "or [auth.headers]")
+            if self.tenants:
+                raise ValueError("[auth.tenants] needs a type")
+            return self
+        for other, fields in _TYPE_ONLY.items():
+            if other != t:
+                for f in fields:
+                    if f in self.model_fields_set:
+                        raise ValueError(f"{f} is for type = \"{other}\", not \"{t}\"")
+        for f in ("secret", "username", "password", "client_id", "client_secret"):
+            _check_ref(f, getattr(self, f))
+        if t == "header":
+            if not self.header:
+                raise ValueError("type = \"header\" needs header (for example header = \"X-Api-Key\")")
+            check_header_name(self.header)
+        if t == "query" and not self.param:
+            raise ValueError("type = \"query\" needs param (for example param = \"api_key\")")
+        if t == "oauth2_client_credentials":
+            if not self.token_url or not self.token_url.startswith(("https://", "http://")):
+                raise ValueError("type = \"oauth2_client_credentials\" needs token_url (an https:// URL)")
+        injected = {"header": (self.header or "").lower(), "query": ""}.get(t, "authorization")
+        names = {n.lower() for n in self.headers}
+        for tc in self.tenants.values():
+            names |= {n.lower() for n in tc.headers}
+        if injected and injected in names:
+            raise ValueError(f"[auth.headers] cannot set {injected!r}: type = \"{t}\" sets it")
+        needed = SECRET_FIELDS[t]
+        if self.unknown_tenant == "default" or not self.tenants:
+            missing = [f for f in needed if getattr(self, f) is None]
+            if missing:
+                raise ValueError(f"type = \"{t}\" needs {' and '.join(missing)}"
+                                 + (" (or unknown_tenant = \"reject\" with only per-tenant credentials)"
+                                    if self.tenants else ""))
+        for name, tc in self.tenants.items():
+            for f in needed:
+                if getattr(tc, f) is None and getattr(self, f) is None:
+                    raise ValueError(f"tenants.{name}: needs {f} (no default in [auth] to fall back to)")
+            for f in ("secret", "username", "password", "client_id", "client_secret"):
+                if f not in needed and getattr(tc, f) is not None:
+                    raise ValueError(f"tenants.{name}: {f} is not used by type = \"{t}\"")
+        return self

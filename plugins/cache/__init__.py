@@ -1,0 +1,97 @@
+"""cache: a shared HTTP response cache for outbound routes (RFC 9111, RFC 5861).
+
+```toml
+[cache]
+ttl = "60s"                     # freshness for responses that give none (0: only what they allow)
+max_body = "1MB"                # larger responses stream through unstored
+stale_if_error = "5m"           # serve a stale entry when the upstream fails
+stale_while_revalidate = "30s"  # serve stale while one background refresh runs
+authorized = false              # true: store credentialed responses, keyed per tenant
+```
+Memory store (a per-route LRU bounded by max_entries / max_memory) by
+default; Redis, shared by every sidecar, when ``[state] backend = "redis"``.
+``X-Cache: HIT | MISS | STALE | BYPASS`` and ``Age`` on every answer;
+GET /admin/cache and POST /admin/cache/<policy>/purge. See docs/cache.md.
+
+PRIORITY 600: inside retry and the circuit breaker, outside auth, so a hit
+never reaches the credential plugin and a miss is fetched with fresh credentials.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from proxy.hookspecs import hookimpl
+from proxy.plugins import BuildContext, PluginSpec
+
+from .config import Config
+from .filter import NAME, CacheFilter, CacheMiss
+from .store import MemoryStore, RedisStore
+
+PRIORITY = 755  # outside retry and the breaker: a hit skips both, stale-if-error catches circuit_open
+
+__all__ = ["Config", "CacheFilter", "CacheMiss", "PRIORITY", "build", "cache_filters"]
+
+# Policy tables whose plugin injects credentials next to the upstream: on such
+# a route every upstream request is an authorized one (RFC 9111 3.5).
+CREDENTIAL_PLUGINS = frozenset({"auth"})
+
+
+def _counter(runtime: Any) -> Any:
+    svc = runtime.services.get(NAME)
+    if svc is None:
+        svc = runtime.services[NAME] = runtime.metrics.counter(
+            "sidecar_cache_requests", "Cacheable requests by route and result "
+            "(hit, miss, stale, bypass, revalidated).", ["route", "result"])
+    return svc
+
+
+def build(config: Config, ctx: BuildContext) -> CacheFilter:
+    rt = ctx.runtime
+    kind = config.store
+    if kind == "auto":
+        kind = "redis" if rt.state.kind == "redis" else "memory"
+    if kind == "redis":
+        if rt.state.kind != "redis":
+            raise ValueError('store = "redis" needs [state] backend = "redis" in config.toml')
+        store: MemoryStore | RedisStore = RedisStore(rt.state, ctx.route)
+    else:
+        store = MemoryStore(config.max_entries, config.max_memory)
+    injects = any(name in ctx.policy.plugins for name in CREDENTIAL_PLUGINS)
+    return CacheFilter(config, ctx.route, store, _counter(rt), injects,
+                       ctx.policy.core.timeouts.total or 0.0)
+
+
+def cache_filters(runtime: Any) -> dict[str, CacheFilter]:
+    """The live cache filter of each route, by policy name."""
+    out = {}
+    for route in runtime.table.routes:
+        for f in route.filters:
+            if isinstance(f, CacheFilter):
+                out[route.name] = f
+    return out
+
+
+@hookimpl
+def sidecar_plugins_register() -> list[PluginSpec]:
+    return [PluginSpec(NAME, Config, PRIORITY, build,
+                       description="HTTP response cache (RFC 9111, stale-if-error, stale-while-revalidate)")]
+
+
+@hookimpl
+def sidecar_admin_routes(runtime: Any, app: Any) -> None:
+    from proxy.admin import json_error, json_response
+
+    async def show(request: Any) -> Any:
+        return json_response({"routes": {name: await f.stats()
+                                         for name, f in sorted(cache_filters(runtime).items())}})
+
+    async def purge(request: Any) -> Any:
+        name = request.match_info["policy"]
+        f = cache_filters(runtime).get(name)
+        if f is None:
+            return json_error(404, "no_cache", f"policy {name!r} has no [cache] table")
+        return json_response({"policy": name, "purged": await f.purge()})
+
+    app.router.add_get("/admin/cache", show)
+    app.router.add_post("/admin/cache/{policy}/purge", purge)

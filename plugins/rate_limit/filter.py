@@ -1,0 +1,200 @@
+"""The rate-limit filter: pick the limits, decide, answer or pass (or wait)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import inspect
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from proxy.chain import Exchange, Filter, Handler, ProxyResponse
+from proxy.errors import SidecarError
+
+from .config import Config, Limit
+from .gcra import Decision, LimitSpec
+
+log = logging.getLogger("sidecar.rate_limit")
+
+try:  # the Redis client is a core dependency; its errors mean "backend down"
+    from redis.exceptions import RedisError
+except ImportError:  # pragma: no cover
+    RedisError = OSError  # type: ignore[misc,assignment]
+
+BACKEND_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
+RESULTS = ("allowed", "queued", "rejected", "shadow_rejected")
+
+
+class RateLimited(SidecarError):
+    status, code, message = 429, "rate_limited", "rate limit exceeded"
+
+
+class RateLimitUnavailable(SidecarError):
+    status, code, message = 503, "rate_limit_unavailable", "the rate-limit backend is unavailable"
+
+
+@dataclass(eq=False)
+class Group:
+    """The limits that apply to a request (the route's, or one override's), compiled."""
+
+    scope: str                          # "" for the route's own limits, else the override's match
+    limits: tuple[LimitSpec, ...]
+    prefixes: tuple[str, ...]           # namespaced state key per limit, before the key value
+    policy_header: str                  # RateLimit-Policy (constant per group)
+    counters: dict[str, list[Any]]      # result -> per-limit prebound counter children
+    config: list[Limit]
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [{"name": lim.label, "requests": lim.requests, "per": lim.per,
+                 "burst": lim.burst or lim.requests} for lim in self.config]
+
+
+def compile_group(route: str, scope: str, limits: list[Limit], state_key: Callable[..., str],
+                  decisions: Any) -> Group:
+    specs = tuple(LimitSpec.make(lim.label, lim.requests, lim.per, lim.burst or lim.requests)
+                  for lim in limits)
+    # The state key names the limit's shape, so changing a limit starts fresh
+    # buckets while an unrelated policy edit keeps them.
+    prefixes = tuple(state_key("rl", route, scope or "-", f"{s.requests}r{s.per:g}s{s.burst}b") + ":"
+                     for s in specs)
+    # draft-ietf-httpapi-ratelimit-headers-10 section 3: a List of quota policy
+    # Items: sf-string name; q (quota units), w (window, whole seconds).
+    policy = ", ".join(f'"{s.name}";q={s.requests};w={max(1, math.ceil(s.per))}' for s in specs)
+    counters = {r: [decisions.labels(route, s.name, r) for s in specs] for r in RESULTS}
+    return Group(scope, specs, prefixes, policy, counters, limits)
+
+
+def _short(value: str) -> str:
+    # Bounded state keys, whatever a client puts in the header.
+    if len(value) > 128:
+        return "sha256:" + hashlib.sha256(value.encode()).hexdigest()
+    return value
+
+
+def key_function(spec: str) -> Callable[[Exchange], str] | None:
+    """The request's key value; None when every request shares one bucket."""
+    if spec.startswith("header:"):
+        name = spec[len("header:"):]
+        return lambda ex: _short(ex.headers.get(name) or "-")
+    if spec == "tenant":
+        return lambda ex: _short(ex.tenant or "-")
+    if spec == "client_ip":
+        return lambda ex: ex.client_ip or "-"
+    return None
+
+
+class RateLimitFilter(Filter):
+    def __init__(self, route: str, config: Config, default: Group | None,
+                 overrides: list[tuple[str | None, str, bool, Group]], store: Any,
+                 backend_errors: Any) -> None:
+        self.route = route
+        self.config = config
+        self.default = default
+        self.overrides = overrides
+        self.store = store
+        self.sync = not inspect.iscoroutinefunction(store.decide)
+        self.key_of = key_function(config.key)
+        self.enforce = config.enforce
+        # Shadow mode never makes a request wait.
+        self.max_wait = config.max_wait if config.enforce else 0.0
+        self.fail_open = config.fail_open
+        self.backend_errors = backend_errors
+        self._last_warning = 0.0
+
+    def group_for(self, method: str, path: str) -> Group | None:
+        for m, p, prefix, group in self.overrides:
+            if (m is None or m == method) and (path.startswith(p) if prefix else path == p):
+                return group
+        return self.default
+
+    def keys_for(self, group: Group, value: str | None) -> list[str]:
+        if value is None:
+            return list(group.prefixes)
+        return [p + value for p in group.prefixes]
+
+    async def handle(self, ex: Exchange, call_next: Handler) -> ProxyResponse:
+        group = self.group_for(ex.method, ex.path) if self.overrides else self.default
+        if group is None:
+            return await call_next(ex)
+        keys = self.keys_for(group, None if self.key_of is None else self.key_of(ex))
+        max_wait = self.max_wait
+        if max_wait and ex.deadline is not None:
+            # No point queueing past the route's own deadline.
+            max_wait = min(max_wait, max(ex.deadline - time.monotonic(), 0.0))
+        try:
+            if self.sync:
+                d: Decision = self.store.decide(keys, group.limits, max_wait)
+            else:
+                d = await self.store.decide(keys, group.limits, max_wait)
+        except BACKEND_ERRORS as e:
+            return await self._backend_down(ex, call_next, e)
+        if d.admitted:
+            bound = _tightest(d)
+            if d.wait > 0:
+                for c in group.counters["queued"]:
+                    c.inc()
+                ex.log["rate_limit"] = {"result": "queued", "wait_ms": round(d.wait * 1000, 1)}
+                _headers(ex.response_headers, group, d, bound)
+                await asyncio.sleep(d.wait)
+            else:
+                for c in group.counters["allowed"]:
+                    c.inc()
+                ex.log["rate_limit"] = {"result": "allowed"}
+                _headers(ex.response_headers, group, d, bound)
+            return await call_next(ex)
+        i = d.refused_by
+        name = group.limits[i].name
+        _headers(ex.response_headers, group, d, i)
+        if not self.enforce:
+            group.counters["shadow_rejected"][i].inc()
+            ex.log["rate_limit"] = {"result": "shadow_rejected", "limit": name}
+            return await call_next(ex)
+        group.counters["rejected"][i].inc()
+        ex.log["rate_limit"] = {"result": "rejected", "limit": name}
+        raise RateLimited(f"rate limit {name!r} exceeded", headers={"Retry-After": str(max(1, math.ceil(d.wait)))})
+
+    async def _backend_down(self, ex: Exchange, call_next: Handler, err: BaseException) -> ProxyResponse:
+        self.backend_errors.inc()
+        now = time.monotonic()
+        if now - self._last_warning > 10:
+            self._last_warning = now
+            log.warning("route %s: rate-limit backend unavailable (%s); %s", self.route,
+                        type(err).__name__, "letting traffic through" if self.fail_open else "answering 503")
+        if self.fail_open:
+            ex.log["rate_limit"] = {"result": "backend_error", "fail_open": True}
+            return await call_next(ex)
+        ex.log["rate_limit"] = {"result": "backend_error", "fail_open": False}
+        raise RateLimitUnavailable()
+
+    def describe(self) -> dict[str, Any]:
+        return self.config.model_dump()
+
+
+def _tightest(d: Decision) -> int:
+    """The limit the X-RateLimit-* headers describe: least remaining, then longest reset."""
+    best = 0
+    for i in range(1, len(d.remaining)):
+        if (d.remaining[i], -d.reset[i]) < (d.remaining[best], -d.reset[best]):
+            best = i
+    return best
+
+
+def _headers(out: list[tuple[str, str]], group: Group, d: Decision, bound: int) -> None:
+    limits = group.limits
+    rem = d.remaining
+    reset = [math.ceil(r - 1e-6) if r > 0 else 0 for r in d.reset]
+    if not d.admitted:
+        rem = list(rem)
+        rem[bound] = 0
+    # draft-ietf-httpapi-ratelimit-headers-10 section 4: quota items with r
+    # (remaining units) and t (seconds until the quota resets).
+    out.append(("RateLimit-Policy", group.policy_header))
+    out.append(("RateLimit", ", ".join(f'"{lim.name}";r={rem[i]};t={reset[i]}'
+                                        for i, lim in enumerate(limits))))
+    out.append(("X-RateLimit-Limit", str(limits[bound].requests)))
+    out.append(("X-RateLimit-Remaining", str(rem[bound])))
+    out.append(("X-RateLimit-Reset", str(reset[bound])))

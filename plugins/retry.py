@@ -1,0 +1,336 @@
+"""retry: retry transient upstream failures, safely and within a budget.
+
+```toml
+[retry]
+attempts = 3                                  # total tries, the first included
+backoff = { base = "100ms", max = "2s" }      # exponential with full jitter
+on = ["connect_error", "timeout", 502, 503, 504, 429]
+idempotency_header = "Idempotency-Key"
+add_idempotency_key = false                   # add a generated key to POSTs without one
+max_replay_body = "1MB"                       # larger request bodies are sent once
+per_try_timeout = "0s"                        # 0: each try is bounded by [timeouts] total only
+budget_percent = 20                           # retries add at most 20% to the route's traffic
+budget_min_retries = 3                        # ...but this many per window are always allowed
+budget_window = "10s"
+```
+
+Only idempotent methods are retried, or requests carrying an idempotency key,
+so a POST is never sent twice by accident. A retry happens before any
+response byte reaches the client: the response of a failed try is dropped
+(closed, its connection not reused) and never streamed. See docs/resilience.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+import uuid
+import weakref
+from collections import deque
+from collections.abc import AsyncIterator
+from email.utils import parsedate_to_datetime
+from typing import TYPE_CHECKING, Any
+
+from pydantic import Field, field_validator, model_validator
+from prometheus_client import Counter
+
+from proxy.chain import Exchange, Filter, Handler, ProxyResponse
+from proxy.config import Model
+from proxy.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from proxy.hookspecs import hookimpl
+from proxy.plugins import BuildContext, PluginSpec
+from proxy.units import Duration, Size
+
+if TYPE_CHECKING:
+    from proxy.metrics import Metrics
+
+NAME = "retry"
+PRIORITY = 750  # outside the breaker (each try counts there), inside fallback
+
+log = logging.getLogger("sidecar.retry")
+
+# RFC 9110 9.2.2: methods whose repetition has the effect of one request.
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+CONDITIONS = ("connect_error", "timeout")
+
+
+class Backoff(Model):
+    base: Duration = 0.1
+    max: Duration = 2.0
+
+    @model_validator(mode="after")
+    def _order(self) -> "Backoff":
+        if self.max < self.base:
+            raise ValueError("max must not be shorter than base")
+        return self
+
+
+class Config(Model):
+    attempts: int = Field(default=3, ge=1, le=10)
+    backoff: Backoff = Backoff()
+    on: list[str | int] = Field(default_factory=lambda: ["connect_error", "timeout", 502, 503, 504, 429])
+    idempotency_header: str = "Idempotency-Key"
+    add_idempotency_key: bool = False
+    max_replay_body: Size = 1024 * 1024
+    per_try_timeout: Duration = 0.0
+    budget_percent: float = Field(default=20.0, ge=0, le=100)
+    budget_min_retries: int = Field(default=3, ge=0)
+    budget_window: Duration = 10.0
+
+    @field_validator("on")
+    @classmethod
+    def _on(cls, v: list[str | int]) -> list[str | int]:
+        for item in v:
+            if isinstance(item, int):
+                if not 400 <= item <= 599:
+                    raise ValueError(f"{item}: retry on 4xx or 5xx statuses only")
+            elif item not in CONDITIONS:
+                raise ValueError(f"{item!r}: expected a status code or one of {', '.join(CONDITIONS)}")
+        return v
+
+    @field_validator("idempotency_header")
+    @classmethod
+    def _header(cls, v: str) -> str:
+        if not v or any(c in v for c in " :\r\n\t\x00"):
+            raise ValueError(f"{v!r} is not a valid header name")
+        return v
+
+    @field_validator("budget_window")
+    @classmethod
+    def _window(cls, v: float) -> float:
+        if v <= 0:
+            raise ValueError("budget_window must be longer than 0")
+        return v
+
+
+class RetryBudget:
+    """Retries allowed: ``min_retries + percent`` of the requests over a sliding window.
+
+    Finagle's RetryBudget and Envoy's retry budget work this way: under a
+    sustained failure retries add a bounded share of load instead of
+    multiplying it by ``attempts``.
+    """
+
+    __slots__ = ("percent", "floor", "span", "buckets", "requests", "retries")
+
+    def __init__(self, percent: float, min_retries: int, window: float) -> None:
+        self.percent = percent
+        self.floor = min_retries * 100
+        self.span = window / 10
+        self.buckets: deque[list[int]] = deque()  # [bucket index, requests, retries]
+        self.requests = 0
+        self.retries = 0
+
+    def _bucket(self, now: float) -> list[int]:
+        idx = int(now / self.span)
+        b = self.buckets
+        while b and b[0][0] <= idx - 10:
+            _, req, ret = b.popleft()
+            self.requests -= req
+            self.retries -= ret
+        if not b or b[-1][0] != idx:
+            b.append([idx, 0, 0])
+        return b[-1]
+
+    def request(self, now: float) -> None:
+        self._bucket(now)[1] += 1
+        self.requests += 1
+
+    def withdraw(self, now: float) -> bool:
+        """Take one retry from the budget; False when it is spent."""
+        bucket = self._bucket(now)
+        if (self.retries + 1) * 100 > self.floor + self.percent * self.requests:
+            return False
+        bucket[2] += 1
+        self.retries += 1
+        return True
+
+
+def retry_after(value: str | None, now: float) -> float | None:
+    """Seconds from a Retry-After header (RFC 9110 10.2.3: delay-seconds or HTTP-date)."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None:
+        return None
+    return max(0.0, when.timestamp() - now)
+
+
+async def _chain(head: list[bytes], rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    for chunk in head:
+        yield chunk
+    async for chunk in rest:
+        yield chunk
+
+
+_counters: "weakref.WeakKeyDictionary[Metrics, Counter]" = weakref.WeakKeyDictionary()
+
+
+def retries_counter(metrics: "Metrics") -> Counter:
+    c = _counters.get(metrics)
+    if c is None:
+        c = _counters[metrics] = metrics.counter(
+            "sidecar_retries", "Retries sent upstream, by route and the reason for the retry.",
+            ["route", "reason"])
+    return c
+
+
+class RetryFilter(Filter):
+    def __init__(self, route: str, config: Config, counter: Counter) -> None:
+        self.config = config
+        self.route = route
+        self.attempts = config.attempts
+        self.base = config.backoff.base
+        self.cap = config.backoff.max
+        self.on_status = frozenset(x for x in config.on if isinstance(x, int))
+        self.on_connect = "connect_error" in config.on
+        self.on_timeout = "timeout" in config.on
+        self.key_header = config.idempotency_header
+        self.add_key = config.add_idempotency_key
+        self.max_replay = config.max_replay_body
+        self.per_try = config.per_try_timeout or None
+        self.budget = RetryBudget(config.budget_percent, config.budget_min_retries, config.budget_window)
+        self.counter = counter
+        self._reasons: dict[str, Any] = {}
+
+    def _count(self, reason: str) -> None:
+        child = self._reasons.get(reason)
+        if child is None:
+            child = self._reasons[reason] = self.counter.labels(self.route, reason)
+        child.inc()
+
+    async def _replayable(self, ex: Exchange) -> bool:
+        """Buffer the request body up to max_replay_body; False when it is larger.
+
+        A larger body still goes upstream whole, once: the buffered head is
+        chained in front of the rest of the stream.
+        """
+        body = ex.body
+        if body is None or isinstance(body, bytes | bytearray):
+            return True
+        if ex.body_length is not None:
+            if ex.body_length > self.max_replay:
+                return False
+            await ex.read_body(self.max_replay)
+            return True
+        it = body.__aiter__()
+        parts: list[bytes] = []
+        size = 0
+        while True:
+            try:
+                chunk = await it.__anext__()
+            except StopAsyncIteration:
+                ex.body = b"".join(parts)
+                return True
+            parts.append(chunk)
+            size += len(chunk)
+            if size > self.max_replay:
+                ex.body = _chain(parts, it)
+                return False
+
+    def _delay(self, attempt: int, resp: ProxyResponse | None) -> float:
+        if resp is not None:
+            ra = retry_after(resp.headers.get("Retry-After"), time.time())
+            if ra is not None:
+                return min(ra, self.cap)
+        # Full jitter (AWS architecture blog, "Exponential Backoff and Jitter").
+        return random.uniform(0, min(self.cap, self.base * (2 ** (attempt - 1))))
+
+    async def handle(self, ex: Exchange, call_next: Handler) -> ProxyResponse:
+        now = time.monotonic()
+        self.budget.request(now)
+        retryable = ex.method in IDEMPOTENT or self.key_header in ex.headers
+        if not retryable and self.add_key and ex.method == "POST":
+            # Stripe-style providers deduplicate on the key, so a retry is safe.
+            ex.headers[self.key_header] = str(uuid.uuid4())
+            retryable = True
+        if retryable and self.attempts > 1:
+            retryable = await self._replayable(ex)
+            if not retryable:
+                ex.log[NAME] = "body_too_large_to_replay"
+        if not retryable or self.attempts == 1:
+            ex.response_headers.append(("X-Sidecar-Attempts", "1"))
+            return await call_next(ex)
+        return await self._loop(ex, call_next)
+
+    async def _loop(self, ex: Exchange, call_next: Handler) -> ProxyResponse:
+        body = ex.body
+        method, path, query = ex.method, ex.path, ex.query
+        headers = ex.headers.copy()
+        deadline = ex.deadline
+        per_try = self.per_try
+        attempt = 1
+        try:
+            while True:
+                ex.attempt = attempt
+                if attempt > 1:
+                    # Inner filters (credentials) run again on a clean request.
+                    ex.method, ex.path, ex.query, ex.body = method, path, query, body
+                    ex.headers = headers.copy()
+                if per_try is not None:
+                    d = time.monotonic() + per_try
+                    ex.deadline = d if deadline is None else min(d, deadline)
+                resp: ProxyResponse | None = None
+                error: UpstreamError | None = None
+                try:
+                    resp = await call_next(ex)
+                except UpstreamTimeout as e:
+                    if not self.on_timeout:
+                        raise
+                    error, reason = e, "timeout"
+                except UpstreamUnavailable as e:
+                    if not self.on_connect:
+                        raise
+                    error, reason = e, "connect_error"
+                finally:
+                    ex.deadline = deadline
+                if resp is not None:
+                    if resp.status not in self.on_status:
+                        return resp
+                    reason = str(resp.status)
+                gave_up = None
+                delay = 0.0
+                if attempt >= self.attempts:
+                    gave_up = "attempts"
+                else:
+                    delay = self._delay(attempt, resp)
+                    if deadline is not None and time.monotonic() + delay >= deadline:
+                        gave_up = "deadline"
+                    elif not self.budget.withdraw(time.monotonic()):
+                        gave_up = "budget"
+                if gave_up is not None:
+                    ex.log[NAME] = {"attempts": attempt, "gave_up": gave_up, "last": reason}
+                    if resp is not None:
+                        return resp
+                    assert error is not None
+                    raise error
+                if resp is not None:
+                    resp.close()
+                self._count(reason)
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                attempt += 1
+        finally:
+            ex.response_headers.append(("X-Sidecar-Attempts", str(attempt)))
+
+    def describe(self) -> dict[str, Any]:
+        return {"config": self.config.model_dump(),
+                "budget": {"requests": self.budget.requests, "retries": self.budget.retries}}
+
+
+def build(config: Config, ctx: BuildContext) -> Filter | None:
+    return RetryFilter(ctx.route, config, retries_counter(ctx.runtime.metrics))
+
+
+@hookimpl
+def sidecar_plugins_register() -> list[PluginSpec]:
+    return [PluginSpec(NAME, Config, PRIORITY, build,
+                       description="retry idempotent requests on transient failures, within a budget")]

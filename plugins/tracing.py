@@ -1,0 +1,196 @@
+"""tracing: an OpenTelemetry span per proxied request, W3C trace context to the upstream.
+
+```toml
+# config.toml: where spans go (one tracer provider per sidecar process)
+[tracing]
+exporter = "otlp"                                   # none | console | otlp | memory
+endpoint = "http://127.0.0.1:4318/v1/traces"        # OTLP/HTTP (pip install 'sidecar-proxy[otlp]')
+sample_ratio = 0.01                                 # new traces sampled; a sampled parent is always followed
+
+# policies/openai.toml: trace this route
+[tracing]
+propagate = true                                    # send traceparent/tracestate upstream
+attributes = { "provider" = "openai" }
+```
+
+The filter creates its own spans (the aiohttp auto-instrumentation costs
+150-260 us per request, ARCHITECTURE.md). A span covers the request until the
+upstream's response headers (or the sidecar's own answer); its trace id is
+written to the access-log line (``decisions.tracing``) for correlation.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, Literal
+
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import (BatchSpanProcessor, ConsoleSpanExporter, SpanExporter,
+                                            SpanExportResult)
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from pydantic import Field
+
+from proxy.chain import Exchange, Filter, Handler, ProxyResponse
+from proxy.config import Model
+from proxy.errors import SidecarError
+from proxy.hookspecs import hookimpl
+from proxy.plugins import BuildContext, PluginSpec
+
+NAME = "tracing"
+PRIORITY = 1000  # outermost: the span includes every other plugin's work and rejections
+
+
+class Settings(Model):
+    exporter: Literal["none", "console", "otlp", "memory"] = "none"
+    endpoint: str = "http://127.0.0.1:4318/v1/traces"
+    headers: dict[str, str] = Field(default_factory=dict)
+    sample_ratio: float = Field(default=1.0, ge=0.0, le=1.0)
+    # memory exporter: how many finished spans GET /admin/traces keeps.
+    keep: int = Field(default=200, ge=1)
+
+
+class Config(Model):
+    propagate: bool = True
+    attributes: dict[str, str | int | float | bool] = Field(default_factory=dict)
+
+
+class RecentSpans(SpanExporter):
+    """Keeps the last ``keep`` finished spans for GET /admin/traces."""
+
+    def __init__(self, keep: int) -> None:
+        self.spans: deque[ReadableSpan] = deque(maxlen=keep)
+
+    def export(self, spans: Any) -> SpanExportResult:
+        self.spans.extend(spans)
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        pass
+
+
+class Tracing:
+    """The per-runtime tracer provider and exporter."""
+
+    def __init__(self, settings: Settings, service: str) -> None:
+        self.settings = settings
+        self.recent: RecentSpans | None = None
+        exporter: SpanExporter | None = None
+        if settings.exporter == "console":
+            exporter = ConsoleSpanExporter()
+        elif settings.exporter == "otlp":
+            try:
+                from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+            except ImportError:
+                raise ValueError("exporter = \"otlp\" needs the otlp extra: pip install 'sidecar-proxy[otlp]'") from None
+            exporter = OTLPSpanExporter(endpoint=settings.endpoint, headers=settings.headers or None)
+        elif settings.exporter == "memory":
+            exporter = self.recent = RecentSpans(settings.keep)
+        self.provider = TracerProvider(resource=Resource.create({"service.name": f"sidecar-{service}"}),
+                                       sampler=ParentBased(TraceIdRatioBased(settings.sample_ratio)))
+        if exporter is not None:
+            # The batch processor exports from its own thread, never on the loop.
+            self.provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=200))
+        self.tracer = self.provider.get_tracer("sidecar")
+
+    def flush(self) -> None:
+        self.provider.force_flush(2000)
+
+    def shutdown(self) -> None:
+        self.provider.shutdown()
+
+
+_PROPAGATOR = TraceContextTextMapPropagator()
+
+
+class TracingFilter(Filter):
+    def __init__(self, tracing: Tracing, route: str, config: Config) -> None:
+        self.tracer = tracing.tracer
+        self.route = route
+        self.propagate = config.propagate
+        self.attributes = {"sidecar.route": route, **config.attributes}
+
+    async def handle(self, ex: Exchange, call_next: Handler) -> ProxyResponse:
+        parent = _PROPAGATOR.extract(ex.headers) if "traceparent" in ex.headers else None
+        with self.tracer.start_as_current_span(
+                f"{ex.method} {self.route}", context=parent, kind=SpanKind.CLIENT,
+                attributes=self.attributes, record_exception=False, set_status_on_exception=False) as span:
+            ctx = span.get_span_context()
+            if ctx.trace_flags.sampled:
+                ex.log[NAME] = format(ctx.trace_id, "032x")
+                span.set_attribute("http.request.method", ex.method)
+                span.set_attribute("sidecar.request_id", ex.request_id)
+                if ex.tenant:
+                    span.set_attribute("sidecar.tenant", ex.tenant)
+            if self.propagate:
+                ex.headers.popall("traceparent", None)
+                ex.headers.popall("tracestate", None)
+                _PROPAGATOR.inject(ex.headers)
+            try:
+                resp = await call_next(ex)
+            except SidecarError as e:
+                span.set_attribute("http.response.status_code", e.status)
+                span.set_attribute("sidecar.error", e.code)
+                span.set_status(Status(StatusCode.ERROR, e.code))
+                raise
+            span.set_attribute("http.response.status_code", resp.status)
+            if resp.status >= 500:
+                span.set_status(Status(StatusCode.ERROR))
+            if ex.attempt > 1:
+                span.set_attribute("sidecar.attempts", ex.attempt)
+            return resp
+
+    def describe(self) -> dict[str, Any]:
+        return {"propagate": self.propagate}
+
+
+def tracing_of(runtime: Any) -> Tracing:
+    """The runtime's Tracing, created on first use."""
+    tracing = runtime.services.get(NAME)
+    if tracing is None:
+        tracing = runtime.services[NAME] = Tracing(runtime.extra_settings[NAME],
+                                                   runtime.settings.sidecar.service)
+    return tracing
+
+
+def build(config: Config, ctx: BuildContext) -> Filter:
+    return TracingFilter(tracing_of(ctx.runtime), ctx.route, config)
+
+
+@hookimpl
+def sidecar_plugins_register() -> list[PluginSpec]:
+    return [PluginSpec(NAME, Config, PRIORITY, build, description="OpenTelemetry spans and W3C trace context")]
+
+
+@hookimpl
+def sidecar_settings_register() -> dict[str, type]:
+    return {NAME: Settings}
+
+
+@hookimpl
+def sidecar_runtime_shutdown(runtime: Any) -> None:
+    tracing = runtime.services.pop(NAME, None)
+    if tracing is not None:
+        tracing.shutdown()
+
+
+@hookimpl
+def sidecar_admin_routes(runtime: Any, app: Any) -> None:
+    from proxy.admin import json_error, json_response
+
+    async def traces(request: Any) -> Any:
+        tracing = runtime.services.get(NAME)
+        if tracing is None or tracing.recent is None:
+            return json_error(404, "traces_not_kept", 'set [tracing] exporter = "memory" to keep recent spans')
+        tracing.flush()
+        return json_response({"spans": [{
+            "name": s.name, "trace_id": format(s.context.trace_id, "032x"),
+            "span_id": format(s.context.span_id, "016x"),
+            "parent_span_id": format(s.parent.span_id, "016x") if s.parent else None,
+            "duration_ms": round(((s.end_time or 0) - (s.start_time or 0)) / 1e6, 3),
+            "status": s.status.status_code.name, "attributes": dict(s.attributes or {}),
+        } for s in reversed(tracing.recent.spans)]})
+
+    app.router.add_get("/admin/traces", traces)
