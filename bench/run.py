@@ -182,13 +182,15 @@ def start_naive(work: Path, up: int) -> Proc:
                            f"http://127.0.0.1:{up}"], port, work, {"PYTHONPATH": str(REPO)})
 
 
-def production_chain() -> tuple[str, list[str], list[str]]:
-    """The bench/chain.toml tables whose plugins exist and validate here."""
+def production_chain() -> tuple[str, list[str], list[str], str]:
+    """The bench/chain.toml tables whose plugins exist and validate here, and
+    the config.toml tables those plugins need."""
     from proxy.config import Settings
     from proxy.plugins import collect_specs, make_plugin_manager
 
     specs = collect_specs(make_plugin_manager(Settings().sidecar.plugins))
     tables = tomllib.loads((HERE / "chain.toml").read_text())
+    config_tables = tables.pop("config_toml", {})
     used, skipped, parts = [], [], []
     for name, table in tables.items():
         spec = specs.get(name)
@@ -202,7 +204,8 @@ def production_chain() -> tuple[str, list[str], list[str]]:
             continue
         used.append(name)
         parts.append(_toml_table(name, table))
-    return "\n".join(parts), used, skipped
+    config = "".join(_toml_table(n, t) for n, t in config_tables.items() if n in used)
+    return "\n".join(parts), used, skipped, config
 
 
 def _toml_table(name: str, table: dict) -> str:
@@ -236,7 +239,7 @@ def _toml_value(v) -> str:
 
 
 def start_sidecar(work: Path, name: str, up: int, builtin: int, chain: str, access_log: bool,
-                  client: str) -> Proc:
+                  client: str, config: str = "") -> Proc:
     d = work / name
     (d / "policies").mkdir(parents=True, exist_ok=True)
     port, admin = free_port(), free_port()
@@ -255,7 +258,7 @@ def start_sidecar(work: Path, name: str, up: int, builtin: int, chain: str, acce
         [logging]
         access_log = {log}
         level = "warning"
-        """))
+        """) + config)
     (d / "policies" / "bench.toml").write_text(
         f'route = "/bench"\nupstream = "http://127.0.0.1:{up}"\n[timeouts]\ntotal = "0s"\n\n{chain}')
     (d / "policies" / "b2.toml").write_text(
@@ -365,14 +368,15 @@ def main(argv: list[str] | None = None) -> int:
                             text=True).stdout.strip() or "unknown"
     name = args.name or time.strftime("%Y-%m-%d") + f"-{commit}"
     work = Path(tempfile.mkdtemp(prefix="sidecar-bench-"))
-    chain, used, skipped = production_chain()
+    chain, used, skipped, chain_config = production_chain()
     notes = [
         f"load generator: {'wrk -t1 -c%d' % args.connections if use_wrk else 'Python (bench/loadgen.py); it may be the bottleneck'}",
         f"fixed-rate latency: Python open-loop generator at {args.rate:.0f} req/s, 16 connections, "
         "latency from the intended send time",
         f"machine: {platform.node()}, {os.cpu_count()} cores, {platform.platform()}, Python {platform.python_version()}",
         f"sidecar upstream client: {args.client}; production chain: {', '.join(used) or 'none'}"
-        + (f" (skipped: {'; '.join(skipped)})" if skipped else "") + "; metrics + JSON access log to a file",
+        + (f" (skipped: {'; '.join(skipped)})" if skipped else "") + "; metrics + JSON access log to a file"
+        + (f"; config.toml: {' '.join(chain_config.split())}" if chain_config else ""),
     ]
     procs: list[Proc] = []
     results: list[Result] = []
@@ -418,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
             procs.append(sidecar)
             targets.append(("sidecar", sidecar, f"http://127.0.0.1:{sidecar.port}/bench/json"))
         if "sidecar-prod" in wanted:
-            prod = start_sidecar(work, "sidecar-prod", up, builtin.port, chain, True, args.client)
+            prod = start_sidecar(work, "sidecar-prod", up, builtin.port, chain, True, args.client, chain_config)
             procs.append(prod)
             targets.append(("sidecar + prod chain", prod, f"http://127.0.0.1:{prod.port}/bench/json"))
 

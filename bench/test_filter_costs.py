@@ -27,6 +27,7 @@ from proxy.plugins import BuildContext
 from proxy.runtime import Runtime
 
 CHAIN = tomllib.loads((Path(__file__).parent / "chain.toml").read_text())
+CONFIG_TABLES = CHAIN.pop("config_toml", {})
 REQUEST_HEADERS = [("Host", "127.0.0.1:8080"), ("User-Agent", "bench/1"), ("Accept", "*/*"),
                    ("Content-Type", "application/json"), ("X-Request-ID", "r1"), ("X-Tenant", "t1")]
 
@@ -56,7 +57,7 @@ def runtime():
     import os
 
     os.environ.setdefault("BENCH_TOKEN", "bench-secret-token")
-    return Runtime(Settings(logging={"access_log": "off"}))
+    return Runtime(Settings(logging={"access_log": "off"}, extra_tables=CONFIG_TABLES))
 
 
 def _policy_like(name: str, runtime: Runtime):
