@@ -344,8 +344,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rate-duration", type=float, default=8.0)
     ap.add_argument("--idle", type=int, default=10000, help="idle keep-alive connections for the RSS probe")
     ap.add_argument("--transfer-mb", type=int, default=100)
-    ap.add_argument("--targets", default="direct,nginx,haproxy,naive,sidecar-aiohttp,sidecar,sidecar-prod",
-                    help="sidecar-aiohttp: the sidecar with [outbound] client = \"aiohttp\", no plugins")
+    ap.add_argument("--targets",
+                    default="direct,nginx,haproxy,aiohttp-alone,naive,sidecar-aiohttp,sidecar,sidecar-prod",
+                    help="aiohttp-alone: aiohttp answering by itself (the ceiling of an aiohttp-based proxy); "
+                         "sidecar-aiohttp: the sidecar with [outbound] client = \"aiohttp\", no plugins")
     ap.add_argument("--client", default="fast", choices=["fast", "aiohttp"],
                     help="the sidecar's upstream client ([outbound] client)")
     ap.add_argument("--python-loadgen", action="store_true", help="ignore wrk even when installed")
@@ -408,6 +410,12 @@ def main(argv: list[str] | None = None) -> int:
                 targets.append(("haproxy", p, f"http://127.0.0.1:{p.port}/bench/json"))
             else:
                 notes.append("haproxy: not installed (bench/setup.sh installs it)")
+        if "aiohttp-alone" in wanted:
+            port = free_port()
+            p = spawn("aiohttp-alone", [sys.executable, "-m", "bench.baselines.aiohttp_alone", str(port)], port,
+                      work, {"PYTHONPATH": str(REPO)})
+            procs.append(p)
+            targets.append(("aiohttp server alone (no proxying)", p, f"http://127.0.0.1:{port}/bench/json"))
         if "naive" in wanted:
             p = start_naive(work, up)
             procs.append(p)
