@@ -26,7 +26,7 @@ from proxy.chain import Exchange, Filter, Handler, ProxyResponse
 from proxy.config import Model
 from proxy.errors import SidecarError, UpstreamError
 from proxy.hookspecs import hookimpl
-from proxy.http import HOP_BY_HOP
+from proxy.http import HOP_BY_HOP, check_header_name
 from proxy.plugins import BuildContext, PluginSpec
 
 NAME = "fallback"
@@ -47,8 +47,7 @@ class Config(Model):
     @classmethod
     def _headers(cls, v: dict[str, str]) -> dict[str, str]:
         for name, value in v.items():
-            if not name or any(c in name for c in " :\r\n\t\x00"):
-                raise ValueError(f"{name!r} is not a valid header name")
+            check_header_name(name, forwardable=False)
             if name.lower() in _HOP or name.lower() == "content-length":
                 raise ValueError(f"{name!r} is set by the sidecar, not by a fallback")
             if any(c in value for c in "\r\n\x00"):

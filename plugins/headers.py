@@ -17,21 +17,11 @@ from pydantic import Field, field_validator
 from proxy.chain import Exchange, Filter, Handler, ProxyResponse
 from proxy.config import Model
 from proxy.hookspecs import hookimpl
-from proxy.http import HOP_BY_HOP
+from proxy.http import check_header_name
 from proxy.plugins import BuildContext, PluginSpec
 
 NAME = "headers"
 PRIORITY = 900  # outermost after tracing: later plugins see the rewritten request
-
-
-_HOP = {h.lower() for h in HOP_BY_HOP}
-
-
-def _check_name(name: str) -> None:
-    if not name or any(c in name for c in " :\r\n\t\x00"):
-        raise ValueError(f"{name!r} is not a valid header name")
-    if name.lower() in _HOP:
-        raise ValueError(f"{name!r} is a hop-by-hop header; a proxy does not forward it")
 
 
 class HeaderOps(Model):
@@ -43,15 +33,15 @@ class HeaderOps(Model):
     @classmethod
     def _set_names(cls, v: dict[str, str]) -> dict[str, str]:
         for name in v:
-            _check_name(name)
+            check_header_name(name)
         return v
 
     @field_validator("rename")
     @classmethod
     def _rename_names(cls, v: dict[str, str]) -> dict[str, str]:
         for old, new in v.items():
-            _check_name(old)
-            _check_name(new)
+            check_header_name(old)
+            check_header_name(new)
         return v
 
     @property

@@ -27,7 +27,6 @@ import logging
 import random
 import time
 import uuid
-import weakref
 from collections import deque
 from collections.abc import AsyncIterator
 from email.utils import parsedate_to_datetime
@@ -40,6 +39,7 @@ from proxy.chain import Exchange, Filter, Handler, ProxyResponse
 from proxy.config import Model
 from proxy.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from proxy.hookspecs import hookimpl
+from proxy.http import check_header_name
 from proxy.plugins import BuildContext, PluginSpec
 from proxy.units import Duration, Size
 
@@ -93,9 +93,7 @@ class Config(Model):
     @field_validator("idempotency_header")
     @classmethod
     def _header(cls, v: str) -> str:
-        if not v or any(c in v for c in " :\r\n\t\x00"):
-            raise ValueError(f"{v!r} is not a valid header name")
-        return v
+        return check_header_name(v, forwardable=False)
 
     @field_validator("budget_window")
     @classmethod
@@ -171,16 +169,9 @@ async def _chain(head: list[bytes], rest: AsyncIterator[bytes]) -> AsyncIterator
         yield chunk
 
 
-_counters: "weakref.WeakKeyDictionary[Metrics, Counter]" = weakref.WeakKeyDictionary()
-
-
 def retries_counter(metrics: "Metrics") -> Counter:
-    c = _counters.get(metrics)
-    if c is None:
-        c = _counters[metrics] = metrics.counter(
-            "sidecar_retries", "Retries sent upstream, by route and the reason for the retry.",
-            ["route", "reason"])
-    return c
+    return metrics.counter("sidecar_retries", "Retries sent upstream, by route and the reason for the retry.",
+                           ["route", "reason"])
 
 
 class RetryFilter(Filter):

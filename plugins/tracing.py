@@ -148,11 +148,8 @@ class TracingFilter(Filter):
 
 def tracing_of(runtime: Any) -> Tracing:
     """The runtime's Tracing, created on first use."""
-    tracing = runtime.services.get(NAME)
-    if tracing is None:
-        tracing = runtime.services[NAME] = Tracing(runtime.extra_settings[NAME],
-                                                   runtime.settings.sidecar.service)
-    return tracing
+    return runtime.service(NAME, lambda: Tracing(runtime.extra_settings[NAME],
+                                                  runtime.settings.sidecar.service))
 
 
 def build(config: Config, ctx: BuildContext) -> Filter:

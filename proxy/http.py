@@ -40,3 +40,20 @@ def has_dot_segment(raw_path: str) -> bool:
     if "." not in raw_path and "%" not in raw_path:
         return False
     return _DOT_SEGMENT.search(raw_path) is not None
+
+
+# RFC 9110 5.6.2: a field name is a token; these characters are not tchars.
+_NOT_TCHAR = frozenset(' :\r\n\t\x00"(),/;<=>?@[\\]{}')
+
+
+def check_header_name(name: str, *, forwardable: bool = True) -> str:
+    """Validate a header name from config (a ValueError becomes file: field: reason).
+
+    With ``forwardable`` (the default) hop-by-hop names are refused too: a
+    proxy drops them, so a plugin setting one would be silently ignored.
+    """
+    if not name or any(c in _NOT_TCHAR for c in name):
+        raise ValueError(f"{name!r} is not a valid header name")
+    if forwardable and name.lower() in _HOP_LOWER:
+        raise ValueError(f"{name!r} is a hop-by-hop header; a proxy does not forward it")
+    return name

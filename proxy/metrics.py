@@ -26,6 +26,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self._made: dict[str, Any] = {}
         self.multiprocess = multiprocess_dir() is not None
         r = self.registry
         self.requests = Counter("sidecar_requests", "Requests handled, by route, method and status.",
@@ -40,17 +41,26 @@ class Metrics:
                               registry=r, multiprocess_mode="livesum")
         self.reloads = Counter("sidecar_policy_reloads", "Policy reloads, by result.", ["result"], registry=r)
 
+    # Plugins ask for their metrics from build(), once per route: the same
+    # name returns the metric made the first time.
+
     def counter(self, name: str, doc: str, labels: list[str] | tuple[str, ...] = ()) -> Counter:
-        return Counter(name, doc, list(labels), registry=self.registry)
+        return self._once(name, lambda: Counter(name, doc, list(labels), registry=self.registry))
 
     def gauge(self, name: str, doc: str, labels: list[str] | tuple[str, ...] = (), **kw: Any) -> Gauge:
         if self.multiprocess:
             kw.setdefault("multiprocess_mode", "livesum")
-        return Gauge(name, doc, list(labels), registry=self.registry, **kw)
+        return self._once(name, lambda: Gauge(name, doc, list(labels), registry=self.registry, **kw))
 
     def histogram(self, name: str, doc: str, labels: list[str] | tuple[str, ...] = (), **kw: Any) -> Histogram:
         kw.setdefault("buckets", BUCKETS)
-        return Histogram(name, doc, list(labels), registry=self.registry, **kw)
+        return self._once(name, lambda: Histogram(name, doc, list(labels), registry=self.registry, **kw))
+
+    def _once(self, name: str, make: Any) -> Any:
+        metric = self._made.get(name)
+        if metric is None:
+            metric = self._made[name] = make()
+        return metric
 
     def exposition(self) -> bytes:
         """The text format; aggregated over every worker process when there are several."""

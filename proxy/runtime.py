@@ -13,7 +13,7 @@ import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pluggy
 
@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from aiohttp.web_request import BaseRequest
 
 log = logging.getLogger("sidecar.runtime")
+T = TypeVar("T")
 
 
 class Runtime:
@@ -174,6 +175,18 @@ class Runtime:
         for result in self.pm.hook.sidecar_runtime_startup(runtime=self):
             if inspect.isawaitable(result):
                 await result
+
+    def service(self, name: str, factory: Callable[[], T]) -> T:
+        """The object a plugin shares across its routes in this runtime (a
+        registry, a client, a store), made by ``factory`` on first use."""
+        obj = self.services.get(name)
+        if obj is None:
+            obj = self.services[name] = factory()
+        return obj
+
+    def route_filters(self, plugin: str) -> dict[str, Filter]:
+        """The live filter of ``plugin`` on each route, by policy name (admin views)."""
+        return {r.name: f for r in self.table.routes for f in r.filters if f.name == plugin}
 
     def on_shutdown(self, callback: Callable[[], Any]) -> None:
         """Register a cleanup (sync or async) run at shutdown, last registered first."""

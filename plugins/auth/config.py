@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from proxy.config import Model
+from proxy.http import check_header_name
 from proxy.units import Duration, Size
 
 AuthType = Literal["bearer", "header", "basic", "query", "oauth2_client_credentials"]
@@ -23,9 +24,8 @@ _HOP = {"connection", "keep-alive", "proxy-connection", "te", "trailer", "transf
         "upgrade", "host", "content-length"}
 
 
-def check_header_name(name: str) -> str:
-    if not name or any(c in name for c in " :\r\n\t\x00\"(),/;<=>?@[\\]{}"):
-        raise ValueError(f"{name!r} is not a valid header name")
+def credential_header(name: str) -> str:
+    check_header_name(name, forwardable=False)
     if name.lower() in _HOP:
         raise ValueError(f"{name!r} cannot carry a credential (hop-by-hop or framing header)")
     return name
@@ -58,7 +58,7 @@ class TenantCredentials(Model):
         for f in ("secret", "username", "password", "client_id", "client_secret"):
             _check_ref(f, getattr(self, f))
         for name in self.headers:
-            check_header_name(name)
+            credential_header(name)
         return self
 
 
@@ -92,7 +92,7 @@ class Config(Model):
     @classmethod
     def _header_names(cls, v: dict[str, str]) -> dict[str, str]:
         for name in v:
-            check_header_name(name)
+            credential_header(name)
         return v
 
     @model_validator(mode="after")
@@ -115,7 +115,7 @@ class Config(Model):
         if t == "header":
             if not self.header:
                 raise ValueError("type = \"header\" needs header (for example header = \"X-Api-Key\")")
-            check_header_name(self.header)
+            credential_header(self.header)
         if t == "query" and not self.param:
             raise ValueError("type = \"query\" needs param (for example param = \"api_key\")")
         if t == "oauth2_client_credentials":

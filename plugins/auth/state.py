@@ -129,7 +129,4 @@ def _resolves(r: SecretRef) -> bool:
 
 
 def auth_state(runtime: "Runtime") -> AuthState:
-    state = runtime.services.get(NAME)
-    if state is None:
-        state = runtime.services[NAME] = AuthState(runtime)
-    return state
+    return runtime.service(NAME, lambda: AuthState(runtime))

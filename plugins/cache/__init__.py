@@ -38,12 +38,9 @@ CREDENTIAL_PLUGINS = frozenset({"auth"})
 
 
 def _counter(runtime: Any) -> Any:
-    svc = runtime.services.get(NAME)
-    if svc is None:
-        svc = runtime.services[NAME] = runtime.metrics.counter(
-            "sidecar_cache_requests", "Cacheable requests by route and result "
-            "(hit, miss, stale, bypass, revalidated).", ["route", "result"])
-    return svc
+    return runtime.metrics.counter(
+        "sidecar_cache_requests", "Cacheable requests by route and result "
+        "(hit, miss, stale, bypass, revalidated).", ["route", "result"])
 
 
 def build(config: Config, ctx: BuildContext) -> CacheFilter:
@@ -64,12 +61,7 @@ def build(config: Config, ctx: BuildContext) -> CacheFilter:
 
 def cache_filters(runtime: Any) -> dict[str, CacheFilter]:
     """The live cache filter of each route, by policy name."""
-    out = {}
-    for route in runtime.table.routes:
-        for f in route.filters:
-            if isinstance(f, CacheFilter):
-                out[route.name] = f
-    return out
+    return runtime.route_filters(NAME)
 
 
 @hookimpl

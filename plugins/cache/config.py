@@ -7,10 +7,9 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from proxy.config import Model
-from proxy.http import HOP_BY_HOP
+from proxy.http import check_header_name
 from proxy.units import Duration, Size
 
-_HOP = {h.lower() for h in HOP_BY_HOP}
 
 # RFC 9110 15.1: statuses cacheable by default (heuristically), minus 206 (this
 # cache does not store or combine partial content).
@@ -20,11 +19,7 @@ DEFAULT_STATUSES = [200, 203, 204, 300, 301, 308, 404, 405, 410, 414, 501]
 def _header_names(v: list[str]) -> list[str]:
     out = []
     for name in v:
-        if not name or any(c in name for c in " :\r\n\t\x00,"):
-            raise ValueError(f"{name!r} is not a valid header name")
-        if name.lower() in _HOP:
-            raise ValueError(f"{name!r} is a hop-by-hop header")
-        out.append(name.lower())
+        out.append(check_header_name(name).lower())
     return sorted(set(out))
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import weakref
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -153,12 +152,6 @@ class Registry:
                 pass
 
 
-_registries: "weakref.WeakKeyDictionary[Runtime, Registry]" = weakref.WeakKeyDictionary()
-
-
 def registry_of(runtime: "Runtime") -> Registry:
     """The runtime's breaker registry (one per runtime, created on first use)."""
-    reg = _registries.get(runtime)
-    if reg is None:
-        reg = _registries[runtime] = Registry(runtime)
-    return reg
+    return runtime.service("circuit_breaker", lambda: Registry(runtime))

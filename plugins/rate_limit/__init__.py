@@ -17,7 +17,6 @@ See docs/rate_limit.md for the algorithm, the stores and the headers.
 from __future__ import annotations
 
 import os
-import weakref
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -70,14 +69,8 @@ class _PerRuntime:
         runtime.on_shutdown(self.store.close)
 
 
-_runtimes: "weakref.WeakKeyDictionary[Runtime, _PerRuntime]" = weakref.WeakKeyDictionary()
-
-
 def _per_runtime(runtime: "Runtime") -> _PerRuntime:
-    shared = _runtimes.get(runtime)
-    if shared is None:
-        shared = _runtimes[runtime] = _PerRuntime(runtime)
-    return shared
+    return runtime.service(NAME, lambda: _PerRuntime(runtime))
 
 
 def build(config: Config, ctx: BuildContext) -> RateLimitFilter:
@@ -94,12 +87,7 @@ def build(config: Config, ctx: BuildContext) -> RateLimitFilter:
 
 
 def _filters(runtime: "Runtime") -> dict[str, RateLimitFilter]:
-    out = {}
-    for r in runtime.table.routes:
-        for f in r.filters:
-            if isinstance(f, RateLimitFilter):
-                out[r.name] = f
-    return out
+    return runtime.route_filters(NAME)  # type: ignore[return-value]
 
 
 async def _remaining(f: RateLimitFilter, group: Group, key: str) -> list[dict[str, Any]]:
@@ -116,7 +104,7 @@ async def admin_rate_limits(request: web.Request) -> web.Response:
     """GET /admin/rate_limits[?route=<name>[&key=<value>]]: limits, and a key's remaining quota."""
     rt = runtime_of(request)
     filters = _filters(rt)
-    shared = _runtimes.get(rt)
+    shared = rt.services.get(NAME)
     route = request.query.get("route")
     if route is None:
         return json_response({"backend": shared.backend if shared else None, "routes": [

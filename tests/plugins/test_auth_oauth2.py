@@ -8,7 +8,7 @@ from urllib.parse import parse_qsl
 
 from aiohttp import web
 
-from tests.support.upstream import FakeUpstream, Seen
+from tests.support.upstream import FakeUpstream, Seen, serve
 
 
 class TokenServer:
@@ -41,11 +41,7 @@ class TokenServer:
     async def start(self) -> "TokenServer":
         app = web.Application()
         app.router.add_post("/oauth/token", self._token)
-        self.runner = web.AppRunner(app, access_log=None)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.runner, self.port = await serve(app)
         return self
 
     async def stop(self) -> None:

@@ -8,6 +8,7 @@ import pytest
 from aiohttp import web
 
 from tests.support.tls import make_cert
+from tests.support.upstream import serve
 
 
 @pytest.fixture
@@ -20,11 +21,7 @@ async def tls_upstream(tmp_path):
         return web.Response(text="secure")
     app = web.Application()
     app.router.add_get("/{t:.*}", hello)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ctx)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
+    runner, port = await serve(app, ssl_context=ctx)
     yield f"https://127.0.0.1:{port}", ca
     await runner.cleanup()
 

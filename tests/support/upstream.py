@@ -25,6 +25,15 @@ class Seen:
 Responder = Callable[[web.Request, Seen], Awaitable[web.StreamResponse]]
 
 
+async def serve(app: web.Application, port: int = 0, **site_kw: Any) -> tuple[web.AppRunner, int]:
+    """Serve ``app`` on 127.0.0.1 (port 0: a free one); returns the runner and the port."""
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", port, **site_kw)
+    await site.start()
+    return runner, site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+
 async def echo(request: web.Request, seen: Seen) -> web.StreamResponse:
     return web.json_response({"method": seen.method, "path": seen.path_qs,
                               "headers": dict(seen.headers), "body_len": len(seen.body)})
@@ -58,11 +67,7 @@ class FakeUpstream:
     async def start(self) -> "FakeUpstream":
         app = web.Application(client_max_size=1024**4)
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        self.runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.runner, self.port = await serve(app)
         return self
 
     async def stop(self) -> None:
@@ -100,11 +105,7 @@ class ThreadedApp:
 
     def _run(self) -> None:
         async def main() -> None:
-            runner = web.AppRunner(self.make_app(), access_log=None, shutdown_timeout=0.5)
-            await runner.setup()
-            site = web.TCPSite(runner, "127.0.0.1", 0)
-            await site.start()
-            self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+            runner, self.port = await serve(self.make_app())
             self._ready.set()
             while not self._stop.is_set():
                 await asyncio.sleep(0.05)

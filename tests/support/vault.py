@@ -19,6 +19,8 @@ from typing import Any
 
 from aiohttp import web
 
+from tests.support.upstream import serve
+
 
 def _now_iso() -> str:
     return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
@@ -104,11 +106,7 @@ class FakeVault:
         r.add_route("POST", "/v1/{mount}/data/{path:.+}", self._write)
         r.add_route("PUT", "/v1/{mount}/data/{path:.+}", self._write)
         r.add_get("/v1/{mount}/metadata/{path:.+}", self._metadata)
-        self.runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.2)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", port, reuse_address=True)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.runner, self.port = await serve(app, port, reuse_address=True)
         return self
 
     async def stop(self) -> None:
