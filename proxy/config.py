@@ -58,6 +58,9 @@ class OutboundSettings(Listener):
     # Upstream connection pool per upstream origin.
     pool_size: int = Field(default=100, ge=1)
     pool_idle_timeout: Duration = 60.0
+    # Upstream HTTP client: "fast" (asyncio protocol + llhttp, proxy/fastclient/)
+    # or "aiohttp" (ClientSession; the reference the fast one is tested against).
+    client: Literal["fast", "aiohttp"] = "fast"
 
 
 class AdminSettings(Listener):

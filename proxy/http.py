@@ -16,11 +16,19 @@ _HOP_LOWER = frozenset(h.lower() for h in HOP_BY_HOP)
 
 def strip_hop_by_hop(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMultiDict[str]:
     """A copy without hop-by-hop headers, including those named in ``Connection``."""
-    conn = headers.get("Connection")
-    drop = _HOP_LOWER
+    # Copy in C, then drop the few names present: 3x faster than filtering
+    # every header in Python (docs/performance.md).
+    out = CIMultiDict(headers)
+    conn = out.get("Connection")
+    for name in HOP_BY_HOP:
+        if name in out:
+            out.popall(name)
     if conn:
-        drop = _HOP_LOWER | {t.strip().lower() for t in conn.split(",") if t.strip()}
-    return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in drop)
+        for token in conn.split(","):
+            token = token.strip()
+            if token:
+                out.popall(token, None)
+    return out
 
 
 # Dot segments, also percent-encoded (%2e), that could climb out of an

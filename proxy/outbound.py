@@ -214,9 +214,10 @@ class OutboundHandler:
             if isinstance(body, bytes | bytearray):
                 if request.method != "HEAD" or not resp.upstream:
                     out.content_length = len(body)
+                # Headers and body in one write (one syscall) instead of two.
+                out._send_headers_immediately = False
                 await out.prepare(request)
-                if body:
-                    await out.write(body)
+                await out.write_eof(body)
             else:
                 await out.prepare(request)
                 if body is not None:

@@ -131,14 +131,30 @@ def map_client_error(e: BaseException, up: Upstream) -> Exception:
 
 
 class UpstreamPools:
-    """aiohttp sessions by (origin, TLS settings), kept across reloads."""
+    """Upstream clients by (origin, TLS settings), kept across reloads.
 
-    def __init__(self, pool_size: int, idle_timeout: float) -> None:
+    ``client = "fast"`` (the default) hands out proxy.fastclient upstreams;
+    ``"aiohttp"`` keeps one ClientSession per origin.
+    """
+
+    def __init__(self, pool_size: int, idle_timeout: float, client: str = "fast") -> None:
         self._sessions: dict[tuple[str, bool, str | None], aiohttp.ClientSession] = {}
         self.pool_size = pool_size
         self.idle_timeout = idle_timeout
+        self.client = client
+        self.fast = None
+        if client == "fast":
+            from .fastclient import FastPools
 
-    def get(self, url: str, tls: "TLS", timeouts: "Timeouts") -> Upstream:
+            self.fast = FastPools(pool_size, idle_timeout)
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        """Connections per origin (fast client only): open, idle, in_use, created."""
+        return self.fast.pools() if self.fast is not None else {}
+
+    def get(self, url: str, tls: "TLS", timeouts: "Timeouts") -> "Upstream":
+        if self.fast is not None:
+            return self.fast.get(url, tls, timeouts)  # type: ignore[return-value]
         origin = str(URL(url).origin())
         key = (origin, tls.verify, tls.ca_bundle)
         session = self._sessions.get(key)
@@ -159,13 +175,17 @@ class UpstreamPools:
             self._sessions[key] = session
         return Upstream(url, session, timeouts)
 
-    def retain(self, keep: set[tuple[str, bool, str | None]]) -> list[aiohttp.ClientSession]:
+    def retain(self, keep: set[tuple[str, bool, str | None]]) -> list:
         """Forget sessions no route uses any more; returns them for a delayed close."""
+        if self.fast is not None:
+            return self.fast.retain(keep)
         gone = [s for k, s in self._sessions.items() if k not in keep]
         self._sessions = {k: s for k, s in self._sessions.items() if k in keep}
         return gone
 
     async def close(self) -> None:
+        if self.fast is not None:
+            await self.fast.close()
         for s in self._sessions.values():
             await s.close()
         self._sessions.clear()

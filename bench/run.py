@@ -1,0 +1,603 @@
+"""``python -m bench``: every comparison in one sitting, same load generator and settings.
+
+Targets (each a single process / worker / thread): direct to the upstream,
+nginx and HAProxy as reverse proxies (when installed), the naive aiohttp proxy
+(bench/baselines), the sidecar with no plugins, and the sidecar with the
+production chain (bench/chain.toml, plus metrics and a file access log).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+from . import loadgen
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+JSON_BODY = '{"ok":true,"service":"bench","items":[1,2,3,4,5,6,7,8]}'
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, proc: subprocess.Popen | None = None, timeout: float = 20.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode}: {proc.args}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen
+    port: int
+
+    def tree(self) -> list[psutil.Process]:
+        try:
+            p = psutil.Process(self.popen.pid)
+            return [p, *p.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
+    def cpu(self) -> float:
+        total = 0.0
+        for p in self.tree():
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system
+            except psutil.NoSuchProcess:
+                pass
+        return total
+
+    def rss(self) -> int:
+        total = 0
+        for p in self.tree():
+            try:
+                total += p.memory_info().rss
+            except psutil.NoSuchProcess:
+                pass
+        return total
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(10)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+
+
+def spawn(name: str, args: list[str], port: int, cwd: Path, env: dict | None = None) -> Proc:
+    log = open(cwd / f"{name}.log", "wb")  # noqa: SIM115 - lives as long as the process
+    popen = subprocess.Popen(args, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
+                             env={**os.environ, **(env or {})})
+    wait_port(port, popen)
+    return Proc(name, popen, port)
+
+
+# ---- targets -----------------------------------------------------------------
+
+def nginx_conf(work: Path, body: str) -> str:
+    return textwrap.dedent(f"""\
+        worker_processes 1;
+        daemon off;
+        user root;
+        pid {work}/nginx-{abs(hash(body)) % 10**8}.pid;
+        error_log {work}/nginx-error.log warn;
+        worker_rlimit_nofile 65535;
+        events {{ worker_connections 20000; }}
+        http {{
+          access_log off;
+          client_body_temp_path {work}/nginx-body;
+          proxy_temp_path {work}/nginx-proxy;
+          fastcgi_temp_path {work}/nginx-fcgi;
+          uwsgi_temp_path {work}/nginx-uwsgi;
+          scgi_temp_path {work}/nginx-scgi;
+          keepalive_requests 100000;
+          {body}
+        }}
+        """)
+
+
+def start_upstream(work: Path, use_nginx: bool) -> tuple[Proc, str]:
+    port = free_port()
+    if use_nginx:
+        conf = work / "nginx-upstream.conf"
+        conf.write_text(nginx_conf(work, f"""server {{ listen 127.0.0.1:{port} backlog=4096;
+            location = /json {{ default_type application/json; return 200 '{JSON_BODY}'; }} }}"""))
+        return spawn("upstream-nginx", ["nginx", "-c", str(conf), "-e", str(work / "nginx-e.log")],
+                     port, work), "nginx"
+    return spawn("upstream-builtin", [sys.executable, "-m", "bench.upstream", str(port)], port, work,
+                 {"PYTHONPATH": str(REPO)}), "built-in (asyncio + httptools)"
+
+
+def start_nginx_proxy(work: Path, up: int) -> Proc:
+    port = free_port()
+    conf = work / "nginx-proxy.conf"
+    conf.write_text(nginx_conf(work, f"""upstream up {{ server 127.0.0.1:{up}; keepalive 64; }}
+        server {{ listen 127.0.0.1:{port} backlog=4096;
+          location /bench/ {{ proxy_pass http://up/; proxy_http_version 1.1;
+                              proxy_set_header Connection ""; }} }}"""))
+    return spawn("nginx", ["nginx", "-c", str(conf), "-e", str(work / "nginx-e2.log")], port, work)
+
+
+def start_haproxy(work: Path, up: int) -> Proc:
+    port = free_port()
+    conf = work / "haproxy.cfg"
+    conf.write_text(textwrap.dedent(f"""\
+        global
+          nbthread 1
+          maxconn 9000
+        defaults
+          mode http
+          timeout connect 5s
+          timeout client 60s
+          timeout server 60s
+          http-reuse always
+          option http-keep-alive
+        frontend f
+          bind 127.0.0.1:{port}
+          default_backend b
+        backend b
+          http-request replace-path /bench(.*) \\1
+          server s1 127.0.0.1:{up} maxconn 1000
+        """))
+    return spawn("haproxy", ["haproxy", "-f", str(conf)], port, work)
+
+
+def start_naive(work: Path, up: int) -> Proc:
+    port = free_port()
+    return spawn("naive", [sys.executable, "-m", "bench.baselines.naive_aiohttp", str(port),
+                           f"http://127.0.0.1:{up}"], port, work, {"PYTHONPATH": str(REPO)})
+
+
+def production_chain() -> tuple[str, list[str], list[str], str]:
+    """The bench/chain.toml tables whose plugins exist and validate here, and
+    the config.toml tables those plugins need."""
+    from proxy.config import Settings
+    from proxy.plugins import collect_specs, make_plugin_manager
+
+    specs = collect_specs(make_plugin_manager(Settings().sidecar.plugins))
+    tables = tomllib.loads((HERE / "chain.toml").read_text())
+    config_tables = tables.pop("config_toml", {})
+    used, skipped, parts = [], [], []
+    for name, table in tables.items():
+        spec = specs.get(name)
+        if spec is None:
+            skipped.append(f"{name} (not in this checkout)")
+            continue
+        try:
+            spec.config.model_validate(table)
+        except Exception as e:  # noqa: BLE001 - reported, the bench goes on
+            skipped.append(f"{name} (config does not validate: {str(e).splitlines()[0]})")
+            continue
+        used.append(name)
+        parts.append(_toml_table(name, table))
+    config = "".join(_toml_table(n, t) for n, t in config_tables.items() if n in used)
+    return "\n".join(parts), used, skipped, config
+
+
+def _toml_table(name: str, table: dict) -> str:
+    lines, subs = [f"[{name}]"], []
+    for k, v in table.items():
+        if isinstance(v, dict) and all(isinstance(x, dict) for x in v.values()) and v:
+            subs.extend(_toml_table(f"{name}.{k}", {kk: vv for kk, vv in v.items()}).splitlines())
+        elif isinstance(v, dict) and not any(isinstance(x, dict) for x in v.values()) and _is_section(v):
+            subs.append(_toml_table(f"{name}.{k}", v))
+        else:
+            lines.append(f"{k} = {_toml_value(v)}")
+    return "\n".join(lines + subs) + "\n"
+
+
+def _is_section(v: dict) -> bool:
+    return any(isinstance(x, list | dict) for x in v.values()) or len(v) > 1
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{json.dumps(k)} = {_toml_value(x)}" for k, x in v.items()) + " }"
+    raise TypeError(type(v))
+
+
+def start_sidecar(work: Path, name: str, up: int, builtin: int, chain: str, access_log: bool,
+                  client: str, config: str = "") -> Proc:
+    d = work / name
+    (d / "policies").mkdir(parents=True, exist_ok=True)
+    port, admin = free_port(), free_port()
+    log = f'"{d / "access.log"}"' if access_log else '"off"'
+    (d / "config.toml").write_text(textwrap.dedent(f"""\
+        [sidecar]
+        service = "bench"
+        workers = 1
+        watch = false
+        [outbound]
+        listen = "127.0.0.1:{port}"
+        pool_size = 256
+        client = "{client}"
+        [admin]
+        listen = "127.0.0.1:{admin}"
+        [logging]
+        access_log = {log}
+        level = "warning"
+        """) + config)
+    (d / "policies" / "bench.toml").write_text(
+        f'route = "/bench"\nupstream = "http://127.0.0.1:{up}"\n[timeouts]\ntotal = "0s"\n\n{chain}')
+    (d / "policies" / "b2.toml").write_text(
+        f'route = "/b2"\nupstream = "http://127.0.0.1:{builtin}"\n[timeouts]\ntotal = "0s"\n')
+    return spawn(name, [sys.executable, "-m", "proxy", "run", "--config", str(d / "config.toml")], port, d,
+                 {"PYTHONPATH": str(REPO), "BENCH_TOKEN": "bench-secret-token"})
+
+
+# ---- measurements ------------------------------------------------------------
+
+@dataclass
+class Result:
+    target: str
+    rps: float = float("nan")
+    p50_ms: float = float("nan")
+    p99_ms: float = float("nan")
+    p999_ms: float = float("nan")
+    cpu_us: float = float("nan")
+    errors: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def run_wrk(url: str, connections: int, duration: float) -> dict:
+    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{max(1, int(round(duration)))}s", "--latency", url],
+                         capture_output=True, text=True, timeout=duration + 30).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    total = int(re.search(r"(\d+) requests in", out).group(1))
+    errs = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    errors = (int(errs.group(1)) if errs else 0) + (sum(int(x) for x in sock.groups()) if sock else 0)
+    return {"rps": rps, "requests": total, "errors": errors}
+
+
+def throughput(proc: Proc, url: str, args, use_wrk: bool) -> dict:
+    # Warm-up: fill the target's upstream pool and JIT-free caches.
+    if use_wrk:
+        run_wrk(url, args.connections, 1)
+    else:
+        asyncio.run(loadgen.closed_loop(url, args.connections, 1))
+    cpu0 = proc.cpu()
+    if use_wrk:
+        r = run_wrk(url, args.connections, args.duration)
+    else:
+        r = asyncio.run(loadgen.closed_loop(url, args.connections, args.duration))
+    r["cpu_us"] = (proc.cpu() - cpu0) / max(r["requests"], 1) * 1e6
+    return r
+
+
+class RssSampler:
+    def __init__(self, proc: Proc, interval: float = 0.02) -> None:
+        self.proc, self.interval, self.peak = proc, interval, 0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.proc.rss())
+            time.sleep(self.interval)
+
+    def __enter__(self) -> "RssSampler":
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._t.join()
+
+
+def fmt(x: float, digits: int = 2) -> str:
+    if x != x:  # NaN
+        return "–"
+    return f"{x:,.{digits}f}"
+
+
+# ---- the sitting -------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--name", default=None, help="results file name (default: date + git commit)")
+    ap.add_argument("--duration", type=float, default=8.0, help="seconds per throughput run")
+    ap.add_argument("--connections", type=int, default=32, help="closed-loop connections (wrk -c)")
+    ap.add_argument("--rate", type=float, default=1000.0, help="requests/s of the fixed-rate latency run")
+    ap.add_argument("--rate-duration", type=float, default=8.0)
+    ap.add_argument("--idle", type=int, default=10000, help="idle keep-alive connections for the RSS probe")
+    ap.add_argument("--transfer-mb", type=int, default=100)
+    ap.add_argument("--targets",
+                    default="direct,nginx,haproxy,aiohttp-alone,naive,sidecar-aiohttp,sidecar,sidecar-prod",
+                    help="aiohttp-alone: aiohttp answering by itself (the ceiling of an aiohttp-based proxy); "
+                         "sidecar-aiohttp: the sidecar with [outbound] client = \"aiohttp\", no plugins")
+    ap.add_argument("--client", default="fast", choices=["fast", "aiohttp"],
+                    help="the sidecar's upstream client ([outbound] client)")
+    ap.add_argument("--python-loadgen", action="store_true", help="ignore wrk even when installed")
+    ap.add_argument("--no-chart", action="store_true")
+    args = ap.parse_args(argv)
+    # SIGTERM (timeout, CI) must still stop every process the bench started.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = min(hard, max(soft, args.idle * 2 + 2000))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    if want < args.idle + 1000:
+        print(f"note: open-file limit {want} caps the idle-connection probe", file=sys.stderr)
+        args.idle = max(0, want - 1000)
+
+    use_wrk = shutil.which("wrk") is not None and not args.python_loadgen
+    has_nginx, has_haproxy = shutil.which("nginx") is not None, shutil.which("haproxy") is not None
+    wanted = args.targets.split(",")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                            text=True).stdout.strip() or "unknown"
+    name = args.name or time.strftime("%Y-%m-%d") + f"-{commit}"
+    work = Path(tempfile.mkdtemp(prefix="sidecar-bench-"))
+    chain, used, skipped, chain_config = production_chain()
+    notes = [
+        f"load generator: {'wrk -t1 -c%d' % args.connections if use_wrk else 'Python (bench/loadgen.py); it may be the bottleneck'}",
+        f"fixed-rate latency: Python open-loop generator at {args.rate:.0f} req/s, 16 connections, "
+        "latency from the intended send time",
+        f"machine: {platform.node()}, {os.cpu_count()} cores, {platform.platform()}, Python {platform.python_version()}",
+        f"sidecar upstream client: {args.client}; production chain: {', '.join(used) or 'none'}"
+        + (f" (skipped: {'; '.join(skipped)})" if skipped else "") + "; metrics + JSON access log to a file"
+        + (f"; config.toml: {' '.join(chain_config.split())}" if chain_config else ""),
+    ]
+    procs: list[Proc] = []
+    results: list[Result] = []
+    extras: dict[str, dict] = {}
+    try:
+        upstream, up_kind = start_upstream(work, has_nginx)
+        procs.append(upstream)
+        builtin = upstream if up_kind.startswith("built-in") else None
+        if builtin is None:
+            builtin = spawn("upstream-builtin", [sys.executable, "-m", "bench.upstream", str(p := free_port())],
+                            p, work, {"PYTHONPATH": str(REPO)})
+            procs.append(builtin)
+        notes.insert(0, f"upstream: {up_kind}; SSE/transfer probes use the built-in upstream")
+        up = upstream.port
+        targets: list[tuple[str, Proc, str]] = []
+        if "direct" in wanted:
+            targets.append(("direct", upstream, f"http://127.0.0.1:{up}/json"))
+        if "nginx" in wanted:
+            if has_nginx:
+                p = start_nginx_proxy(work, up)
+                procs.append(p)
+                targets.append(("nginx", p, f"http://127.0.0.1:{p.port}/bench/json"))
+            else:
+                notes.append("nginx: not installed (bench/setup.sh installs it); ratios to nginx are unavailable")
+        if "haproxy" in wanted:
+            if has_haproxy:
+                p = start_haproxy(work, up)
+                procs.append(p)
+                targets.append(("haproxy", p, f"http://127.0.0.1:{p.port}/bench/json"))
+            else:
+                notes.append("haproxy: not installed (bench/setup.sh installs it)")
+        if "aiohttp-alone" in wanted:
+            port = free_port()
+            p = spawn("aiohttp-alone", [sys.executable, "-m", "bench.baselines.aiohttp_alone", str(port)], port,
+                      work, {"PYTHONPATH": str(REPO)})
+            procs.append(p)
+            targets.append(("aiohttp server alone (no proxying)", p, f"http://127.0.0.1:{port}/bench/json"))
+        if "naive" in wanted:
+            p = start_naive(work, up)
+            procs.append(p)
+            targets.append(("naive aiohttp", p, f"http://127.0.0.1:{p.port}/bench/json"))
+        sidecar = prod = None
+        if "sidecar-aiohttp" in wanted:
+            p = start_sidecar(work, "sidecar-aiohttp", up, builtin.port, "", False, "aiohttp")
+            procs.append(p)
+            targets.append(("sidecar, aiohttp client", p, f"http://127.0.0.1:{p.port}/bench/json"))
+        if "sidecar" in wanted:
+            sidecar = start_sidecar(work, "sidecar", up, builtin.port, "", False, args.client)
+            procs.append(sidecar)
+            targets.append(("sidecar", sidecar, f"http://127.0.0.1:{sidecar.port}/bench/json"))
+        if "sidecar-prod" in wanted:
+            prod = start_sidecar(work, "sidecar-prod", up, builtin.port, chain, True, args.client, chain_config)
+            procs.append(prod)
+            targets.append(("sidecar + prod chain", prod, f"http://127.0.0.1:{prod.port}/bench/json"))
+
+        for tname, proc, url in targets:
+            print(f"[bench] {tname}: throughput", file=sys.stderr, flush=True)
+            r = Result(tname)
+            t = throughput(proc, url, args, use_wrk)
+            r.rps, r.cpu_us, r.errors = t["rps"], t["cpu_us"], t["errors"]
+            if tname == "direct":
+                r.cpu_us = float("nan")  # the upstream's own cost, not a proxy's
+            print(f"[bench] {tname}: fixed-rate latency", file=sys.stderr, flush=True)
+            lat = asyncio.run(loadgen.fixed_rate(url, args.rate, args.rate_duration))
+            r.p50_ms, r.p99_ms, r.p999_ms = lat["p50_ms"], lat["p99_ms"], lat["p999_ms"]
+            r.errors += lat["errors"]
+            results.append(r)
+
+        probe = sidecar or prod
+        if probe is not None:
+            print("[bench] SSE, transfers, idle connections", file=sys.stderr, flush=True)
+            extras["sse"] = {
+                "direct": asyncio.run(loadgen.sse_ttfb(f"http://127.0.0.1:{builtin.port}/sse")),
+                "sidecar": asyncio.run(loadgen.sse_ttfb(f"http://127.0.0.1:{probe.port}/b2/sse")),
+            }
+            size = args.transfer_mb * 1_000_000
+            base_rss = probe.rss()
+            with RssSampler(probe) as s:
+                down = asyncio.run(loadgen.download(f"http://127.0.0.1:{probe.port}/b2/download?bytes={size}"))
+            down["peak_rss_mb"], down["base_rss_mb"] = s.peak / 1e6, base_rss / 1e6
+            with RssSampler(probe) as s:
+                upl = asyncio.run(loadgen.upload(f"http://127.0.0.1:{probe.port}/b2/upload", size))
+            upl["peak_rss_mb"], upl["base_rss_mb"] = s.peak / 1e6, base_rss / 1e6
+            direct_down = asyncio.run(loadgen.download(f"http://127.0.0.1:{builtin.port}/download?bytes={size}"))
+            extras["transfer"] = {"download": down, "upload": upl, "direct_download": direct_down}
+            if args.idle:
+                extras["idle"] = idle_probe(probe, args.idle)
+    finally:
+        for p in reversed(procs):
+            p.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+    report = render(name, results, extras, notes, args)
+    out = HERE / "results" / f"{name}.md"
+    out.parent.mkdir(exist_ok=True)
+    chart = None
+    if not args.no_chart:
+        chart = write_chart(out.with_suffix(".png"), results)
+        if chart is not None:
+            report += f"\n![throughput and latency per target]({chart.name})\n"
+    out.write_text(report)
+    (out.with_suffix(".json")).write_text(json.dumps(
+        {"results": [r.__dict__ for r in results], "extras": extras, "notes": notes}, indent=1, default=str))
+    print(report)
+    print(f"[bench] wrote {out.relative_to(REPO)}" + (f" and {chart.relative_to(REPO)}" if chart else ""),
+          file=sys.stderr)
+    return 0
+
+
+def idle_probe(proc: Proc, n: int) -> dict:
+    url = f"http://127.0.0.1:{proc.port}/bench/json"
+
+    async def run() -> dict:
+        before = proc.rss()
+        clients = await loadgen.idle_connections(url, n)
+        await asyncio.sleep(0.5)
+        after = proc.rss()
+        for c in clients:
+            c.transport.abort()
+        return {"connections": len(clients), "rss_before_mb": before / 1e6, "rss_after_mb": after / 1e6,
+                "kb_per_connection": (after - before) / max(len(clients), 1) / 1e3}
+
+    return asyncio.run(run())
+
+
+def render(name: str, results: list[Result], extras: dict, notes: list[str], args) -> str:
+    nginx = next((r for r in results if r.target == "nginx"), None)
+    naive = next((r for r in results if r.target == "naive aiohttp"), None)
+    lines = [f"# Bench results: {name}", "",
+             "Single worker/process/thread per target; one sitting; "
+             "the machine was shared with other test runs, so compare ratios, not absolute numbers.", ""]
+    lines += [f"- {n}" for n in notes]
+    lines += ["", f"| target | req/s | x nginx | x naive | p50 ms | p99 ms | p99.9 ms | +p99 vs nginx ms | CPU µs/req | errors |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        xn = r.rps / nginx.rps if nginx else float("nan")
+        xv = r.rps / naive.rps if naive else float("nan")
+        dp = r.p99_ms - nginx.p99_ms if nginx else float("nan")
+        lines.append(f"| {r.target} | {fmt(r.rps, 0)} | {fmt(xn)} | {fmt(xv)} | {fmt(r.p50_ms, 3)} | "
+                     f"{fmt(r.p99_ms, 3)} | {fmt(r.p999_ms, 3)} | {fmt(dp, 3)} | {fmt(r.cpu_us, 1)} | {r.errors} |")
+    if "sse" in extras:
+        s = extras["sse"]
+        lines += ["", "## SSE time to first event", "", "| path | p50 ms | p99 ms |", "|---|---:|---:|",
+                  f"| direct | {fmt(s['direct']['p50_ms'], 3)} | {fmt(s['direct']['p99_ms'], 3)} |",
+                  f"| through the sidecar | {fmt(s['sidecar']['p50_ms'], 3)} | {fmt(s['sidecar']['p99_ms'], 3)} |",
+                  f"| added | {fmt(s['sidecar']['p50_ms'] - s['direct']['p50_ms'], 3)} | "
+                  f"{fmt(s['sidecar']['p99_ms'] - s['direct']['p99_ms'], 3)} |"]
+    if "transfer" in extras:
+        t = extras["transfer"]
+        lines += ["", f"## {args.transfer_mb} MB transfers through the sidecar", "",
+                  "| transfer | MB/s | sidecar RSS before MB | peak RSS during MB |", "|---|---:|---:|---:|",
+                  f"| download | {fmt(t['download']['mb_s'], 0)} | {fmt(t['download']['base_rss_mb'], 1)} | "
+                  f"{fmt(t['download']['peak_rss_mb'], 1)} |",
+                  f"| upload | {fmt(t['upload']['mb_s'], 0)} | {fmt(t['upload']['base_rss_mb'], 1)} | "
+                  f"{fmt(t['upload']['peak_rss_mb'], 1)} |",
+                  f"| download direct (reference) | {fmt(t['direct_download']['mb_s'], 0)} | | |"]
+    if "idle" in extras:
+        i = extras["idle"]
+        lines += ["", "## Idle keep-alive client connections", "",
+                  f"{i['connections']:,} connections held open by one client after one request each: sidecar RSS "
+                  f"{fmt(i['rss_before_mb'], 1)} MB -> {fmt(i['rss_after_mb'], 1)} MB "
+                  f"({fmt(i['kb_per_connection'], 1)} KB per connection)."]
+    if nginx is not None:
+        lines += ["", "## Targets (issue 5)", ""]
+        for label, want, r in (("sidecar >= 0.40 x nginx", 0.40, _get(results, "sidecar")),
+                               ("sidecar + prod chain >= 0.30 x nginx", 0.30, _get(results, "sidecar + prod chain"))):
+            if r is not None:
+                lines.append(f"- {label}: {fmt(r.rps / nginx.rps)} {'met' if r.rps / nginx.rps >= want else 'NOT met'}")
+        for tn in ("sidecar", "sidecar + prod chain"):
+            r = _get(results, tn)
+            if r is not None and naive is not None:
+                x = r.rps / naive.rps
+                lines.append(f"- {tn} >= 3.5 x naive: {fmt(x)} {'met' if x >= 3.5 else 'NOT met'}")
+                d = r.p99_ms - nginx.p99_ms
+                lines.append(f"- {tn} added p99 within 1 ms of nginx at {args.rate:.0f} req/s: "
+                             f"{fmt(d, 3)} ms {'met' if d <= 1.0 else 'NOT met'}")
+        if "sse" in extras:
+            d = extras["sse"]["sidecar"]["p50_ms"] - extras["sse"]["direct"]["p50_ms"]
+            lines.append(f"- SSE first byte within 1 ms of direct (p50): {fmt(d, 3)} ms {'met' if d <= 1.0 else 'NOT met'}")
+        if "transfer" in extras:
+            t = extras["transfer"]
+            grow = max(t["download"]["peak_rss_mb"], t["upload"]["peak_rss_mb"]) - t["download"]["base_rss_mb"]
+            lines.append(f"- {args.transfer_mb} MB transfers at constant memory: peak RSS grew {fmt(grow, 1)} MB "
+                         f"{'met' if grow < 50 else 'NOT met'}")
+    return "\n".join(lines) + "\n"
+
+
+def _get(results: list[Result], name: str) -> Result | None:
+    return next((r for r in results if r.target == name), None)
+
+
+def write_chart(path: Path, results: list[Result]) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("[bench] matplotlib missing (pip install '.[bench]'): no chart", file=sys.stderr)
+        return None
+    names = [r.target for r in results]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    a.barh(names, [r.rps for r in results], color="#4c72b0")
+    a.set_xlabel("requests/s (closed loop)")
+    a.invert_yaxis()
+    y = range(len(names))
+    h = 0.27
+    b.barh([i - h for i in y], [r.p50_ms for r in results], h, label="p50")
+    b.barh(list(y), [r.p99_ms for r in results], h, label="p99")
+    b.barh([i + h for i in y], [r.p999_ms for r in results], h, label="p99.9")
+    b.set_yticks(list(y), names)
+    b.invert_yaxis()
+    b.set_xlabel("latency ms at a fixed rate")
+    b.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+if __name__ == "__main__":
+    sys.exit(main())
