@@ -34,7 +34,7 @@ from aiohttp.web_request import BaseRequest
 from pydantic import Field, ValidationError, ValidationInfo, field_validator
 
 from .chain import Filter, compile_chain
-from .config import Model, Policy, PolicyCore, Timeouts, TLS, _check_listen, config_digest
+from .config import Listener, Policy, PolicyCore, Timeouts, TLS, config_digest
 from .errors import ConfigError
 from .hookspecs import hookimpl
 from .outbound import OutboundHandler
@@ -54,7 +54,7 @@ TABLE = "inbound"
 Endpoint = Callable[[BaseRequest], Awaitable[web.StreamResponse]]
 
 
-class InboundSettings(Model):
+class InboundSettings(Listener):
     """config.toml ``[inbound]``."""
 
     listen: str = "127.0.0.1:8443"
@@ -65,11 +65,6 @@ class InboundSettings(Model):
     retention: Duration = 7 * 86400.0
     # prefix -> {plugin name: validated plugin Config}
     routes: dict[str, dict[str, Any]] = Field(default_factory=dict)
-
-    @field_validator("listen")
-    @classmethod
-    def _listen(cls, v: str) -> str:
-        return _check_listen(v)
 
     @field_validator("service_url")
     @classmethod
@@ -116,14 +111,6 @@ class InboundSettings(Model):
                     raise ValueError(f"{prefix}: {name}.{field}: {msg}") from None
             out[route] = plugins
         return out
-
-    @property
-    def host(self) -> str:
-        return self.listen.rpartition(":")[0].strip("[]") or "0.0.0.0"
-
-    @property
-    def port(self) -> int:
-        return int(self.listen.rpartition(":")[2])
 
 
 class InboundHandler(OutboundHandler):

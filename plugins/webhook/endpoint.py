@@ -12,6 +12,7 @@ from aiohttp import web
 from aiohttp.web_request import BaseRequest
 from multidict import CIMultiDict, istr
 
+from proxy.chain import collect
 from proxy.errors import RequestBodyTooLarge, SidecarError, UpstreamUnavailable, error_body
 from proxy.http import strip_hop_by_hop
 from proxy.outbound import new_request_id
@@ -89,20 +90,10 @@ class WebhookEndpoint:
     async def _read(self, request: BaseRequest) -> bytes:
         limit = self.config.max_body
         length = request.content_length
+        too_large = lambda: RequestBodyTooLarge(f"webhook body exceeds {limit} bytes")  # noqa: E731
         if length is not None and length > limit:
-            raise RequestBodyTooLarge(f"webhook body exceeds {limit} bytes")
-        parts = []
-        size = 0
-        content = request.content
-        while True:
-            chunk = await content.readany()
-            if not chunk:
-                break
-            size += len(chunk)
-            if size > limit:
-                raise RequestBodyTooLarge(f"webhook body exceeds {limit} bytes")
-            parts.append(chunk)
-        return b"".join(parts)
+            raise too_large()
+        return await collect(request.content.iter_any(), limit, too_large)
 
     async def __call__(self, request: BaseRequest) -> web.StreamResponse:
         started = time.monotonic()
