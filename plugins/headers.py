@@ -54,8 +54,20 @@ class Config(Model):
     response: HeaderOps = HeaderOps()
 
 
-def _apply(ops: HeaderOps, headers: Any) -> None:
-    for old, new in ops.rename.items():
+class _Ops:
+    """A direction's operations as tuples, built once (no pydantic attribute
+    or dict-view work per request)."""
+
+    __slots__ = ("rename", "remove", "set")
+
+    def __init__(self, ops: HeaderOps) -> None:
+        self.rename = tuple(ops.rename.items())
+        self.remove = tuple(ops.remove)
+        self.set = tuple(ops.set.items())
+
+
+def _apply(ops: _Ops, headers: Any) -> None:
+    for old, new in ops.rename:
         values = headers.getall(old, [])
         if values:
             del headers[old]
@@ -63,14 +75,14 @@ def _apply(ops: HeaderOps, headers: Any) -> None:
                 headers.add(new, v)
     for name in ops.remove:
         headers.popall(name, None)
-    for name, value in ops.set.items():
+    for name, value in ops.set:
         headers[name] = value
 
 
 class HeadersFilter(Filter):
     def __init__(self, config: Config) -> None:
-        self.req = None if config.request.empty else config.request
-        self.resp = None if config.response.empty else config.response
+        self.req = None if config.request.empty else _Ops(config.request)
+        self.resp = None if config.response.empty else _Ops(config.response)
         self.config = config
 
     async def handle(self, ex: Exchange, call_next: Handler) -> ProxyResponse:

@@ -111,7 +111,8 @@ class OutboundHandler:
         rid = hin.get("X-Request-ID") or new_request_id()
         route: Route | None = None
         ex: Exchange | None = None
-        rt.metrics.inflight.inc()
+        metrics = rt.metrics
+        metrics.enter()
         try:
             try:
                 route, ex = self._admit(request, hin, rid, started)
@@ -131,7 +132,7 @@ class OutboundHandler:
                       error or (None if resp.upstream else resp.headers.get("X-Sidecar-Error")))
             return out
         finally:
-            rt.metrics.inflight.dec()
+            metrics.leave()
 
     async def _expect(self, request: BaseRequest, ex: Exchange) -> None:
         """RFC 9110 10.1.1: answer ``100-continue`` ourselves once the request

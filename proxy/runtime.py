@@ -127,7 +127,7 @@ class Runtime:
         return RouteTable(routes), filters_now
 
     def _terminal(self, name: str, upstream: Upstream) -> Callable[[Exchange], Awaitable[ProxyResponse]]:
-        observe = self.metrics.upstream_duration.labels(name).observe
+        observe = self.metrics.batched_histogram(self.metrics.upstream_duration.labels(name)).observe
         send = upstream.send
         loop_time = time.monotonic
 
@@ -231,12 +231,14 @@ class Runtime:
         key = (name, method, status)
         inc = self._count_children.get(key)
         if inc is None:
-            inc = self._count_children[key] = self.metrics.requests.labels(name, method, str(status)).inc
+            inc = self._count_children[key] = self.metrics.batched(
+                self.metrics.requests.labels(name, method, str(status))).inc
         inc()
         if route is not None:
             observe = self._duration_children.get(name)
             if observe is None:
-                observe = self._duration_children[name] = self.metrics.duration.labels(name).observe
+                observe = self._duration_children[name] = self.metrics.batched_histogram(
+                    self.metrics.duration.labels(name)).observe
             observe(took)
         if not self.accesslog.enabled:
             return

@@ -77,11 +77,13 @@ def build(config: Config, ctx: BuildContext) -> RateLimitFilter:
     rt = ctx.runtime
     shared = _per_runtime(rt)
     key = rt.state.key
-    default = compile_group(ctx.route, "", config.limits, key, shared.decisions) if config.limits else None
+    batch = rt.metrics.batched
+    default = compile_group(ctx.route, "", config.limits, key, shared.decisions, batch) if config.limits else None
     overrides = []
     for o in config.overrides:
         method, path, prefix = o.parsed()
-        overrides.append((method, path, prefix, compile_group(ctx.route, o.match, o.limits, key, shared.decisions)))
+        overrides.append((method, path, prefix, compile_group(ctx.route, o.match, o.limits, key, shared.decisions,
+                                                               batch)))
     return RateLimitFilter(ctx.route, config, default, overrides, shared.store,
                            shared.backend_errors.labels(ctx.route))
 

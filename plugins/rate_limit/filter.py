@@ -47,6 +47,10 @@ class Group:
     policy_header: str                  # RateLimit-Policy (constant per group)
     counters: dict[str, list[Any]]      # result -> per-limit prebound counter children
     config: list[Limit]
+    # One limit (the common case): the RateLimit item's constant start and
+    # X-RateLimit-Limit, so the headers are two formats per request.
+    item_prefix: str = ""
+    limit_str: str = ""
 
     def describe(self) -> list[dict[str, Any]]:
         return [{"name": lim.label, "requests": lim.requests, "per": lim.per,
@@ -54,7 +58,7 @@ class Group:
 
 
 def compile_group(route: str, scope: str, limits: list[Limit], state_key: Callable[..., str],
-                  decisions: Any) -> Group:
+                  decisions: Any, batch: Callable[[Any], Any] = lambda child: child) -> Group:
     specs = tuple(LimitSpec.make(lim.label, lim.requests, lim.per, lim.burst or lim.requests)
                   for lim in limits)
     # The state key names the limit's shape, so changing a limit starts fresh
@@ -64,8 +68,9 @@ def compile_group(route: str, scope: str, limits: list[Limit], state_key: Callab
     # draft-ietf-httpapi-ratelimit-headers-10 section 3: a List of quota policy
     # Items: sf-string name; q (quota units), w (window, whole seconds).
     policy = ", ".join(f'"{s.name}";q={s.requests};w={max(1, math.ceil(s.per))}' for s in specs)
-    counters = {r: [decisions.labels(route, s.name, r) for s in specs] for r in RESULTS}
-    return Group(scope, specs, prefixes, policy, counters, limits)
+    counters = {r: [batch(decisions.labels(route, s.name, r)) for s in specs] for r in RESULTS}
+    return Group(scope, specs, prefixes, policy, counters, limits,
+                 f'"{specs[0].name}";r=', str(specs[0].requests))
 
 
 def _short(value: str) -> str:
@@ -104,6 +109,8 @@ class RateLimitFilter(Filter):
         self.fail_open = config.fail_open
         self.backend_errors = backend_errors
         self._last_warning = 0.0
+        # The memory store decides a single limit without lists (_handle_one).
+        self.decide_one = getattr(store, "decide_one", None) if self.sync else None
 
     def group_for(self, method: str, path: str) -> Group | None:
         for m, p, prefix, group in self.overrides:
@@ -120,6 +127,8 @@ class RateLimitFilter(Filter):
         group = self.group_for(ex.method, ex.path) if self.overrides else self.default
         if group is None:
             return await call_next(ex)
+        if self.decide_one is not None and len(group.limits) == 1:
+            return await self._handle_one(ex, call_next, group)
         keys = self.keys_for(group, None if self.key_of is None else self.key_of(ex))
         max_wait = self.max_wait
         if max_wait and ex.deadline is not None:
@@ -156,6 +165,45 @@ class RateLimitFilter(Filter):
         group.counters["rejected"][i].inc()
         ex.log["rate_limit"] = {"result": "rejected", "limit": name}
         raise RateLimited(f"rate limit {name!r} exceeded", headers={"Retry-After": str(max(1, math.ceil(d.wait)))})
+
+    async def _handle_one(self, ex: Exchange, call_next: Handler, group: Group) -> ProxyResponse:
+        """``handle`` for one limit on the memory store: the same decision,
+        headers, counters and log, without the per-request lists."""
+        key = group.prefixes[0] if self.key_of is None else group.prefixes[0] + self.key_of(ex)
+        max_wait = self.max_wait
+        if max_wait and ex.deadline is not None:
+            max_wait = min(max_wait, max(ex.deadline - time.monotonic(), 0.0))
+        try:
+            admitted, wait, rem, reset = self.decide_one(key, group.limits[0], max_wait)  # type: ignore[misc]
+        except BACKEND_ERRORS as e:
+            return await self._backend_down(ex, call_next, e)
+        reset_s = str(math.ceil(reset - 1e-6)) if reset > 0 else "0"
+        if not admitted:
+            rem = 0
+        rem_s = str(rem)
+        ex.response_headers.extend((
+            ("RateLimit-Policy", group.policy_header),
+            ("RateLimit", f"{group.item_prefix}{rem_s};t={reset_s}"),
+            ("X-RateLimit-Limit", group.limit_str),
+            ("X-RateLimit-Remaining", rem_s),
+            ("X-RateLimit-Reset", reset_s)))
+        if admitted:
+            if wait > 0:
+                group.counters["queued"][0].inc()
+                ex.log["rate_limit"] = {"result": "queued", "wait_ms": round(wait * 1000, 1)}
+                await asyncio.sleep(wait)
+            else:
+                group.counters["allowed"][0].inc()
+                ex.log["rate_limit"] = {"result": "allowed"}
+            return await call_next(ex)
+        name = group.limits[0].name
+        if not self.enforce:
+            group.counters["shadow_rejected"][0].inc()
+            ex.log["rate_limit"] = {"result": "shadow_rejected", "limit": name}
+            return await call_next(ex)
+        group.counters["rejected"][0].inc()
+        ex.log["rate_limit"] = {"result": "rejected", "limit": name}
+        raise RateLimited(f"rate limit {name!r} exceeded", headers={"Retry-After": str(max(1, math.ceil(wait)))})
 
     async def _backend_down(self, ex: Exchange, call_next: Handler, err: BaseException) -> ProxyResponse:
         self.backend_errors.inc()

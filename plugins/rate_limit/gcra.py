@@ -134,6 +134,30 @@ class MemoryStore:
                 self._sweep(now)
         return d
 
+    def decide_one(self, key: str, lim: LimitSpec, max_wait: float) -> tuple[bool, float, int, float]:
+        """``decide`` for one key and one limit, without the lists and the
+        Decision: (admitted, wait, remaining, reset), the same numbers."""
+        now = time.monotonic()
+        tats = self._tats
+        tat = tats.get(key, 0.0)
+        interval = lim.interval
+        w = (tat if tat > now else now) + interval - lim.tolerance - now
+        wait = w if w > EPS else 0.0
+        if wait <= max_wait + EPS:
+            at = now + wait
+            nt = (tat if tat > at else at) + interval
+            tats[key] = nt
+            self._writes += 1
+            if self._writes >= 4096:
+                self._sweep(now)
+            admitted = True
+        else:
+            at = now
+            nt = tat if tat > at else at
+            admitted = False
+        left = math.floor((at + lim.tolerance - nt) / interval + EPS)
+        return admitted, wait, left if left > 0 else 0, nt - at if nt > at else 0.0
+
     def peek(self, keys: list[str], limits: tuple[LimitSpec, ...]) -> list[tuple[int, float]]:
         return peek([self._tats.get(k, 0.0) for k in keys], time.monotonic(), limits)
 

@@ -395,3 +395,26 @@ async def test_long_key_values_are_hashed(sidecar_factory, upstream, client):
     assert (await send(client, f"{sc.url}/api/x", headers={"X-Key": long + "x"}))[0] == 200
     store = sc.runtime.table.routes[0].filters[0].store
     assert max(len(k) for k in store._tats) < 200
+
+
+@pytest.mark.parametrize("requests,per,burst,max_wait", [
+    (5, 60.0, 5, 0.0), (10, 1.0, 3, 0.0), (2, 1.0, 2, 1.5), (100, 0.5, 1, 0.02)])
+def test_single_limit_fast_path_decides_like_decide(monkeypatch, requests, per, burst, max_wait):
+    """MemoryStore.decide_one (the filter's one-limit path) must give exactly
+    the numbers decide() gives, and leave the same TATs behind."""
+    import random
+    from types import SimpleNamespace
+
+    from plugins.rate_limit import gcra
+
+    clock = [1000.0]
+    monkeypatch.setattr(gcra, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    lim = gcra.LimitSpec.make("l", requests, per, burst)
+    a, b = gcra.MemoryStore(), gcra.MemoryStore()
+    rng = random.Random(7)
+    for _ in range(400):
+        clock[0] += rng.choice([0.0, 0.0, lim.interval / 3, lim.interval, lim.interval * 2.5, per])
+        d = a.decide(["k"], (lim,), max_wait)
+        got = b.decide_one("k", lim, max_wait)
+        assert got == (d.admitted, d.wait, d.remaining[0], d.reset[0])
+        assert a._tats == b._tats

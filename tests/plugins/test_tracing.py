@@ -79,6 +79,42 @@ async def test_unsampled_root_still_propagates_context(sidecar_factory, upstream
     assert "decisions" not in line
 
 
+async def test_unsampled_parent_is_followed_with_its_tracestate(sidecar_factory, upstream, client):
+    sc = await sidecar_factory({"p": policy(upstream.url)}, '[tracing]\nexporter = "memory"\nsample_ratio = 1\n')
+    async with client.get(f"{sc.url}/p/x", headers={
+            "traceparent": f"00-{PARENT_TRACE}-{PARENT_SPAN}-00", "tracestate": "vendor=abc"}) as r:
+        assert r.status == 200
+    seen = upstream.seen[-1].headers
+    version, trace_id, span_id, flags = seen["traceparent"].split("-")
+    assert (version, trace_id, flags) == ("00", PARENT_TRACE, "00")
+    assert span_id not in (PARENT_SPAN, "0" * 16) and len(span_id) == 16
+    assert seen["tracestate"] == "vendor=abc"
+    async with client.get(f"{sc.admin}/admin/traces") as r:
+        assert (await r.json())["spans"] == []
+
+
+async def test_new_traces_are_sampled_by_the_sdk_ratio_rule(sidecar_factory, upstream, client):
+    """The filter decides new traces itself; the decision must be the SDK's
+    TraceIdRatioBased rule on the id that is propagated and recorded."""
+    from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
+
+    sc = await sidecar_factory({"p": policy(upstream.url)},
+                               '[tracing]\nexporter = "memory"\nsample_ratio = 0.5\nkeep = 1000\n')
+    bound = TraceIdRatioBased(0.5).bound
+    sent = []
+    for _ in range(60):
+        async with client.get(f"{sc.url}/p/x") as r:
+            assert r.status == 200
+        sent.append(upstream.seen[-1].headers["traceparent"].split("-"))
+    async with client.get(f"{sc.admin}/admin/traces") as r:
+        kept = {(s["trace_id"], s["span_id"]) for s in (await r.json())["spans"]}
+    for version, trace_id, span_id, flags in sent:
+        sampled = int(trace_id, 16) & ((1 << 64) - 1) < bound
+        assert version == "00" and int(flags, 16) == (0x03 if sampled else 0x02)
+        assert ((trace_id, span_id) in kept) == sampled
+    assert 0 < len(kept) < 60
+
+
 async def test_propagate_false_sends_no_traceparent(sidecar_factory, upstream, client):
     sc = await sidecar_factory({"p": policy(upstream.url, "propagate = false")})
     async with client.get(f"{sc.url}/p/x") as r:
