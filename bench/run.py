@@ -511,7 +511,7 @@ def render(name: str, results: list[Result], extras: dict, notes: list[str], arg
              "Single worker/process/thread per target; one sitting; "
              "the machine was shared with other test runs, so compare ratios, not absolute numbers.", ""]
     lines += [f"- {n}" for n in notes]
-    lines += ["", f"| target | req/s | x nginx | x naive | p50 ms | p99 ms | p99.9 ms | +p99 vs nginx ms | CPU µs/req | errors |",
+    lines += ["", "| target | req/s | x nginx | x naive | p50 ms | p99 ms | p99.9 ms | +p99 vs nginx ms | CPU µs/req | errors |",
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         xn = r.rps / nginx.rps if nginx else float("nan")
