@@ -33,7 +33,11 @@ def strip_hop_by_hop(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMul
 
 # Dot segments, also percent-encoded (%2e), that could climb out of an
 # upstream's base path once the upstream decodes them (CVE-2021-41773 style).
-_DOT_SEGMENT = re.compile(r"(?:^|/)(?:\.|%2e){1,2}(?:/|$)", re.IGNORECASE)
+# An encoded slash (%2f) or a backslash (raw or %5c) separates segments too
+# for upstreams that decode before normalising (Apache AllowEncodedSlashes,
+# Tomcat, IIS): "/..%2f" climbs like "/../".
+_SEP = r"(?:/|\\|%2f|%5c)"
+_DOT_SEGMENT = re.compile(rf"(?:^|{_SEP})(?:\.|%2e){{1,2}}(?:{_SEP}|$)", re.IGNORECASE)
 
 
 def has_dot_segment(raw_path: str) -> bool:
