@@ -213,12 +213,15 @@ class OutboundHandler:
         body = resp.body
         try:
             if isinstance(body, bytes | bytearray):
-                if request.method != "HEAD" or not resp.upstream:
+                head = request.method == "HEAD"
+                if not head or not resp.upstream:
                     out.content_length = len(body)
                 # Headers and body in one write (one syscall) instead of two.
                 out._send_headers_immediately = False
                 await out.prepare(request)
-                await out.write_eof(body)
+                # RFC 9110 9.3.2: no content in a HEAD response, a sidecar
+                # error included; the length says what a GET would get.
+                await out.write_eof(b"" if head else body)
             else:
                 await out.prepare(request)
                 if body is not None:

@@ -192,3 +192,21 @@ async def test_websocket_upgrade_is_refused_clearly(sidecar_factory, upstream):
                                            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
     assert status == 501 and b"upgrade_not_supported" in body
     assert upstream.seen == []
+
+
+async def test_head_answered_by_the_sidecar_has_no_body(sidecar_factory, upstream):
+    """RFC 9110 9.3.2: a HEAD response carries no content, errors included;
+    otherwise the error body is read as the next response on the connection."""
+    sc = await sidecar_factory({"p": policy(upstream.url)})
+    host, port = sc.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(b"HEAD /nope HTTP/1.1\r\nHost: x\r\n\r\nGET /p/x HTTP/1.1\r\nHost: x\r\n\r\n")
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 404")
+        assert b"X-Sidecar-Error: no_route" in head
+        second = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert second.startswith(b"HTTP/1.1 200"), second[:80]
+    finally:
+        writer.close()
