@@ -76,9 +76,16 @@ class Config(Model):
         return self
 
 
+# Seconds between fetches after an unknown kid or a failed fetch.
+_REFETCH = 10.0
+
+
 class Jwks:
-    """A cached key set, fetched off the request path when stale; a token with an
-    unknown ``kid`` triggers a refresh (key rotation), at most one per 10 s."""
+    """A cached key set, refetched by the first request that finds it stale
+    (others wait on the lock); a token with an unknown ``kid`` triggers a
+    refresh (key rotation), at most one per 10 s. A failed fetch is not retried
+    for 10 s either: the cached keys go on serving meanwhile, and no request
+    queues behind another fetch with its 5 s timeout."""
 
     def __init__(self, url: str, ttl: float) -> None:
         self.url = url
@@ -86,6 +93,7 @@ class Jwks:
         self.keys: dict[str | None, Any] = {}
         self.fetched = 0.0
         self._last_miss = 0.0
+        self._retry_at = 0.0
         self._lock = asyncio.Lock()
         self._session: aiohttp.ClientSession | None = None
 
@@ -104,9 +112,11 @@ class Jwks:
 
     def _due(self, kid: str | None) -> bool:
         now = time.monotonic()
+        if now < self._retry_at:
+            return False
         # An unknown kid (key rotation) refetches at once, then at most every 10 s,
         # so tokens with made-up kids cannot hammer the identity provider.
-        return now - self.fetched > self.ttl or (kid not in self.keys and now - self._last_miss > 10)
+        return now - self.fetched > self.ttl or (kid not in self.keys and now - self._last_miss > _REFETCH)
 
     async def key(self, kid: str | None) -> Any:
         if self._due(kid):
@@ -117,12 +127,15 @@ class Jwks:
                     try:
                         await self._fetch()
                     except Exception as e:
+                        self._retry_at = time.monotonic() + _REFETCH
                         if not self.keys:
                             if isinstance(e, JwksUnavailable):
                                 raise
                             raise JwksUnavailable(f"JWKS fetch failed: {type(e).__name__}") from None
                         log.warning("JWKS refresh from %s failed (%s); using the cached keys",
                                     self.url, type(e).__name__)
+        if not self.keys:
+            raise JwksUnavailable("JWKS fetch failed recently; retrying shortly")
         got = self.keys.get(kid)
         if got is None and kid is None and len(self.keys) == 1:
             got = next(iter(self.keys.values()))

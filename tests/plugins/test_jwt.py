@@ -148,6 +148,39 @@ async def test_jwks_rs256_and_es256_cached_and_rotated(sidecar_factory, upstream
         await idp.stop()
 
 
+async def test_failing_jwks_refresh_backs_off_and_keeps_cached_keys(sidecar_factory, upstream, client):
+    """Once the cached set is past its TTL and the identity provider fails,
+    requests keep using the cached keys without each one refetching (serially,
+    under the lock, with a 5 s timeout each) until the next backoff ends."""
+    import asyncio
+
+    rsa1 = rsa_key()
+    state = {"up": True}
+
+    async def jwks(request, seen):
+        if state["up"]:
+            return web.json_response({"keys": [jwk(rsa1, "r1", "RS256")]})
+        return web.Response(status=500)
+
+    idp = await FakeUpstream(jwks).start()
+    try:
+        sc = await sidecar_factory({}, inbound_config(upstream.url, extra=f"""
+            [inbound.routes."/api".jwt]
+            jwks_url = "{idp.url}/jwks"
+            jwks_cache_ttl = "0.2s"
+            """))
+        url = inbound_url(sc)
+        token = jwt.encode(claims(), rsa1, algorithm="RS256", headers={"kid": "r1"})
+        assert (await get(client, f"{url}/api/x", token))[0] == 200
+        state["up"] = False
+        await asyncio.sleep(0.3)  # past the TTL: the next request refreshes
+        results = await asyncio.gather(*(get(client, f"{url}/api/x", token) for _ in range(8)))
+        assert [r[0] for r in results] == [200] * 8
+        assert len(idp.seen) == 2, len(idp.seen)  # the first fetch and one failed refresh
+    finally:
+        await idp.stop()
+
+
 async def test_jwks_unreachable_is_503(sidecar_factory, upstream, client):
     from tests.support.sidecar import free_port
 
