@@ -35,6 +35,17 @@ class QueueUnavailable(SidecarError):
     status, code, message = 503, "queue_unavailable", "the webhook could not be stored; retry later"
 
 
+class InProgress(SidecarError):
+    status, code, message = 409, "webhook_in_progress", "this event is being delivered; retry later"
+
+
+# How long a delivery in progress holds its de-duplication key before the
+# event is accepted: past it (a crash mid-delivery), a provider retry goes
+# through rather than being refused until dedupe_ttl ends.
+_PENDING_TTL = 300.0
+_PENDING = "pending:"
+
+
 class MethodNotAllowed(SidecarError):
     status, code, message = 405, "method_not_allowed", "webhooks are delivered with POST"
 
@@ -139,10 +150,18 @@ class WebhookEndpoint:
         if event.provider_id and self.config.dedupe_ttl:
             dedupe_key = svc.rt.state.key("webhooks", "seen", self.source, event.provider_id)
             try:
-                fresh = await svc.rt.state.set_nx(dedupe_key, event.id, self.config.dedupe_ttl)
+                fresh = await svc.rt.state.set_nx(dedupe_key, _PENDING + event.id,
+                                                  min(self.config.dedupe_ttl, _PENDING_TTL))
+                seen = None if fresh else await svc.rt.state.get(dedupe_key)
             except Exception as e:
                 log.error("webhook %s: de-duplication check failed: %s", self.source, type(e).__name__)
                 raise QueueUnavailable("the state backend is unavailable; retry later") from None
+            if isinstance(seen, bytes):  # RedisState answers bytes
+                seen = seen.decode("utf-8", "replace")
+            if not fresh and isinstance(seen, str) and seen.startswith(_PENDING):
+                # The first delivery may still fail: acknowledging this one
+                # would make the provider stop retrying a lost event.
+                raise InProgress(headers={"Retry-After": "5"})
             if not fresh:
                 self.m_duplicates.inc()
                 return web.Response(status=200, body=orjson.dumps({"status": "duplicate"}),
@@ -155,6 +174,8 @@ class WebhookEndpoint:
                 except Exception as e:
                     log.error("webhook %s: storing event %s failed: %s", self.source, event.id, type(e).__name__)
                     raise QueueUnavailable() from None
+                if dedupe_key is not None:
+                    await _accepted(svc, dedupe_key, event.id, self.config.dedupe_ttl)
                 return web.Response(status=202, body=orjson.dumps({"status": "accepted", "event_id": event.id}),
                                     headers={"Content-Type": "application/json", "X-Sidecar-Event-Id": event.id})
             resp = await self._passthrough(event)
@@ -162,9 +183,12 @@ class WebhookEndpoint:
             if dedupe_key is not None:
                 await _forget(svc, dedupe_key)
             raise
-        if dedupe_key is not None and not 200 <= resp.status < 300:
-            # The provider will retry; that retry must not be taken for a duplicate.
-            await _forget(svc, dedupe_key)
+        if dedupe_key is not None:
+            if 200 <= resp.status < 300:
+                await _accepted(svc, dedupe_key, event.id, self.config.dedupe_ttl)
+            else:
+                # The provider will retry; that retry must not be taken for a duplicate.
+                await _forget(svc, dedupe_key)
         return resp
 
     async def _passthrough(self, event: Event) -> web.StreamResponse:
@@ -187,6 +211,15 @@ class WebhookEndpoint:
                 "delivery": c.delivery, "secrets": len(c.secrets), "tolerance": c.tolerance,
                 "max_body": c.max_body, "dedupe_ttl": c.dedupe_ttl, "retry": c.retry.model_dump(),
                 "publish": c.publish}
+
+
+async def _accepted(svc: "WebhookService", key: str, event_id: str, ttl: float) -> None:
+    """The event is delivered or stored: later copies are duplicates for ``ttl``."""
+    try:
+        await svc.rt.state.set(key, event_id, ttl)
+    except Exception as e:
+        # The pending mark expires on its own; until then copies get 409.
+        log.error("webhook %s: recording event %s as accepted failed: %s", key, event_id, type(e).__name__)
 
 
 async def _forget(svc: "WebhookService", key: str) -> None:

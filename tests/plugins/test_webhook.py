@@ -395,3 +395,39 @@ async def test_repository_config_and_example_policies_validate_without_secrets(m
     monkeypatch.delenv("GITHUB_WEBHOOK_SECRET", raising=False)
     repo = Path(__file__).resolve().parents[2]
     assert await asyncio.to_thread(check, str(repo / "config.toml")) == []
+
+
+async def test_duplicate_while_the_original_is_in_flight_is_409_not_200(hooks, client, upstream):
+    """A provider retry that arrives while the first delivery is still running
+    must not be acknowledged: if the first then fails, a 200 to the retry would
+    tell the provider the event was delivered and it would never send it again
+    (draft-ietf-httpapi-idempotency-key-header: 409 while in progress)."""
+    import asyncio
+
+    from aiohttp import web
+
+    url, _ = hooks
+    release = asyncio.Event()
+    statuses = [503, 200]
+
+    async def slow_then_failing(request, seen):
+        await release.wait()
+        return web.Response(status=statuses.pop(0), text="svc")
+
+    upstream.responder = slow_then_failing
+    body = stripe_body("evt_inflight")
+    header = stripe.WebhookSignature.generate_signature_header(body.decode(), STRIPE_SECRET)
+    first = asyncio.ensure_future(post(client, url + "/webhooks/stripe", body, {"Stripe-Signature": header}))
+    from tests.support.upstream import wait_for
+    await wait_for(lambda: len(upstream.seen) == 1)
+    st, h, raw = await post(client, url + "/webhooks/stripe", body, {"Stripe-Signature": header})
+    assert st == 409, raw
+    assert h["X-Sidecar-Error"] == "webhook_in_progress"
+    assert "Retry-After" in h
+    release.set()
+    st, _, _ = await first
+    assert st == 503
+    # The provider's next retry is delivered, not taken for a duplicate.
+    st, h, _ = await post(client, url + "/webhooks/stripe", body, {"Stripe-Signature": header})
+    assert st == 200 and "X-Sidecar-Duplicate" not in h
+    assert len(upstream.seen) == 2
