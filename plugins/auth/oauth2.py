@@ -19,6 +19,7 @@ from urllib.parse import quote
 import aiohttp
 import orjson
 
+from proxy.chain import collect
 from proxy.errors import SidecarError
 from proxy.secrets import SecretRef
 
@@ -30,6 +31,10 @@ log = logging.getLogger("sidecar.auth.oauth2")
 
 class TokenUnavailable(SidecarError):
     status, code, message = 503, "oauth2_token_unavailable", "could not obtain an OAuth2 access token"
+
+
+class _TooLarge(Exception):
+    pass
 
 
 class TokenSource:
@@ -112,8 +117,14 @@ class TokenSource:
             session = self.session.get()
             async with session.post(self.token_url, data=form, headers=headers, timeout=self.timeout,
                                     allow_redirects=False) as resp:
-                raw = await resp.content.read(256 * 1024)
+                # read(n) returns what has arrived so far, not n bytes: join
+                # the chunks up to the bound.
+                raw = await collect(resp.content.iter_any(), 256 * 1024, _TooLarge)
                 status = resp.status
+        except _TooLarge:
+            self.failed.inc()
+            log.warning("oauth2 token endpoint %s answered more than 256 KiB", self.token_url)
+            raise TokenUnavailable("OAuth2 token endpoint answer too large") from None
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
             self.failed.inc()
             log.warning("oauth2 token endpoint %s unreachable (%s)", self.token_url, type(e).__name__)
