@@ -24,7 +24,7 @@ import aiohttp
 from multidict import CIMultiDict
 from pydantic import Field, field_validator
 
-from proxy.chain import Exchange, Filter, Handler, ProxyResponse
+from proxy.chain import Exchange, Filter, Handler, ProxyResponse, collect
 from proxy.config import Model
 from proxy.errors import SidecarError
 from proxy.hookspecs import hookimpl
@@ -35,6 +35,13 @@ NAME = "forward_auth"
 PRIORITY = 840
 
 log = logging.getLogger("sidecar.forward_auth")
+
+
+_MAX_DENIAL = 64 * 1024
+
+
+class _DenialTooLarge(Exception):
+    pass
 
 
 class AuthUnavailable(SidecarError):
@@ -88,7 +95,15 @@ class ForwardAuthFilter(Filter):
         try:
             async with self._session.get(self.config.url, headers=headers, timeout=self.timeout,
                                          allow_redirects=False) as r:
-                return r.status, CIMultiDict(r.headers), await r.content.read(64 * 1024)
+                body = b""
+                if r.status in (401, 403):
+                    # Relayed to the client: the whole body (read(n) would stop
+                    # at the chunks already arrived), bounded.
+                    body = await collect(r.content.iter_any(), _MAX_DENIAL, _DenialTooLarge)
+                return r.status, CIMultiDict(r.headers), body
+        except _DenialTooLarge:
+            log.warning("identity service %s: denial body over %d bytes", self.config.url, _MAX_DENIAL)
+            raise AuthUnavailable() from None
         except Exception as e:
             log.warning("identity service %s unreachable: %s", self.config.url, type(e).__name__)
             raise AuthUnavailable() from None

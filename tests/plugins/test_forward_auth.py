@@ -85,3 +85,31 @@ def test_config_errors():
         Config(url="ftp://x")
     with pytest.raises(ValueError):
         Config(url="http://x", bogus=1)
+
+
+async def test_denial_body_arriving_in_pieces_is_relayed_whole(sidecar_factory, upstream, client):
+    import asyncio
+
+    deny = b'{"reason": "' + b"r" * 3000 + b'"}'
+
+    async def chunked_deny(request, seen):
+        resp = web.StreamResponse(status=403, headers={"Content-Type": "application/json"})
+        await resp.prepare(request)
+        for i in range(0, len(deny), 1000):
+            await resp.write(deny[i:i + 1000])
+            await asyncio.sleep(0.02)
+        await resp.write_eof()
+        return resp
+
+    idp = await FakeUpstream(chunked_deny).start()
+    try:
+        sc = await sidecar_factory({}, inbound_config(upstream.url, extra=f"""
+            [inbound.routes."/internal".forward_auth]
+            url = "{idp.url}/auth/validate"
+            """))
+        status, headers, body = await get(client, f"{inbound_url(sc)}/internal/x", "someone")
+        assert status == 403
+        assert body == deny
+        assert upstream.seen == []
+    finally:
+        await idp.stop()
