@@ -223,8 +223,7 @@ class WebhookService:
         async with self.session.request(ev.method, URL(url, encoded=True), headers=headers, data=ev.body,
                                         allow_redirects=False,
                                         timeout=aiohttp.ClientTimeout(total=ep.config.timeout)) as r:
-            body = await r.content.read(RESPONSE_LIMIT)
-            return r.status, r.headers, body
+            return r.status, r.headers, await _read_upto(r.content, RESPONSE_LIMIT)
 
     async def _loop(self, source: str) -> None:
         wake = self.wake[source]
@@ -315,3 +314,15 @@ class WebhookService:
     def describe(self) -> dict[str, Any]:
         return {"queue": None if self.queue is None else self.queue.kind,
                 "endpoints": [ep.describe() for ep in self.endpoints.values()]}
+
+
+async def _read_upto(content: aiohttp.StreamReader, limit: int) -> bytes:
+    """The body up to ``limit`` bytes; ``read(n)`` alone returns only what has
+    arrived so far (the first chunk of a chunked answer)."""
+    buf = bytearray()
+    while len(buf) < limit:
+        chunk = await content.read(limit - len(buf))
+        if not chunk:
+            break
+        buf += chunk
+    return bytes(buf)

@@ -431,3 +431,30 @@ async def test_duplicate_while_the_original_is_in_flight_is_409_not_200(hooks, c
     st, h, _ = await post(client, url + "/webhooks/stripe", body, {"Stripe-Signature": header})
     assert st == 200 and "X-Sidecar-Duplicate" not in h
     assert len(upstream.seen) == 2
+
+
+async def test_passthrough_relays_a_chunked_service_answer_whole(hooks, client, upstream):
+    """Slack and others read the answer's body (a message): all of it comes back,
+    not only the chunks that had arrived at the first read."""
+    import asyncio
+
+    from aiohttp import web
+
+    url, _ = hooks
+    answer = b'{"text": "' + b"t" * 3000 + b'"}'
+
+    async def chunked(request, seen):
+        resp = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
+        await resp.prepare(request)
+        for i in range(0, len(answer), 1000):
+            await resp.write(answer[i:i + 1000])
+            await asyncio.sleep(0.02)
+        await resp.write_eof()
+        return resp
+
+    upstream.responder = chunked
+    body = stripe_body("evt_chunked_answer")
+    header = stripe.WebhookSignature.generate_signature_header(body.decode(), STRIPE_SECRET)
+    st, h, raw = await post(client, url + "/webhooks/stripe", body, {"Stripe-Signature": header})
+    assert st == 200
+    assert raw == answer
