@@ -76,7 +76,11 @@ class RedisState:
         # redis-py's default pool does at 100 concurrent commands.
         pool = aioredis.BlockingConnectionPool.from_url(
             url, max_connections=max_connections, timeout=2.0, socket_connect_timeout=1.0,
-            socket_timeout=2.0, health_check_interval=10, decode_responses=False)
+            socket_timeout=2.0, health_check_interval=10, decode_responses=False,
+            # Keys carry client header values, which aiohttp decodes with
+            # surrogateescape: send them back as their original bytes rather
+            # than fail the command on a non-UTF-8 byte (a 500).
+            encoding_errors="surrogateescape")
         self.redis = aioredis.Redis(connection_pool=pool)
 
     def key(self, *parts: str) -> str:

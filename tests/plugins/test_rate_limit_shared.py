@@ -197,3 +197,25 @@ async def test_redis_keys_are_namespaced_and_expire(sidecar_factory, upstream, c
     async with client.get(f"{sc.admin}/admin/rate_limits", params={"route": "api", "key": "acme"}) as resp:
         data = await resp.json()
     assert data["limits"][0]["remaining"] == 9
+
+
+async def test_non_utf8_key_header_is_limited_not_500(sidecar_factory, upstream, redis_url):
+    """aiohttp decodes header bytes with surrogateescape; such a value must
+    reach Redis as its own bytes (its own bucket), not fail the encoding (500)."""
+    sc = await sidecar_factory({"api": policy(upstream.url, '[rate_limit]\nkey = "header:X-Tenant-ID"\n'
+                                                           'limits = [{ requests = 1, per = "20s" }]\n')},
+                               f'[state]\nbackend = "redis"\nurl = "{redis_url}"\n')
+    host, port = sc.url.removeprefix("http://").split(":")
+
+    async def status(tenant: bytes) -> int:
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            writer.write(b"GET /api/x HTTP/1.1\r\nHost: x\r\nX-Tenant-ID: " + tenant + b"\r\n\r\n")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            return int(head.split(b" ", 2)[1])
+        finally:
+            writer.close()
+
+    assert await status(b"\xe9") == 200
+    assert await status(b"\xe9") == 429
+    assert await status(b"\xe8") == 200  # another tenant, another bucket
