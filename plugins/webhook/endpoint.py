@@ -20,7 +20,7 @@ from proxy.secrets import SecretRef, SecretUnavailable
 
 from .config import Config
 from .queue import Event, new_event_id
-from .schemes import Incoming, Rejected, make_scheme
+from .schemes import Incoming, Rejected, SignatureInvalid, make_scheme
 
 if TYPE_CHECKING:
     from .service import WebhookService
@@ -139,7 +139,12 @@ class WebhookEndpoint:
         body = await self._read(request)
         query = request.raw_path.partition("?")[2]
         inc = Incoming(body, request.headers, query, time.time())
-        self.scheme.verify(inc, self.secrets())
+        try:
+            self.scheme.verify(inc, self.secrets())
+        except UnicodeEncodeError:
+            # A header byte that is not UTF-8 (aiohttp keeps it as a
+            # surrogate) cannot be part of a valid signature.
+            raise SignatureInvalid("a signature header is not valid UTF-8") from None
         self.m_received.inc()
         svc = self.service
         event = Event(id=new_event_id(), source=self.source, type=self.scheme.event_type(inc) or "event",

@@ -458,3 +458,26 @@ async def test_passthrough_relays_a_chunked_service_answer_whole(hooks, client, 
     st, h, raw = await post(client, url + "/webhooks/stripe", body, {"Stripe-Signature": header})
     assert st == 200
     assert raw == answer
+
+
+@pytest.mark.parametrize("path,headers", [
+    ("/webhooks/stripe", b"Stripe-Signature: t=\xe9,v1=00\r\n"),
+    ("/webhooks/slack", b"X-Slack-Signature: v0=00\r\nX-Slack-Request-Timestamp: \xe9\r\n"),
+    ("/webhooks/std", b"webhook-id: \xe9\r\nwebhook-timestamp: 1\r\nwebhook-signature: v1,AA==\r\n"),
+], ids=["stripe", "slack", "standard-webhooks"])
+async def test_non_utf8_signature_header_is_401_not_500(hooks, upstream, path, headers):
+    """Header bytes that are not UTF-8 (decoded with surrogateescape) cannot
+    carry a valid signature: a 401 like any bad one, never a 500 and a traceback."""
+    import asyncio
+
+    url, _ = hooks
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n".encode() + headers + b"\r\n{}")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    finally:
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 401"), head
+    assert b"X-Sidecar-Error: signature_invalid" in head
+    assert upstream.seen == []
