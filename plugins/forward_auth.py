@@ -78,7 +78,8 @@ class ForwardAuthFilter(Filter):
         parts = [ex.headers.get(h, "") for h in self.config.forward_headers]
         if not any(parts):
             return None
-        return hashlib.sha256("\x00".join(parts).encode()).digest()
+        # surrogateescape: aiohttp keeps a non-UTF-8 header byte as a surrogate.
+        return hashlib.sha256("\x00".join(parts).encode("utf-8", "surrogateescape")).digest()
 
     async def _ask(self, ex: Exchange) -> tuple[int, CIMultiDict[str], bytes]:
         if self._session is None:

@@ -113,3 +113,20 @@ async def test_denial_body_arriving_in_pieces_is_relayed_whole(sidecar_factory, 
         assert upstream.seen == []
     finally:
         await idp.stop()
+
+
+async def test_non_utf8_credential_is_asked_about_not_500(setup, upstream):
+    """A credential header with a non-UTF-8 byte goes to the identity service
+    like any other (here: unknown, so 401), never a 500 from the cache key."""
+    import asyncio
+
+    url, idp = setup
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(b"GET /internal/x HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xe9\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    finally:
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 401"), head
+    assert upstream.seen == []
