@@ -74,9 +74,10 @@ def compile_group(route: str, scope: str, limits: list[Limit], state_key: Callab
 
 
 def _short(value: str) -> str:
-    # Bounded state keys, whatever a client puts in the header.
+    # Bounded state keys, whatever a client puts in the header (non-UTF-8
+    # bytes included: aiohttp keeps them as surrogates).
     if len(value) > 128:
-        return "sha256:" + hashlib.sha256(value.encode()).hexdigest()
+        return "sha256:" + hashlib.sha256(value.encode("utf-8", "surrogateescape")).hexdigest()
     return value
 
 

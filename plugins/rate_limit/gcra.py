@@ -179,7 +179,8 @@ _PROBE = 32
 
 def _hash(key: str) -> int:
     # blake2b, not hash(): spawned workers have different PYTHONHASHSEEDs.
-    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") | 1
+    # surrogateescape: a client's non-UTF-8 header byte arrives as a surrogate.
+    return int.from_bytes(hashlib.blake2b(key.encode("utf-8", "surrogateescape"), digest_size=8).digest(), "little") | 1
 
 
 class SharedStore:

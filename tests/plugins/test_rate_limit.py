@@ -397,6 +397,35 @@ async def test_long_key_values_are_hashed(sidecar_factory, upstream, client):
     assert max(len(k) for k in store._tats) < 200
 
 
+async def test_non_utf8_key_values_get_their_own_bucket(sidecar_factory, upstream):
+    """aiohttp keeps a non-UTF-8 header byte as a surrogate: short and long
+    (hashed) key values with one are limited like any other, never a 500."""
+    sc = await sidecar_factory({"api": policy(upstream.url, 'key = "header:X-Key"\nlimits = [{ requests = 1, per = "1m" }]')})
+    host, port = sc.url.removeprefix("http://").split(":")
+
+    async def status(value: bytes) -> int:
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            writer.write(b"GET /api/x HTTP/1.1\r\nHost: x\r\nX-Key: " + value + b"\r\n\r\n")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            return int(head.split(b" ", 2)[1])
+        finally:
+            writer.close()
+
+    for value in (b"\xe9", b"k" * 200 + b"\xe9"):
+        assert await status(value) == 200
+        assert await status(value) == 429
+
+
+def test_shared_store_takes_non_utf8_keys(tmp_path):
+    s = SharedStore(str(tmp_path / "t"), slots=1024)
+    lim = (LimitSpec.make("x", 1, 60.0, 1),)
+    assert s.decide(["t:\udce9"], lim, 0.0).admitted
+    assert not s.decide(["t:\udce9"], lim, 0.0).admitted
+    assert s.decide(["t:\udce8"], lim, 0.0).admitted
+    s.close()
+
+
 @pytest.mark.parametrize("requests,per,burst,max_wait", [
     (5, 60.0, 5, 0.0), (10, 1.0, 3, 0.0), (2, 1.0, 2, 1.5), (100, 0.5, 1, 0.02)])
 def test_single_limit_fast_path_decides_like_decide(monkeypatch, requests, per, burst, max_wait):
