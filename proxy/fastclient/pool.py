@@ -79,6 +79,12 @@ class Pool:
             _Failed("timeout", "no free upstream connection in time")))
         try:
             await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                # Woken for a free slot, then cancelled before running: hand
+                # the wake-up to the next waiter instead of losing it.
+                self._notify()
+            raise
         finally:
             timer.cancel()
             try:

@@ -538,3 +538,23 @@ async def test_tls_verify_false_is_an_explicit_opt_out(make, tls_upstream, clien
     async with client.get(f"{sc.url}/up/x") as resp:
         assert resp.status == 200
         assert await resp.text() == "secure"
+
+
+async def test_a_cancelled_waiter_passes_its_wake_up_on(upstream):
+    """A freed slot wakes one waiter; if that waiter's request is cancelled
+    (client gone) before it runs, the next waiter must get the slot at once,
+    not sit out its connect timeout while the pool has room."""
+    from proxy.fastclient.pool import Pool
+
+    host, port = upstream.url.removeprefix("http://").split(":")
+    pool = Pool("http", host, int(port), 1, 30.0, None)
+    held = await pool.acquire(5.0, None)
+    b = asyncio.ensure_future(pool.acquire(5.0, None))
+    c = asyncio.ensure_future(pool.acquire(5.0, None))
+    await wait_for(lambda: len(pool._waiters) == 2)
+    held.close()          # frees the slot: wakes b
+    b.cancel()            # b's client went away before b ran
+    got = await asyncio.wait_for(c, 1.0)
+    assert got is not None
+    got.close()
+    pool.close()
