@@ -26,7 +26,7 @@ from proxy.chain import Exchange, Filter, Handler, ProxyResponse
 from proxy.config import Model
 from proxy.errors import SidecarError, UpstreamError
 from proxy.hookspecs import hookimpl
-from proxy.http import HOP_BY_HOP, check_header_name
+from proxy.http import HOP_BY_HOP, check_header_name, check_header_value
 from proxy.plugins import BuildContext, PluginSpec
 
 NAME = "fallback"
@@ -50,8 +50,7 @@ class Config(Model):
             check_header_name(name, forwardable=False)
             if name.lower() in _HOP or name.lower() == "content-length":
                 raise ValueError(f"{name!r} is set by the sidecar, not by a fallback")
-            if any(c in value for c in "\r\n\x00"):
-                raise ValueError(f"header {name!r}: value must not contain CR, LF or NUL")
+            check_header_value(name, value)
         return v
 
     @field_validator("on_status")

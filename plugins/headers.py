@@ -17,7 +17,7 @@ from pydantic import Field, field_validator
 from proxy.chain import Exchange, Filter, Handler, ProxyResponse
 from proxy.config import Model
 from proxy.hookspecs import hookimpl
-from proxy.http import check_header_name
+from proxy.http import check_header_name, check_header_value
 from proxy.plugins import BuildContext, PluginSpec
 
 NAME = "headers"
@@ -32,8 +32,9 @@ class HeaderOps(Model):
     @field_validator("set")
     @classmethod
     def _set_names(cls, v: dict[str, str]) -> dict[str, str]:
-        for name in v:
+        for name, value in v.items():
             check_header_name(name)
+            check_header_value(name, value)
         return v
 
     @field_validator("rename")

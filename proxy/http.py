@@ -61,3 +61,14 @@ def check_header_name(name: str, *, forwardable: bool = True) -> str:
     if forwardable and name.lower() in _HOP_LOWER:
         raise ValueError(f"{name!r} is a hop-by-hop header; a proxy does not forward it")
     return name
+
+
+def check_header_value(name: str, value: str) -> str:
+    """Validate a header value from config. RFC 9110 5.5: no control characters
+    but HTAB; CR or LF would split the message (CWE-113), and aiohttp refuses
+    the others when it writes the response, failing every request."""
+    for c in value:
+        if (c < " " and c != "\t") or c == "\x7f":
+            raise ValueError(f"header {name!r}: value must not contain a control character "
+                             f"(CR, LF or NUL included), found {c!r}")
+    return value

@@ -40,6 +40,7 @@ def assert_fallback(code: int, headers: dict, body: bytes) -> None:
     ({"headers": {"Connection": "close"}}, "set by the sidecar"),
     ({"headers": {"Content-Length": "3"}}, "set by the sidecar"),
     ({"headers": {"X-A": "a\r\nX-B: b"}}, "CR, LF or NUL"),
+    ({"headers": {"X-A": "a\x7fb"}}, "control character"),
     ({"on_status": [404]}, "5xx upstream answers only"),
 ])
 def test_config_rejects(bad, word):
