@@ -229,9 +229,13 @@ async def test_malformed_response_is_502(make, scripted, client):
 
 
 async def test_header_injection_is_never_sent(make, upstream, client, tmp_path):
-    # A value with a line break must not split the upstream request (CWE-113);
-    # the headers plugin is the way such a value could arrive.
-    sc = await make({"p": policy(upstream.url, '[headers.request]\nset = { "X-Evil" = "a\\r\\nX-Injected: 1" }')})
+    # A value with a line break must not split the upstream request (CWE-113).
+    # Config values are refused at load time (proxy.http.check_header_value);
+    # a secret resolved at run time is the way such a value can still arrive.
+    secret = tmp_path / "evil-secret"
+    secret.write_text("a\r\nX-Injected: 1")
+    sc = await make({"p": policy(upstream.url, f'[auth]\ntype = "header"\nheader = "X-Api-Key"\n'
+                                               f'secret = "file:{secret.as_posix()}"')})
     async with client.get(f"{sc.url}/up/x") as resp:
         assert resp.status == 502
     assert upstream.seen == []
