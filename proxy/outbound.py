@@ -127,7 +127,13 @@ class OutboundHandler:
             except Exception:
                 log.exception("request %s failed inside the sidecar", rid)
                 resp = error_response(SidecarError(), rid)
-            out, error = await self._send(request, resp, ex, rid)
+            try:
+                out, error = await self._send(request, resp, ex, rid)
+            except (asyncio.CancelledError, ConnectionError):
+                # The client left while the response was streaming (how most
+                # SSE streams end): the status went out, so log that.
+                rt.access(request, route, ex, rid, resp.status, started, "client_closed")
+                raise
             rt.access(request, route, ex, rid, resp.status, started,
                       error or (None if resp.upstream else resp.headers.get("X-Sidecar-Error")))
             return out

@@ -40,6 +40,36 @@ async def test_sse_events_arrive_while_upstream_is_still_sending(sidecar_factory
         await up.stop()
 
 
+async def test_client_leaving_mid_stream_is_logged_and_counted(sidecar_factory, client):
+    """A stream the client ends (the usual end of an SSE stream) still gets its
+    access-log line and request count: status 200, error client_closed."""
+    release = asyncio.Event()
+
+    async def sse(request, seen):
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b"data: first\n\n")
+        await release.wait()
+        return resp
+    up = await FakeUpstream(sse).start()
+    try:
+        sc = await sidecar_factory({"p": policy(up.url)})
+        host, port = sc.url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"GET /p/stream HTTP/1.1\r\nHost: x\r\n\r\n")
+        await asyncio.wait_for(reader.readuntil(b"data: first\n\n"), 5)
+        writer.close()
+        from tests.support.upstream import wait_for
+        await wait_for(lambda: any(ln["path"] == "/p/stream" for ln in sc.access_lines()))
+        line = next(ln for ln in sc.access_lines() if ln["path"] == "/p/stream")
+        assert line["status"] == 200 and line["error"] == "client_closed"
+        async with client.get(f"{sc.admin}/metrics") as r:
+            assert 'sidecar_requests_total{method="GET",route="p",status="200"} 1.0' in await r.text()
+    finally:
+        release.set()
+        await up.stop()
+
+
 async def test_request_body_reaches_upstream_before_client_finishes(sidecar_factory, client):
     got_first = asyncio.Event()
 
