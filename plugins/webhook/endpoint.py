@@ -163,9 +163,10 @@ class WebhookEndpoint:
                 raise QueueUnavailable("the state backend is unavailable; retry later") from None
             if isinstance(seen, bytes):  # RedisState answers bytes
                 seen = seen.decode("utf-8", "replace")
-            if not fresh and isinstance(seen, str) and seen.startswith(_PENDING):
+            if not fresh and (seen is None or seen.startswith(_PENDING)):
                 # The first delivery may still fail: acknowledging this one
-                # would make the provider stop retrying a lost event.
+                # would make the provider stop retrying a lost event. (None:
+                # the claim was released between the two calls, the first failed.)
                 raise InProgress(headers={"Retry-After": "5"})
             if not fresh:
                 self.m_duplicates.inc()
