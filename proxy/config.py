@@ -183,6 +183,10 @@ class PolicyCore(Model):
             raise ValueError("upstream must name a host")
         if url.query_string or url.fragment:
             raise ValueError("upstream must not carry a query or fragment")
+        if url.user is not None or url.password is not None:
+            # Neither upstream client sends URL userinfo, and the URL is shown
+            # in /admin/routes: a credential here would leak and do nothing.
+            raise ValueError("upstream must not carry user:password; use [auth] (type = \"basic\")")
         return v
 
     @model_validator(mode="after")

@@ -61,6 +61,8 @@ POLICY_ERRORS = [
     ('route = "p"\nupstream = "http://x"\n', "route", "must start with '/'"),
     ('route = "/p"\nupstream = "ftp://x"\n', "upstream", "http:// or https://"),
     ('route = "/p"\nupstream = "http://x?a=1"\n', "upstream", "query"),
+    # Userinfo is never sent by the upstream clients, and would show in /admin/routes.
+    ('route = "/p"\nupstream = "https://user:s3cret@x"\n', "upstream", "[auth]"),
     (GOOD + '[timeouts]\nconect = "1s"\n', "timeouts.conect", "unknown key"),
     (GOOD + '[headers]\nrequest = { set = { "Connection" = "x" } }\n', "headers.request.set", "hop-by-hop"),
     (GOOD + '[tls]\nverify = "nope"\n', "tls.verify", "boolean"),
