@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import heapq
 import logging
 import math
 import mmap
@@ -30,6 +31,9 @@ import time
 from dataclasses import dataclass
 
 log = logging.getLogger("sidecar.rate_limit")
+
+# Live keys one MemoryStore keeps at most (the shared table's slot count).
+MAX_MEMORY_KEYS = 1 << 18
 
 # Float noise must not turn "exactly on time" into a refusal.
 EPS = 1e-9
@@ -117,9 +121,11 @@ class MemoryStore:
     kind = "memory"
     shared = False
 
-    def __init__(self) -> None:
+    def __init__(self, max_keys: int = MAX_MEMORY_KEYS) -> None:
         self._tats: dict[str, float] = {}
         self._writes = 0
+        self.max_keys = max_keys
+        self._warned = -60.0
 
     def decide(self, keys: list[str], limits: tuple[LimitSpec, ...], max_wait: float) -> Decision:
         now = time.monotonic()
@@ -165,6 +171,16 @@ class MemoryStore:
         self._writes = 0
         if len(self._tats) > 1024:
             self._tats = {k: t for k, t in self._tats.items() if t > now}
+        if len(self._tats) > self.max_keys:
+            # Key values come from clients (a rotating tenant header) and stay
+            # live for a whole interval: past the cap, drop those nearest
+            # expiry (SharedStore's rule; such a key starts fresh a little early).
+            keep = heapq.nlargest(self.max_keys, self._tats.items(), key=lambda kv: kv[1])
+            self._tats = dict(keep)
+            if now - self._warned > 60:
+                self._warned = now
+                log.warning("rate-limit memory store over %d live keys: evicted those nearest expiry",
+                            self.max_keys)
 
     def close(self) -> None:
         self._tats.clear()

@@ -130,6 +130,20 @@ def test_memory_store_sweeps_expired_keys():
     assert len(s._tats) < 10000
 
 
+def test_memory_store_stays_bounded_with_live_keys():
+    """Client-chosen key values (a rotating tenant header) on a slow limit stay
+    live for a long time: past the cap, those nearest expiry go first (the
+    shared table's rule), so memory stays bounded."""
+    s = MemoryStore(max_keys=5000)
+    lim = (LimitSpec.make("x", 10, 3600.0, 10),)
+    for _ in range(10):
+        assert s.decide(["hot"], lim, 0.0).admitted  # its whole burst: TAT furthest out
+    for i in range(30000):
+        s.decide([f"k{i}"], lim, 0.0)
+    assert len(s._tats) <= 5000 + 4096
+    assert not s.decide(["hot"], lim, 0.0).admitted  # the key with most debt was kept
+
+
 def test_shared_store_is_one_limit_across_handles(tmp_path):
     # Two handles on one file stand for two worker processes.
     a = SharedStore(str(tmp_path / "t"), slots=1024)
