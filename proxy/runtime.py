@@ -63,6 +63,8 @@ class Runtime:
         self.policies: list[Policy] = []
         self.loaded_at: float | None = None
         self._filters: dict[tuple[str, str, str], Filter] = {}
+        # Filters a reload dropped, waiting for in-flight requests before close().
+        self._retiring: list[Filter] = []
         self._on_shutdown: list[Callable[[], Any]] = []
         self._reload_lock = asyncio.Lock()
         self._log_headers = settings.logging.log_headers
@@ -151,10 +153,20 @@ class Runtime:
         self.pm.hook.sidecar_policies_loaded(runtime=self, policies=policies)
         if dropped:
             # In-flight requests may still be inside a dropped filter: close it
-            # once they have had the drain timeout to finish.
+            # once they have had the drain timeout to finish (or at stop(),
+            # whichever comes first).
+            self._retiring.extend(dropped)
             asyncio.get_running_loop().call_later(
-                self.settings.sidecar.drain_timeout,
-                lambda: [asyncio.ensure_future(f.close()) for f in dropped])
+                self.settings.sidecar.drain_timeout, lambda: asyncio.ensure_future(self._close_retired(dropped)))
+
+    async def _close_retired(self, filters: list[Filter]) -> None:
+        for f in filters:
+            if f in self._retiring:
+                self._retiring.remove(f)
+                try:
+                    await f.close()
+                except Exception:
+                    log.exception("closing filter %s failed", f.name)
 
     async def reload(self) -> list[str]:
         """Re-read policies/; returns the problems (empty when the new set is live)."""
@@ -204,6 +216,7 @@ class Runtime:
                     await r
             except Exception:
                 log.exception("shutdown callback failed")
+        await self._close_retired(list(self._retiring))
         for f in self._filters.values():
             try:
                 await f.close()

@@ -132,3 +132,18 @@ async def test_filter_state_survives_reload_when_config_unchanged(sidecar_factor
     assert await sc.runtime.reload() == []
     assert sc.runtime.table.match("/p")[0].filters[0] is before_p
     assert sc.runtime.table.match("/q")[0].filters[0] is not before_q
+
+
+async def test_filters_dropped_by_a_reload_are_closed_at_stop(sidecar_factory, upstream):
+    sc = await sidecar_factory({"p": policy(upstream.url, extra='[headers]\nrequest = { set = { "X-A" = "1" } }\n')})
+    old = sc.runtime.table.match("/p")[0].filters[0]
+    closed = []
+
+    async def close() -> None:
+        closed.append(old)
+    old.close = close  # type: ignore[method-assign]
+    sc.write_policy("p", policy(upstream.url, extra='[headers]\nrequest = { set = { "X-A" = "2" } }\n'))
+    assert await sc.runtime.reload() == []
+    assert closed == []  # still within the drain timeout: in-flight requests may use it
+    await sc.sidecar.stop()
+    assert closed == [old]
