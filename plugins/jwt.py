@@ -22,9 +22,10 @@ from typing import Any
 
 import aiohttp
 import jwt
+import orjson
 from pydantic import Field, model_validator
 
-from proxy.chain import Exchange, Filter, Handler, ProxyResponse
+from proxy.chain import Exchange, Filter, Handler, ProxyResponse, collect
 from proxy.config import Model
 from proxy.errors import SidecarError
 from proxy.hookspecs import hookimpl
@@ -78,6 +79,11 @@ class Config(Model):
 
 # Seconds between fetches after an unknown kid or a failed fetch.
 _REFETCH = 10.0
+_JWKS_MAX = 1024 * 1024
+
+
+class JwksTooLarge(ValueError):
+    """A JWKS answer past 1 MiB: refused like an unreachable endpoint."""
 
 
 class Jwks:
@@ -104,7 +110,8 @@ class Jwks:
                                      allow_redirects=False) as r:
             if r.status != 200:
                 raise JwksUnavailable(f"JWKS endpoint answered {r.status}")
-            data = await r.json(content_type=None)
+            # Bounded like every body the sidecar reads for itself (a key set is a few KiB).
+            data = orjson.loads(await collect(r.content.iter_any(), _JWKS_MAX, JwksTooLarge))
         keys: dict[str | None, Any] = {}
         for k in jwt.PyJWKSet.from_dict(data).keys:
             keys[k.key_id] = k

@@ -140,6 +140,9 @@ class TokenSource:
             if not isinstance(token, str) or not token:
                 raise ValueError
             lifetime = float(data.get("expires_in") or 3600)
+            # "nan", "inf", 0 or negatives would cache a token forever or never.
+            if not 0 < lifetime < 10 * 365 * 86400:
+                raise ValueError
         except (ValueError, KeyError, TypeError, orjson.JSONDecodeError):
             self.failed.inc()
             log.warning("oauth2 token endpoint %s answered without a usable access_token", self.token_url)

@@ -6,6 +6,7 @@ import asyncio
 import base64
 from urllib.parse import parse_qsl
 
+import pytest
 from aiohttp import web
 
 from tests.support.upstream import FakeUpstream, Seen, serve
@@ -240,3 +241,20 @@ async def test_token_response_arriving_in_pieces_is_read_whole(sidecar_factory, 
         assert upstream.seen[-1].headers["Authorization"] == "Bearer at-chunked-" + "x" * 2000
     finally:
         await runner.cleanup()
+
+
+@pytest.mark.parametrize("expires_in", ["nan", "inf", -5, 0])
+async def test_unusable_token_lifetime_is_refused(sidecar_factory, upstream, client, monkeypatch, expires_in):
+    monkeypatch.setenv("CLIENT_SECRET", "cs-very-secret")
+    ts = await TokenServer(expires_in=expires_in).start()  # type: ignore[arg-type]
+    try:
+        sc = await sidecar_factory({"api": oauth_policy(upstream.url, ts.url)})
+        async with client.get(f"{sc.url}/api/x") as r:
+            if expires_in == 0:
+                # 0 means "not given" in OAuth2 practice: the default hour applies.
+                assert r.status == 200
+            else:
+                assert r.status == 503
+                assert r.headers["X-Sidecar-Error"] == "oauth2_token_unavailable"
+    finally:
+        await ts.stop()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import jwt
+import orjson
 import pytest
 from aiohttp import web
 from cryptography.hazmat.primitives import serialization
@@ -205,3 +206,33 @@ def test_config_errors(table, fragment):
     with pytest.raises(ValueError) as e:
         Config(**table)
     assert fragment in str(e.value)
+
+
+async def test_oversized_jwks_is_refused_like_an_unreachable_one(sidecar_factory, upstream, client):
+    from aiohttp import web
+
+    from tests.support.upstream import serve
+
+    key = rsa_key()
+    # A valid key set, padded past the 1 MiB bound: refused before it is parsed.
+    body = orjson.dumps(jwk(key, "r1", "RS256"))
+
+    async def huge(request):
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await resp.prepare(request)
+        await resp.write(b'{"keys": [' + body + b" " * (2 * 1024 * 1024) + b"]}")
+        return resp
+    app = web.Application()
+    app.router.add_get("/jwks", huge)
+    runner, port = await serve(app)
+    try:
+        sc = await sidecar_factory({}, inbound_config(upstream.url, extra=f"""
+            [inbound.routes."/api".jwt]
+            jwks_url = "http://127.0.0.1:{port}/jwks"
+            """))
+        token = jwt.encode(claims(), key, algorithm="RS256", headers={"kid": "r1"})
+        status, headers, _ = await get(client, f"{inbound_url(sc)}/api", token)
+        assert status == 503 and headers["X-Sidecar-Error"] == "auth_unavailable"
+        assert upstream.seen == []
+    finally:
+        await runner.cleanup()
