@@ -9,7 +9,7 @@ from urllib.parse import parse_qsl
 import pytest
 from aiohttp import web
 
-from tests.support.upstream import FakeUpstream, Seen, serve
+from tests.support.upstream import FakeUpstream, Seen, dribble, serve
 
 
 class TokenServer:
@@ -221,26 +221,14 @@ async def test_token_response_arriving_in_pieces_is_read_whole(sidecar_factory, 
     monkeypatch.setenv("CLIENT_SECRET", "cs-3")
     body = b'{"access_token": "at-chunked-' + b"x" * 2000 + b'", "token_type": "Bearer", "expires_in": 3600}'
 
-    async def token(request: web.Request) -> web.StreamResponse:
-        await request.read()
-        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
-        await resp.prepare(request)
-        for i in range(0, len(body), 500):
-            await resp.write(body[i:i + 500])
-            await asyncio.sleep(0.02)
-        await resp.write_eof()
-        return resp
-
-    app = web.Application()
-    app.router.add_post("/oauth/token", token)
-    runner, port = await serve(app)
+    idp = await FakeUpstream(dribble(body, piece=500)).start()
     try:
-        sc = await sidecar_factory({"api": oauth_policy(upstream.url, f"http://127.0.0.1:{port}/oauth/token")})
+        sc = await sidecar_factory({"api": oauth_policy(upstream.url, f"{idp.url}/oauth/token")})
         async with client.get(f"{sc.url}/api/x") as r:
             assert r.status == 200, await r.text()
         assert upstream.seen[-1].headers["Authorization"] == "Bearer at-chunked-" + "x" * 2000
     finally:
-        await runner.cleanup()
+        await idp.stop()
 
 
 @pytest.mark.parametrize("expires_in", ["nan", "inf", -5, 0])

@@ -7,7 +7,7 @@ from aiohttp import web
 
 from plugins.forward_auth import Config
 from tests.support.inbound import inbound_config, inbound_url
-from tests.support.upstream import FakeUpstream
+from tests.support.upstream import FakeUpstream, dribble
 
 
 async def identity(request: web.Request, seen) -> web.StreamResponse:
@@ -88,20 +88,8 @@ def test_config_errors():
 
 
 async def test_denial_body_arriving_in_pieces_is_relayed_whole(sidecar_factory, upstream, client):
-    import asyncio
-
     deny = b'{"reason": "' + b"r" * 3000 + b'"}'
-
-    async def chunked_deny(request, seen):
-        resp = web.StreamResponse(status=403, headers={"Content-Type": "application/json"})
-        await resp.prepare(request)
-        for i in range(0, len(deny), 1000):
-            await resp.write(deny[i:i + 1000])
-            await asyncio.sleep(0.02)
-        await resp.write_eof()
-        return resp
-
-    idp = await FakeUpstream(chunked_deny).start()
+    idp = await FakeUpstream(dribble(deny, status=403)).start()
     try:
         sc = await sidecar_factory({}, inbound_config(upstream.url, extra=f"""
             [inbound.routes."/internal".forward_auth]

@@ -436,23 +436,11 @@ async def test_duplicate_while_the_original_is_in_flight_is_409_not_200(hooks, c
 async def test_passthrough_relays_a_chunked_service_answer_whole(hooks, client, upstream):
     """Slack and others read the answer's body (a message): all of it comes back,
     not only the chunks that had arrived at the first read."""
-    import asyncio
-
-    from aiohttp import web
+    from tests.support.upstream import dribble
 
     url, _ = hooks
     answer = b'{"text": "' + b"t" * 3000 + b'"}'
-
-    async def chunked(request, seen):
-        resp = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
-        await resp.prepare(request)
-        for i in range(0, len(answer), 1000):
-            await resp.write(answer[i:i + 1000])
-            await asyncio.sleep(0.02)
-        await resp.write_eof()
-        return resp
-
-    upstream.responder = chunked
+    upstream.responder = dribble(answer)
     body = stripe_body("evt_chunked_answer")
     header = stripe.WebhookSignature.generate_signature_header(body.decode(), STRIPE_SECRET)
     st, h, raw = await post(client, url + "/webhooks/stripe", body, {"Stripe-Signature": header})

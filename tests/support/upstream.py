@@ -39,6 +39,20 @@ async def echo(request: web.Request, seen: Seen) -> web.StreamResponse:
                               "headers": dict(seen.headers), "body_len": len(seen.body)})
 
 
+def dribble(body: bytes, *, status: int = 200, piece: int = 1000, pause: float = 0.02) -> Responder:
+    """A responder that sends ``body`` in pieces with pauses, so a reader sees
+    several chunks (a slow link, chunked encoding), not one."""
+    async def respond(request: web.Request, seen: Seen) -> web.StreamResponse:
+        resp = web.StreamResponse(status=status, headers={"Content-Type": "application/json"})
+        await resp.prepare(request)
+        for i in range(0, len(body), piece):
+            await resp.write(body[i:i + piece])
+            await asyncio.sleep(pause)
+        await resp.write_eof()
+        return resp
+    return respond
+
+
 class FakeUpstream:
     """Records every request; answers with ``responder`` (default: JSON echo).
 
