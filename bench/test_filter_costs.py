@@ -33,8 +33,8 @@ REQUEST_HEADERS = [("Host", "127.0.0.1:8080"), ("User-Agent", "bench/1"), ("Acce
 
 
 def make_exchange() -> Exchange:
-    return Exchange(None, None, "GET", "/json", "", CIMultiDict(REQUEST_HEADERS), None, None,  # type: ignore[arg-type]
-                    "t1", "r1", "127.0.0.1", 0.0, None, 1 << 20)
+    return Exchange(None, "GET", "/json", "", CIMultiDict(REQUEST_HEADERS),  # type: ignore[arg-type]
+                    tenant="t1", request_id="r1", client_ip="127.0.0.1", started=0.0, max_body=1 << 20)
 
 
 async def terminal(ex: Exchange) -> ProxyResponse:

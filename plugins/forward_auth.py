@@ -90,7 +90,7 @@ class ForwardAuthFilter(Filter):
             for v in ex.headers.getall(h, []):
                 headers.add(h, v)
         headers["X-Forwarded-Method"] = ex.method
-        headers["X-Forwarded-Uri"] = ex.request.raw_path
+        headers["X-Forwarded-Uri"] = ex.target
         headers["X-Forwarded-For"] = ex.client_ip or ""
         headers["X-Request-ID"] = ex.request_id
         try:

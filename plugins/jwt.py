@@ -16,6 +16,7 @@ RFC 6750 3.1). The verified claims are left in ``ex.vars["jwt"]``.
 from __future__ import annotations
 
 import asyncio
+import math
 import logging
 import time
 from typing import Any
@@ -97,8 +98,10 @@ class Jwks:
         self.url = url
         self.ttl = ttl
         self.keys: dict[str | None, Any] = {}
-        self.fetched = 0.0
-        self._last_miss = 0.0
+        # -inf, not 0.0: time.monotonic() counts from boot, and on a machine up
+        # for less than the TTL a 0.0 made the first fetch look like a recent miss.
+        self.fetched = -math.inf
+        self._last_miss = -math.inf
         self._retry_at = 0.0
         self._lock = asyncio.Lock()
         self._session: aiohttp.ClientSession | None = None

@@ -55,7 +55,7 @@ async def routes(request: web.Request) -> web.Response:
     out = []
     for r in sorted(rt.table.routes, key=lambda r: r.prefix):
         out.append({
-            "name": r.name, "route": r.prefix, "upstream": r.upstream.url,
+            "name": r.name, "route": r.prefix, "upstream": r.upstream.url if r.upstream is not None else None,
             "file": str(r.policy.file),
             "chain": [{"plugin": f.name, "priority": rt.specs[f.name].priority, **f.describe()}
                       for f in r.filters],

@@ -23,11 +23,9 @@ from typing import TYPE_CHECKING, Any
 
 from multidict import CIMultiDict
 
-from .errors import RequestBodyTooLarge
+from .errors import RequestBodyTooLarge, SidecarError, error_body
 
 if TYPE_CHECKING:
-    from aiohttp.web import BaseRequest
-
     from .routes import Route
 
 Body = bytes | AsyncIterator[bytes] | None
@@ -53,6 +51,15 @@ class ProxyResponse:
         self._release = release
         # True when the response came from the upstream (not made by the sidecar).
         self.upstream = upstream
+
+    @classmethod
+    def error(cls, err: SidecarError, request_id: str | None) -> "ProxyResponse":
+        """The one JSON error response of the sidecar (every listener, every
+        plugin): ``{"error": {...}}`` with ``X-Sidecar-Error`` and the error's
+        own headers (``Retry-After``, ``Allow``...)."""
+        headers = CIMultiDict({"Content-Type": "application/json", "X-Sidecar-Error": err.code})
+        headers.update(err.headers)
+        return cls(err.status, headers, error_body(err.code, err.message, request_id))
 
     def close(self) -> None:
         """Drop the response: the upstream connection is closed, not reused."""
@@ -98,31 +105,36 @@ async def collect(body: AsyncIterator[bytes], limit: int | None,
 
 
 class Exchange:
-    """One proxied request as filters see it.
+    """One proxied request as filters see it, whatever listener it came in on.
 
     Filters change the upstream request by editing ``method``, ``path``
     (after the route prefix, starting with '/'), ``query`` (raw, no '?'),
     ``headers`` (already free of hop-by-hop headers) and ``body``.
+    ``target`` is the request target as the client sent it (route prefix and
+    query included).
     ``response_headers`` are added to whatever response reaches the client,
     errors included (rate-limit headers, for instance). ``log`` collects what
-    each plugin decided, for the access-log line.
+    each plugin decided, for the access-log line. A filter that needs another
+    request (a background revalidation, a sub-request) makes it with
+    ``derive(...)``.
     """
 
-    __slots__ = ("request", "route", "method", "path", "query", "headers", "body",
+    __slots__ = ("route", "method", "path", "query", "headers", "body", "target",
                  "body_length", "tenant", "request_id", "client_ip", "started", "deadline",
                  "response_headers", "log", "attempt", "vars", "_max_body")
 
-    def __init__(self, request: "BaseRequest", route: "Route", method: str, path: str, query: str,
-                 headers: CIMultiDict[str], body: Body, body_length: int | None, tenant: str | None,
-                 request_id: str, client_ip: str | None, started: float, deadline: float | None,
-                 max_body: int) -> None:
-        self.request = request
+    def __init__(self, route: "Route", method: str, path: str, query: str,
+                 headers: CIMultiDict[str], body: Body = None, *, request_id: str,
+                 started: float, max_body: int, target: str | None = None,
+                 body_length: int | None = None, tenant: str | None = None,
+                 client_ip: str | None = None, deadline: float | None = None) -> None:
         self.route = route
         self.method = method
         self.path = path
         self.query = query
         self.headers = headers
         self.body = body
+        self.target = (path + "?" + query if query else path) if target is None else target
         # Declared Content-Length (None for chunked or unknown).
         self.body_length = body_length
         self.tenant = tenant
@@ -137,6 +149,25 @@ class Exchange:
         # Free-form per-request values shared between filters, keyed by plugin name.
         self.vars: dict[str, Any] = {}
         self._max_body = max_body
+
+    def derive(self, **changes: Any) -> "Exchange":
+        """A new exchange for the same route and client: the request's identity
+        (route, request id, client, tenant, deadline) is kept, every keyword
+        given replaces that field (``method``, ``path``, ``query``, ``headers``,
+        ``body``, ``started``...); ``headers`` is copied when not given, the
+        body is None, and the log, vars and response headers start empty."""
+        kw: dict[str, Any] = {
+            "route": self.route, "method": self.method, "path": self.path, "query": self.query,
+            "headers": CIMultiDict(self.headers), "body": None, "request_id": self.request_id,
+            "started": self.started, "max_body": self._max_body, "target": self.target,
+            "body_length": None, "tenant": self.tenant, "client_ip": self.client_ip,
+            "deadline": self.deadline,
+        }
+        unknown = changes.keys() - kw.keys()
+        if unknown:
+            raise TypeError(f"Exchange.derive: unknown field(s) {', '.join(sorted(unknown))}")
+        kw.update(changes)
+        return Exchange(**kw)
 
     async def read_body(self, limit: int | None = None) -> bytes:
         """Buffer the request body (once) so it can be inspected or replayed.

@@ -349,7 +349,6 @@ def load_policies(settings: Settings, plugin_configs: dict[str, type[BaseModel]]
         raise ConfigError([f"{folder}: (folder): policies folder not found"])
     problems: list[str] = []
     policies: list[Policy] = []
-    routes: dict[str, Path] = {}
     for path in sorted(folder.glob("*.toml")):
         try:
             raw = _read_toml(path)
@@ -360,12 +359,6 @@ def load_policies(settings: Settings, plugin_configs: dict[str, type[BaseModel]]
         problems += found
         if policy is None:
             continue
-        route = policy.core.route
-        if route is not None:
-            if route in routes:
-                problems.append(f"{path}: route: {route!r} is already the route of {routes[route]}")
-                continue
-            routes[route] = path
         policies.append(policy)
     if problems:
         raise ConfigError(problems)

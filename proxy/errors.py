@@ -1,7 +1,7 @@
 """Errors the sidecar itself answers with, and their JSON form.
 
 Every response the sidecar produces on its own carries a JSON body
-``{"error": {"code", "message", "request_id"}}`` and ``X-Sidecar-Error: <code>``
+``{"type": "error", "error": {"type", "code", "message", "request_id"}}`` and ``X-Sidecar-Error: <code>``
 so a service can tell a sidecar error from a provider's.
 """
 
@@ -75,4 +75,7 @@ class ConfigError(Exception):
 
 
 def error_body(code: str, message: str, request_id: str | None) -> bytes:
-    return orjson.dumps({"error": {"code": code, "message": message, "request_id": request_id}})
+    # "type" at the top and in "error" (= the code): the shape the OpenAI and
+    # Anthropic SDKs read, so they show the message instead of a raw dict.
+    return orjson.dumps({"type": "error", "error": {"type": code, "code": code, "message": message,
+                                                    "request_id": request_id}})

@@ -84,6 +84,17 @@ def sidecar_policies_loaded(runtime: "Runtime", policies: "list[Any]") -> None:
 
 
 @hookspec
+def sidecar_policies_check(runtime: "Runtime", policies: "list[Any]") -> "list[str]":
+    """Check a validated policy set as a whole before it goes live; return problems.
+
+    Each problem is one ``file: field: reason`` line (two files claiming the
+    same route prefix or webhook path, for instance). Run by start-up, by
+    every reload and by ``sidecar validate``; any problem rejects the set and
+    the previous one keeps serving. Return an empty list when all is well.
+    """
+
+
+@hookspec
 def sidecar_listeners_start(runtime: "Runtime", sidecar: Any) -> Any:
     """Start extra listeners beside the outbound and admin ones (the inbound webhook listener).
 

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 from multidict import CIMultiDict, CIMultiDictProxy, istr
+
+def new_request_id() -> str:
+    """A fresh X-Request-ID (128 random bits, hex)."""
+    return os.urandom(16).hex()
+
 
 # RFC 9110 7.6.1, plus the legacy names every proxy strips (nginx, Envoy).
 HOP_BY_HOP = frozenset(istr(h) for h in (

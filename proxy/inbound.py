@@ -33,12 +33,11 @@ from aiohttp import web
 from aiohttp.web_request import BaseRequest
 from pydantic import Field, ValidationError, ValidationInfo, field_validator
 
-from .chain import Filter, compile_chain
-from .config import Listener, Policy, PolicyCore, Timeouts, TLS, config_digest
+from .chain import Filter
+from .config import Listener, Policy, PolicyCore, Timeouts, TLS
 from .errors import ConfigError
 from .hookspecs import hookimpl
 from .outbound import OutboundHandler
-from .plugins import BuildContext, ordered
 from .units import Duration
 from .routes import Route, RouteTable
 
@@ -163,30 +162,19 @@ class Inbound:
         core = PolicyCore(limits=rt.settings.limits)
         routes: list[Route] = []
         problems: list[str] = []
-        where = rt.settings.path or "config"
+        filters_now: dict[tuple[str, str, str], Filter] = {}
+        where = str(rt.settings.path or "config")
+        upstream = rt.pools.get(s.service_url, TLS(), Timeouts()) if s.routes else None
         for prefix, plugins in s.routes.items():
             name = f"inbound:{prefix}"
-            policy = Policy(name, Path(str(where)), core, plugins, {k: config_digest(str(v)) for k, v in plugins.items()})
-            chain: list[Filter] = []
-            for spec in ordered([rt.specs[n] for n in plugins]):
-                try:
-                    f = spec.build(plugins[spec.name], BuildContext(name, policy, rt))
-                except (ConfigError, ValueError) as e:
-                    problems.append(f"{where}: inbound.routes.{prefix}.{spec.name}: {e}")
-                    continue
-                if f is not None:
-                    f.name = spec.name
-                    chain.append(f)
-            upstream = rt.pools.get(s.service_url, TLS(), Timeouts())
-            limits = rt.settings.limits
-            routes.append(Route(name=name, prefix=prefix, policy=policy, upstream=upstream, filters=chain,
-                                handler=compile_chain(chain, rt._terminal(name, upstream)),
-                                tenant_header="X-Tenant-ID", max_body=limits.max_request_body,
-                                max_header_size=limits.max_header_size, max_headers=limits.max_headers,
-                                total_timeout=core.timeouts.total))
-            self.filters += chain
+            raw = {k: v.model_dump(mode="json") if hasattr(v, "model_dump") else v for k, v in plugins.items()}
+            policy = Policy(name, Path(where), core, plugins, raw)
+            routes.append(rt.build_route(policy, plugins, prefix=prefix, scope="inbound", upstream=upstream,
+                                         terminal=None, where=where, filters_now=filters_now,
+                                         problems=problems, field_prefix=f"inbound.routes.{prefix}."))
         if problems:
             raise ConfigError(problems)
+        self.filters = list(filters_now.values())
         self.handler.table = RouteTable(routes)
 
     async def close(self) -> None:

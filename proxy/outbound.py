@@ -11,18 +11,15 @@ import asyncio
 import time
 import ipaddress
 import logging
-import os
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 from aiohttp import web
 from aiohttp.web_request import BaseRequest
-from multidict import CIMultiDict
 
 from .chain import Exchange, ProxyResponse
-from .errors import (BadRequest, HeadersTooLarge, NoRoute, RequestBodyTooLarge, SidecarError,
-                     error_body)
-from .http import has_dot_segment, strip_hop_by_hop
+from .errors import BadRequest, HeadersTooLarge, NoRoute, RequestBodyTooLarge, SidecarError
+from .http import has_dot_segment, new_request_id, strip_hop_by_hop
 from .upstream import BodyOverflow
 
 if TYPE_CHECKING:
@@ -53,16 +50,6 @@ class ProxyStreamResponse(web.StreamResponse):
             h.popall("Content-Type", None)
         if not had_server:
             h.popall("Server", None)
-
-
-def new_request_id() -> str:
-    return os.urandom(16).hex()
-
-
-def error_response(err: SidecarError, request_id: str) -> ProxyResponse:
-    headers = CIMultiDict({"Content-Type": "application/json", "X-Sidecar-Error": err.code})
-    headers.update(err.headers)
-    return ProxyResponse(err.status, headers, error_body(err.code, err.message, request_id))
 
 
 class TrustedProxies:
@@ -120,25 +107,31 @@ class OutboundHandler:
                     await self._expect(request, ex)
                 resp = await route.handler(ex)
             except SidecarError as e:
-                resp = error_response(e, rid)
+                resp = ProxyResponse.error(e, rid)
             except asyncio.CancelledError:
-                rt.access(request, route, ex, rid, 499, started, "client_closed")
+                self._log(request, route, ex, rid, 499, started, "client_closed")
                 raise
             except Exception:
                 log.exception("request %s failed inside the sidecar", rid)
-                resp = error_response(SidecarError(), rid)
+                resp = ProxyResponse.error(SidecarError(), rid)
             try:
                 out, error = await self._send(request, resp, ex, rid)
             except (asyncio.CancelledError, ConnectionError):
                 # The client left while the response was streaming (how most
                 # SSE streams end): the status went out, so log that.
-                rt.access(request, route, ex, rid, resp.status, started, "client_closed")
+                self._log(request, route, ex, rid, resp.status, started, "client_closed")
                 raise
-            rt.access(request, route, ex, rid, resp.status, started,
+            self._log(request, route, ex, rid, resp.status, started,
                       error or (None if resp.upstream else resp.headers.get("X-Sidecar-Error")))
             return out
         finally:
             metrics.leave()
+
+    def _log(self, request: BaseRequest, route: "Route | None", ex: Exchange | None, rid: str,
+             status: int, started: float, error: str | None) -> None:
+        self.rt.access(request.method, request.raw_path.partition("?")[0],
+                       route.name if route is not None else "", ex, rid, status, started, error,
+                       request.headers)
 
     async def _expect(self, request: BaseRequest, ex: Exchange) -> None:
         """RFC 9110 10.1.1: answer ``100-continue`` ourselves once the request
@@ -192,9 +185,10 @@ class OutboundHandler:
             headers["X-Forwarded-Proto"] = self.scheme
             headers["X-Forwarded-Host"] = hin.get("Host", "")
         headers["X-Request-ID"] = rid
-        ex = Exchange(request, route, request.method, rest, query, headers, None, length,
-                      hin.get(route.tenant_header), rid, peer, started,
-                      started + route.total_timeout if route.total_timeout else None, route.max_body)
+        ex = Exchange(route, request.method, rest, query, headers, request_id=rid, started=started,
+                      max_body=route.max_body, target=raw, body_length=length,
+                      tenant=hin.get(route.tenant_header), client_ip=peer,
+                      deadline=started + route.total_timeout if route.total_timeout else None)
         if request.body_exists:
             overflow = BodyOverflow()
             ex.vars["_overflow"] = overflow

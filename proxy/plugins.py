@@ -24,6 +24,9 @@ if TYPE_CHECKING:
 
 ENTRY_POINT_GROUP = "sidecar.plugins"
 
+#: Capability: the plugin injects a credential into upstream requests.
+INJECTS_CREDENTIALS = "injects_credentials"
+
 #: Built-in plugin modules, registered on every manager.
 BUILTIN_PLUGINS = (
     "plugins.auth",
@@ -38,6 +41,7 @@ BUILTIN_PLUGINS = (
     "plugins.tracing",
     "plugins.webhook",
     "proxy.inbound",
+    "proxy.routes",
 )
 
 
@@ -49,6 +53,11 @@ class BuildContext:
     policy: "Policy"
     runtime: "Runtime"
 
+    def route_has(self, capability: str) -> bool:
+        """Whether another plugin on this route declares ``capability``."""
+        specs = self.runtime.specs
+        return any(capability in specs[n].capabilities for n in self.policy.plugins if n in specs)
+
 
 @dataclass(frozen=True)
 class PluginSpec:
@@ -58,7 +67,10 @@ class PluginSpec:
     table; ``priority`` orders the chain (higher runs first, outermost; ties by
     name); ``build(config, ctx)`` returns the route's Filter, or None to stay
     out of the chain. ``scope`` says where the plugin may be used: "outbound"
-    routes, "inbound" routes, or "both".
+    routes, "inbound" routes, or "both". ``capabilities`` declares what the
+    plugin does that other plugins must know about, instead of them
+    recognising it by name (``INJECTS_CREDENTIALS``: every upstream request
+    of a route holding it is an authorized one, so the cache keys per tenant).
     """
 
     name: str
@@ -67,6 +79,7 @@ class PluginSpec:
     build: Callable[[Any, BuildContext], "Filter | None"]
     description: str = ""
     scope: str = "outbound"
+    capabilities: frozenset[str] = frozenset()
     origin: str = field(default="built-in", compare=False)
 
 

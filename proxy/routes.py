@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .hookspecs import hookimpl
+
 if TYPE_CHECKING:
     from .chain import Filter, Handler
     from .config import Policy
@@ -18,7 +20,7 @@ class Route:
     name: str
     prefix: str
     policy: "Policy"
-    upstream: "Upstream"
+    upstream: "Upstream | None"   # None: the terminal handler answers (a webhook endpoint)
     filters: "list[Filter]"
     handler: "Handler"
     tenant_header: str
@@ -56,3 +58,18 @@ class RouteTable:
         if self._root is not None:
             return self._root, path
         return None
+
+
+@hookimpl
+def sidecar_policies_check(runtime: Any, policies: "list[Policy]") -> list[str]:
+    """Two policy files may not claim the same outbound route prefix."""
+    seen: dict[str, "Policy"] = {}
+    problems = []
+    for p in policies:
+        prefix = p.core.route
+        if prefix is None:
+            continue
+        first = seen.setdefault(prefix, p)
+        if first is not p:
+            problems.append(f"{p.file}: route: {prefix!r} is already the route of {first.file}")
+    return problems

@@ -13,12 +13,12 @@ import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import pluggy
 
 from .accesslog import AccessLog
-from .chain import Exchange, Filter, ProxyResponse, compile_chain
+from .chain import Exchange, Filter, Handler, ProxyResponse, compile_chain
 from .config import (Policy, Settings, config_digest, load_policies, validate_extra_settings)
 from .errors import ConfigError
 from .metrics import Metrics
@@ -29,9 +29,6 @@ from .routes import Route, RouteTable
 from .secrets import SecretStore
 from .state import make_state
 from .upstream import Upstream, UpstreamPools
-
-if TYPE_CHECKING:
-    from aiohttp.web_request import BaseRequest
 
 log = logging.getLogger("sidecar.runtime")
 T = TypeVar("T")
@@ -87,12 +84,20 @@ class Runtime:
                 scope = self.specs[name].scope
                 if p.core.route is None and scope == "outbound":
                     problems.append(f"{p.file}: {name}: needs an outbound route (set route and upstream)")
+        problems += self.check_set(policies)
         if problems:
             raise ConfigError(problems)
         return policies
 
+    def check_set(self, policies: list[Policy]) -> list[str]:
+        """Whole-set checks every plugin contributes (``sidecar_policies_check``)."""
+        problems: list[str] = []
+        for found in self.pm.hook.sidecar_policies_check(runtime=self, policies=policies):
+            problems.extend(found or [])
+        return problems
+
     def compile(self, policies: list[Policy]) -> tuple[RouteTable, dict[tuple[str, str, str], Filter]]:
-        """Build every route's chain; reuses a filter whose config did not change."""
+        """Build every outbound route's chain; reuses a filter whose config did not change."""
         routes: list[Route] = []
         filters_now: dict[tuple[str, str, str], Filter] = {}
         problems: list[str] = []
@@ -100,33 +105,57 @@ class Runtime:
             core = policy.core
             if core.route is None or core.upstream is None:
                 continue
-            chain: list[Filter] = []
-            specs = ordered([self.specs[n] for n in policy.plugins if self.specs[n].scope != "inbound"])
-            for spec in specs:
-                key = (policy.name, spec.name, config_digest(policy.raw.get(spec.name)))
-                f = self._filters.get(key) or filters_now.get(key)
-                if f is None:
-                    try:
-                        f = spec.build(policy.plugins[spec.name], BuildContext(policy.name, policy, self))
-                    except (ConfigError, ValueError) as e:
-                        problems.append(f"{policy.file}: {spec.name}: {e}")
-                        continue
-                if f is None:
-                    continue
-                f.name = spec.name
-                filters_now[key] = f
-                chain.append(f)
             upstream = self.pools.get(core.upstream, core.tls, core.timeouts)
-            limits = core.limits
-            route = Route(name=policy.name, prefix=core.route, policy=policy, upstream=upstream,
-                          filters=chain, handler=compile_chain(chain, self._terminal(policy.name, upstream)),
-                          tenant_header=core.tenant_header, max_body=limits.max_request_body,
-                          max_header_size=limits.max_header_size, max_headers=limits.max_headers,
-                          total_timeout=core.timeouts.total)
-            routes.append(route)
+            routes.append(self.build_route(
+                policy, policy.plugins, prefix=core.route, scope="outbound",
+                upstream=upstream, terminal=None, where=str(policy.file),
+                filters_now=filters_now, problems=problems))
         if problems:
             raise ConfigError(problems)
         return RouteTable(routes), filters_now
+
+    def build_route(self, policy: Policy, plugins: dict[str, Any], *, prefix: str, scope: str,
+                    upstream: Upstream | None, terminal: Handler | None, where: str,
+                    filters_now: dict[tuple[str, str, str], Filter], problems: list[str],
+                    field_prefix: str = "") -> Route:
+        """The one route builder: outbound policies, inbound routes and webhook
+        endpoints all become a Route the same way.
+
+        ``plugins`` maps plugin names to validated configs; those whose scope
+        admits ``scope`` ("outbound" | "inbound") are built (or reused when
+        their config table is unchanged, keyed by policy name, plugin and
+        digest) and nested, by PRIORITY, around ``terminal`` (default: send
+        to ``upstream``). Build problems are appended to ``problems`` as
+        ``where: field_prefix+plugin: reason``; the route is still returned
+        so every problem of the set is reported in one pass.
+        """
+        chain: list[Filter] = []
+        specs = ordered([self.specs[n] for n in plugins if self.specs[n].scope in (scope, "both")])
+        for spec in specs:
+            key = (policy.name, spec.name, config_digest(policy.raw.get(spec.name)))
+            f = self._filters.get(key) or filters_now.get(key)
+            if f is None:
+                try:
+                    f = spec.build(plugins[spec.name], BuildContext(policy.name, policy, self))
+                except (ConfigError, ValueError) as e:
+                    problems.append(f"{where}: {field_prefix}{spec.name}: {e}")
+                    continue
+            if f is None:
+                continue
+            f.name = spec.name
+            filters_now[key] = f
+            chain.append(f)
+        if terminal is None:
+            if upstream is None:
+                raise ValueError("build_route: a route needs an upstream or a terminal handler")
+            terminal = self._terminal(policy.name, upstream)
+        core = policy.core
+        limits = core.limits
+        return Route(name=policy.name, prefix=prefix, policy=policy, upstream=upstream,
+                     filters=chain, handler=compile_chain(chain, terminal),
+                     tenant_header=core.tenant_header, max_body=limits.max_request_body,
+                     max_header_size=limits.max_header_size, max_headers=limits.max_headers,
+                     total_timeout=core.timeouts.total)
 
     def _terminal(self, name: str, upstream: Upstream) -> Callable[[Exchange], Awaitable[ProxyResponse]]:
         observe = self.metrics.batched_histogram(self.metrics.upstream_duration.labels(name)).observe
@@ -234,12 +263,17 @@ class Runtime:
 
     # ---- data plane: one call per request -------------------------------
 
-    def access(self, request: "BaseRequest", route: Route | None, ex: Exchange | None, rid: str,
-               status: int, started: float, error: str | None) -> None:
-        """Record one request: access-log line and metrics."""
+    def access(self, method: str, path: str, route_name: str, ex: Exchange | None, rid: str,
+               status: int, started: float, error: str | None,
+               headers: Any = None) -> None:
+        """Record one request: access-log line and metrics (any listener).
+
+        ``path`` is the request path without the query; ``route_name`` is ""
+        when no route matched; ``headers`` (the client's, a mapping) is only
+        read when ``[logging] log_headers`` asks for some.
+        """
         took = time.monotonic() - started
-        name = route.name if route is not None else ""
-        method = request.method
+        name = route_name
         # prometheus-client's labels() costs ~2 µs a call: keep the children.
         key = (name, method, status)
         inc = self._count_children.get(key)
@@ -247,7 +281,7 @@ class Runtime:
             inc = self._count_children[key] = self.metrics.batched(
                 self.metrics.requests.labels(name, method, str(status))).inc
         inc()
-        if route is not None:
+        if name:
             observe = self._duration_children.get(name)
             if observe is None:
                 observe = self._duration_children[name] = self.metrics.batched_histogram(
@@ -258,7 +292,7 @@ class Runtime:
         record: dict[str, Any] = {
             "ts": round(time.time(), 3), "request_id": rid, "route": name,
             "tenant": ex.tenant if ex is not None else None,
-            "method": request.method, "path": request.raw_path.partition("?")[0],
+            "method": method, "path": path,
             "status": status, "duration_ms": round(took * 1000, 3), "worker": self.worker_id,
         }
         if ex is not None:
@@ -270,6 +304,6 @@ class Runtime:
                 record["decisions"] = ex.log
         if error:
             record["error"] = error
-        if self._log_headers:
-            record["headers"] = self.redactor.headers_dict(request.headers, self._log_headers)
+        if self._log_headers and headers is not None:
+            record["headers"] = self.redactor.headers_dict(headers, self._log_headers)
         self.accesslog.write(record)

@@ -20,7 +20,7 @@ from aiohttp import web
 
 from proxy.admin import json_response, runtime_of
 from proxy.hookspecs import hookimpl
-from proxy.plugins import BuildContext, PluginSpec
+from proxy.plugins import INJECTS_CREDENTIALS, BuildContext, PluginSpec
 
 from .config import LITERAL_CREDENTIAL, LITERAL_OK, SECRET_FIELDS, Config
 from .inject import AuthFilter, BasicSlot, Credentials, HeaderSlot, QuerySlot, Secret, Slot
@@ -114,7 +114,7 @@ async def admin_secrets_refresh(request: web.Request) -> web.Response:
 
 @hookimpl
 def sidecar_plugins_register() -> list[PluginSpec]:
-    return [PluginSpec(NAME, Config, PRIORITY, build,
+    return [PluginSpec(NAME, Config, PRIORITY, build, capabilities=frozenset({INJECTS_CREDENTIALS}),
                        description="inject credentials from env, file and Vault secrets")]
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 from proxy.hookspecs import hookimpl
-from proxy.plugins import BuildContext, PluginSpec
+from proxy.plugins import INJECTS_CREDENTIALS, BuildContext, PluginSpec
 
 from .config import Config
 from .filter import NAME, CacheFilter, CacheMiss
@@ -31,11 +31,6 @@ from .store import MemoryStore, RedisStore
 PRIORITY = 755  # outside retry and the breaker: a hit skips both, stale-if-error catches circuit_open
 
 __all__ = ["Config", "CacheFilter", "CacheMiss", "PRIORITY", "build", "cache_filters"]
-
-# Policy tables whose plugin injects credentials next to the upstream: on such
-# a route every upstream request is an authorized one (RFC 9111 3.5).
-CREDENTIAL_PLUGINS = frozenset({"auth"})
-
 
 def _counter(runtime: Any) -> Any:
     return runtime.metrics.counter(
@@ -54,7 +49,9 @@ def build(config: Config, ctx: BuildContext) -> CacheFilter:
         store: MemoryStore | RedisStore = RedisStore(rt.state, ctx.route)
     else:
         store = MemoryStore(config.max_entries, config.max_memory)
-    injects = any(name in ctx.policy.plugins for name in CREDENTIAL_PLUGINS)
+    # A plugin that injects credentials next to the upstream makes every
+    # upstream request of the route an authorized one (RFC 9111 3.5).
+    injects = ctx.route_has(INJECTS_CREDENTIALS)
     return CacheFilter(config, ctx.route, store, _counter(rt), injects,
                        ctx.policy.core.timeouts.total or 0.0)
 

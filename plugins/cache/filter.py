@@ -365,9 +365,8 @@ class CacheFilter(Filter):
         for name in _CONDITIONALS:
             headers.popall(name, None)
         now = time.monotonic()
-        bg = Exchange(ex.request, ex.route, "GET", ex.path, ex.query, headers, None, None, ex.tenant,
-                      ex.request_id, ex.client_ip, now,
-                      now + self.route_timeout if self.route_timeout else None, ex.route.max_body)
+        bg = ex.derive(method="GET", headers=headers, started=now,
+                       deadline=now + self.route_timeout if self.route_timeout else None)
         credentialed = self.injects or "Authorization" in headers
         seen = headers.copy()
 

@@ -15,7 +15,7 @@ from multidict import CIMultiDict, istr
 from proxy.chain import collect
 from proxy.errors import RequestBodyTooLarge, SidecarError, UpstreamUnavailable, error_body
 from proxy.http import strip_hop_by_hop
-from proxy.outbound import new_request_id
+from proxy.http import new_request_id
 from proxy.secrets import SecretRef, SecretUnavailable
 
 from .config import Config
@@ -130,7 +130,8 @@ class WebhookEndpoint:
             resp = web.Response(status=500, body=error_body("internal_error", "internal error", rid),
                                 headers={"Content-Type": "application/json", "X-Sidecar-Error": "internal_error"})
         resp.headers["X-Request-ID"] = rid
-        self.service.rt.access(request, self.route, None, rid, resp.status, started, error)  # type: ignore[arg-type]
+        self.service.rt.access(request.method, request.raw_path.partition("?")[0], self.route.name, None,
+                               rid, resp.status, started, error, request.headers)
         return resp
 
     async def _handle(self, request: BaseRequest, rid: str) -> web.StreamResponse:

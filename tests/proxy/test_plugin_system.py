@@ -75,6 +75,12 @@ def sidecar_settings_register():
 @hookimpl
 def sidecar_listeners_start(runtime, sidecar):
     SEEN.append(("listeners", sorted(sidecar.ports)))
+
+
+@hookimpl
+def sidecar_policies_check(runtime, policies):
+    return [f"{p.file}: tagger: the tag 'forbidden' is reserved"
+            for p in policies if "tagger" in p.plugins and p.plugins["tagger"].tag == "forbidden"]
 '''
 
 
@@ -208,3 +214,22 @@ def test_every_hook_is_exercised_by_a_test():
     tests = "\n".join(p.read_text() for p in Path(__file__).resolve().parents[1].rglob("test_*.py"))
     for name in _hookspec_names():
         assert f"def {name}(" in tests, f"hook {name} has no test implementing it"
+
+
+async def test_policies_check_hook_rejects_a_set_and_reload_keeps_the_old(installed_plugin, sidecar_factory,
+                                                                        upstream, client):
+    sc = await sidecar_factory({"p": f'route = "/p"\nupstream = "{upstream.url}"\n[tagger]\ntag = "a"\n'})
+    (sc.dir / "policies" / "p.toml").write_text(f'route = "/p"\nupstream = "{upstream.url}"\n[tagger]\ntag = "forbidden"\n')
+    problems = await sc.runtime.reload()
+    assert problems == [f"{sc.dir / 'policies' / 'p.toml'}: tagger: the tag 'forbidden' is reserved"]
+    async with client.get(f"{sc.url}/p/x") as r:
+        assert r.headers["X-Tag-Response"] == "a"
+
+
+async def test_two_policies_claiming_one_route_are_refused(sidecar_factory, upstream):
+    sc = await sidecar_factory({"a": f'route = "/x"\nupstream = "{upstream.url}"\n'})
+    (sc.dir / "policies" / "b.toml").write_text(f'route = "/x/"\nupstream = "{upstream.url}"\n')
+    problems = await sc.runtime.reload()
+    pol = sc.dir / "policies"
+    assert problems == [f"{pol / 'b.toml'}: route: '/x' is already the route of {pol / 'a.toml'}"]
+    assert [r.name for r in sc.runtime.table.routes] == ["a"]
