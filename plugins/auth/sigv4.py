@@ -32,7 +32,7 @@ import logging
 import re
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote, unquote
+from urllib.parse import quote, unquote, unquote_plus
 
 from botocore.auth import EMPTY_SHA256_HASH, UNSIGNED_PAYLOAD, S3SigV4Auth, SigV4Auth
 from botocore.awsrequest import AWSRequest
@@ -92,18 +92,19 @@ def canonical_path(path: str) -> str:
 
 def canonical_query(query: str) -> str:
     """The query re-encoded the AWS way (keys and values percent-encoded,
-    unreserved characters kept; a literal '+' is a plus, RFC 3986), without
-    presigned-URL parameters. Order is kept: the signer sorts its own copy."""
+    unreserved characters kept), without presigned-URL parameters. A '+' is a
+    space, as AWS services decode queries (form encoding); a plus is sent as
+    %2B. Order is kept: the signer sorts its own copy."""
     out = []
     for part in query.split("&"):
         if not part:
             continue
         k, eq, v = part.partition("=")
-        k = unquote(k)
+        k = unquote_plus(k)
         if k.lower() in _PRESIGN_PARAMS:
             continue
         k = quote(k, safe="-_.~")
-        out.append(f"{k}={quote(unquote(v), safe='-_.~')}" if eq else k)
+        out.append(f"{k}={quote(unquote_plus(v), safe='-_.~')}" if eq else k)
     return "&".join(out)
 
 
