@@ -152,6 +152,7 @@ class AwsSecretsBackend:
         self._client: Any = None            # botocore client, touched only in the thread
         self.last_error: str | None = None
         self.last_success: float | None = None   # wall time
+        self._logged: dict[tuple[str, Pin], str] = {}   # each secret's failure logged once, not per cycle
         self._task: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
         self._lock: asyncio.Lock | None = None
@@ -266,15 +267,19 @@ class AwsSecretsBackend:
     def read_groups(self, groups: list[tuple[str, Pin]]) -> dict[tuple[str, Pin], Any]:
         out: dict[tuple[str, Pin], Any] = {}
         for secret_id, pin in groups:
+            group = (secret_id, pin)
             try:
-                out[(secret_id, pin)] = self._read(secret_id, pin)
+                out[group] = self._read(secret_id, pin)
                 self.last_error, self.last_success = None, time.time()
+                if self._logged.pop(group, None) is not None:
+                    log.info("aws-sm read of %s works again", secret_id)
             except Exception as e:
                 why = _why(e)
-                if why != self.last_error:
+                if self._logged.get(group) != why:
                     log.warning("aws-sm read of %s failed: %s", secret_id, why)
+                    self._logged[group] = why
                 self.last_error = why
-                out[(secret_id, pin)] = ("error", why, None)
+                out[group] = ("error", why, None)
         return out
 
     def _read(self, secret_id: str, pin: Pin) -> tuple[str, str, str | None]:

@@ -46,6 +46,10 @@ if TYPE_CHECKING:
     from .inject import Secret
 
 log = logging.getLogger("sidecar.aws")
+# SECURITY: at DEBUG botocore logs each canonical request (X-Amz-Security-Token
+# included) and each response body (Secrets Manager values): never below INFO,
+# whatever level the sidecar's logging runs at.
+logging.getLogger("botocore").setLevel(logging.INFO)
 
 TRAILER = "STREAMING-UNSIGNED-PAYLOAD-TRAILER"
 DROPPED = ("Authorization", "X-Amz-Date", "X-Amz-Security-Token", "X-Amz-Content-Sha256")
