@@ -286,3 +286,21 @@ async def _boto3_scenario(sidecar_factory, moto, boto3, BotoConfig, key_id, secr
     direct = await asyncio.to_thread(moto.client("s3", key_id, secret).head_object,
                                      Bucket=bucket, Key="big/obj one.bin")
     assert direct["ContentLength"] == len(data)
+
+
+async def test_shipped_storage_example_validates_and_signs(tmp_path, sidecar_factory, client, aws_env, monkeypatch):
+    """policies/storage.toml.example, enabled as storage.toml, pointed at a verifying upstream."""
+    from pathlib import Path
+
+    text = (Path(__file__).parents[2] / "policies" / "storage.toml.example").read_text()
+    monkeypatch.setenv("STORAGE_ACCESS_KEY_ID", KEY_ID)
+    monkeypatch.setenv("STORAGE_SECRET_ACCESS_KEY", SECRET)
+    up = await SigV4Upstream({KEY_ID: SECRET}).start()
+    try:
+        sc = await sidecar_factory({"storage": text.replace('"http://127.0.0.1:9000"', f'"{up.url}"')})
+        async with client.put(sc.url + "/storage/bucket/key.txt", data=b"x" * 1000, headers=DUMMY) as r:
+            assert r.status == 200, await r.text()
+            assert (await r.json())["payload"] == "UNSIGNED-PAYLOAD"
+        assert up.verdicts == ["ok"] and "X-Amz-Security-Token" not in up.seen[-1].headers
+    finally:
+        await up.stop()
