@@ -304,3 +304,44 @@ async def test_shipped_storage_example_validates_and_signs(tmp_path, sidecar_fac
         assert up.verdicts == ["ok"] and "X-Amz-Security-Token" not in up.seen[-1].headers
     finally:
         await up.stop()
+
+
+async def test_chain_credentials_rotate_without_restart(tmp_path, sidecar_factory, client, aws_env):
+    """Temporary credentials from the chain (a credential_process with an
+    Expiration: botocore RefreshableCredentials, as IRSA and instance roles
+    give) are renewed in the background and used without a restart."""
+    import json
+    import sys
+    import time
+
+    keys = tmp_path / "current-keys.json"
+    script = tmp_path / "creds.py"
+    script.write_text(
+        "import datetime, json, sys\n"
+        f"k = json.load(open({str(keys)!r}))\n"
+        "exp = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(minutes=12)\n"
+        "print(json.dumps({'Version': 1, 'AccessKeyId': k['id'], 'SecretAccessKey': k['secret'],\n"
+        "                  'SessionToken': 'tok-' + k['id'], 'Expiration': exp.isoformat()}))\n")
+    (tmp_path / "no-aws-config").write_text(f"[default]\ncredential_process = {sys.executable} {script}\n")
+    keys.write_text(json.dumps({"id": "AKIDROTATE000000001", "secret": "first-secret"}))
+    up = await SigV4Upstream({"AKIDROTATE000000001": "first-secret", "AKIDROTATE000000002": "second-secret"}).start()
+    try:
+        sc = await sidecar_factory({"api": policy(
+            up.url, 'type = "aws_sigv4"\nservice = "execute-api"\nregion = "us-east-1"\n', "/api")},
+            '[secrets.aws]\nrefresh = "0.3s"\n')
+        async with client.get(sc.url + "/api/x") as r:
+            assert r.status == 200, await r.text()
+        assert "Credential=AKIDROTATE000000001/" in up.seen[-1].headers["Authorization"]
+        keys.write_text(json.dumps({"id": "AKIDROTATE000000002", "secret": "second-secret"}))
+        end = time.monotonic() + 15
+        while "Credential=AKIDROTATE000000002/" not in up.seen[-1].headers["Authorization"]:
+            assert time.monotonic() < end, "rotated credentials not picked up"
+            await asyncio.sleep(0.1)
+            async with client.get(sc.url + "/api/x") as r:
+                assert r.status == 200, await r.text()
+        assert up.seen[-1].headers["X-Amz-Security-Token"] == "tok-AKIDROTATE000000002"
+        assert set(up.verdicts) == {"ok"}
+        async with client.get(sc.admin + "/admin/secrets") as r:
+            assert (await r.json())["aws_credentials"]["method"] == "custom-process"
+    finally:
+        await up.stop()
