@@ -39,7 +39,7 @@ class SecretRef:
     """A resolved-on-demand secret; each source subclasses it."""
 
     source = "literal"
-    # False for sources ``sidecar validate`` does not contact (Vault).
+    # False for sources ``sidecar validate`` does not read offline (Vault, AWS Secrets Manager).
     validate_offline = True
     optional = False
 
@@ -117,7 +117,11 @@ class OptionalSecret(SecretRef):
         try:
             return self.inner.get()
         except SecretUnavailable:
-            return None
+            # No value at all: omitted. A value that went stale (its service
+            # unreachable past max_stale) still fails closed.
+            if self.inner.value is None:
+                return None
+            raise
 
     def describe(self) -> dict[str, Any]:
         return self.inner.describe()

@@ -88,3 +88,18 @@ async def test_validate_warns_for_required_not_optional(tmp_path, monkeypatch, c
     assert await asyncio.to_thread(main, ["validate", "--offline", "--config", str(path)]) == 0
     err = capsys.readouterr().err
     assert "env:T_UNSET_A: does not resolve now" in err and "T_UNSET_B" not in err
+
+
+def test_optional_remote_secret_gone_stale_still_fails_closed():
+    import time
+
+    from proxy.secrets import OptionalSecret, RemoteSecret
+
+    ref = RemoteSecret("vault:p#k", max_stale=1.0)
+    opt = OptionalSecret("vault:p#k?", ref)
+    assert opt.get_optional() is None            # never read: no value, omitted
+    ref.value, ref.confirmed = "v", time.monotonic()
+    assert opt.get_optional() == "v"
+    ref.confirmed = time.monotonic() - 2.0       # last successful read older than max_stale
+    with pytest.raises(SecretUnavailable):
+        opt.get_optional()
