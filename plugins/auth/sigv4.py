@@ -270,7 +270,6 @@ class Signer:
         for name, value in to_sign:
             req.headers[name] = value   # HTTPHeaders appends: repeated names are all signed
         req.context["sidecar_payload"] = payload
-        req.context["timestamp"] = ""   # replaced by add_auth
         auth.add_auth(req)
         h = req.headers
         headers["Authorization"] = h["Authorization"]

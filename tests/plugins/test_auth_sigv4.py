@@ -179,6 +179,14 @@ async def test_s3_unsigned_and_signed_payloads_base_path_and_reserved_query(side
         async with client.get(sc.url + "/s/bucket/k", headers=DUMMY) as r:
             assert r.status == 200, await r.text()
         assert "X-Amz-Security-Token" not in up.seen[-1].headers
+        # aws-chunked with an unsigned trailer (boto3 over TLS): forwarded as framed, marker kept.
+        framed = b"5\r\nhello\r\n0\r\nx-amz-checksum-crc32:NhCmhg==\r\n\r\n"
+        async with client.put(sc.url + "/s/bucket/k", data=framed, headers={
+                "X-Amz-Content-Sha256": "STREAMING-UNSIGNED-PAYLOAD-TRAILER", "Content-Encoding": "aws-chunked",
+                "X-Amz-Decoded-Content-Length": "5", "X-Amz-Trailer": "x-amz-checksum-crc32"}) as r:
+            assert r.status == 200, await r.text()
+            assert (await r.json())["payload"] == "STREAMING-UNSIGNED-PAYLOAD-TRAILER"
+        assert up.seen[-1].body == framed and up.verdicts[-1] == "ok"
         # A client that signed its body in aws-chunked frames cannot be re-signed: 400, nothing sent.
         n = len(up.seen)
         async with client.put(sc.url + "/u/bucket/k", data=b"0;chunk-signature=00\r\n\r\n",
@@ -345,3 +353,44 @@ async def test_chain_credentials_rotate_without_restart(tmp_path, sidecar_factor
             assert (await r.json())["aws_credentials"]["method"] == "custom-process"
     finally:
         await up.stop()
+
+
+async def test_unsigned_payload_streams_the_body(sidecar_factory, client, aws_env):
+    """payload = "unsigned": the upstream gets the first bytes of the body
+    while the client is still holding back the rest (nothing is buffered), and
+    the signature still verifies."""
+    from aiohttp import web
+    from multidict import CIMultiDict
+
+    from tests.support.upstream import Seen, serve
+
+    first = asyncio.Event()
+    verifier = SigV4Upstream({KEY_ID: SECRET})
+    verdicts: list[str | None] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        head = await request.content.readexactly(64 * 1024)
+        first.set()
+        rest = await request.content.read()
+        seen = Seen(request.method, request.path_qs, CIMultiDict(request.headers), head + rest)
+        verdicts.append(verifier.check(seen))
+        return web.json_response({"len": len(seen.body)})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    runner, port = await serve(app)
+    try:
+        sc = await sidecar_factory({"s3": policy(f"http://127.0.0.1:{port}", S3_AUTH, "/s3")})
+
+        async def body():
+            yield b"a" * (64 * 1024)
+            await asyncio.wait_for(first.wait(), 10)   # a buffering proxy would never get here
+            yield b"b" * (1024 * 1024)
+
+        async with client.put(sc.url + "/s3/bucket/streamed", data=body(),
+                              headers={"Content-Length": str(64 * 1024 + 1024 * 1024)}) as r:
+            assert r.status == 200, await r.text()
+            assert (await r.json())["len"] == 64 * 1024 + 1024 * 1024
+        assert verdicts == [None]
+    finally:
+        await runner.cleanup()
