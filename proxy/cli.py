@@ -10,11 +10,13 @@ from .config import load_settings
 from .errors import ConfigError
 
 
-def check(config: str | None, warnings: list[str] | None = None) -> list[str]:
+def check(config: str | None, warnings: list[str] | None = None, *, offline: bool = True) -> list[str]:
     """Every problem in config.toml and policies/, as ``file: field: reason`` lines.
 
     ``warnings`` collects what does not stop a start (a secret reference that
     does not resolve now: the sidecar starts and that route answers 503).
+    Unless ``offline``, references to remote sources that can be probed
+    (``aws-sm:``) are read once each.
     """
     from .runtime import Runtime
 
@@ -27,6 +29,8 @@ def check(config: str | None, warnings: list[str] | None = None) -> list[str]:
             rt.compile(rt.load_policies())
             if warnings is not None:
                 warnings.extend(rt.secrets.check())
+                if not offline:
+                    warnings.extend(await rt.secrets.probe())
         except ConfigError as e:
             return e.problems
         finally:
@@ -50,7 +54,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     warnings: list[str] = []
-    problems = check(args.config, warnings)
+    problems = check(args.config, warnings, offline=args.offline)
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
     if problems:
@@ -81,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name, help=help_)
         p.add_argument("--config", "-c", default="config.toml" if name != "plugins" else None,
                        help="path to config.toml")
+        if name == "validate":
+            p.add_argument("--offline", action="store_true",
+                           help="do not contact secret services (aws-sm: references are not read)")
         p.set_defaults(fn=fn)
     args = parser.parse_args(argv)
     try:

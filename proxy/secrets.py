@@ -1,11 +1,17 @@
-"""Secret references: ``env:NAME``, ``file:/path`` (and ``vault:path#key``, see the auth plugin).
+"""Secret references: ``env:NAME``, ``file:/path`` (``vault:`` and ``aws-sm:``: see the auth plugin).
 
 A policy names a secret by reference; the resolved value is read through
-``SecretRef.get()`` on the data plane, which never blocks: env and file
-values are cached in memory and re-checked cheaply; slow sources (Vault)
-refresh in the background. A reference that cannot resolve raises
-SecretUnavailable (503 ``secret_unavailable``) and is never sent literally
-or as an empty credential.
+``SecretRef.get()`` on the data plane, which never blocks: env values are
+read once when the reference is loaded and again on every reload (issue 10:
+not from ``os.environ`` per request; a running process's environment does
+not change anyway), file values are cached and re-checked cheaply, slow
+sources (Vault, AWS Secrets Manager) refresh in the background. A reference
+that cannot resolve raises SecretUnavailable (503 ``secret_unavailable``) and
+is never sent literally or as an empty credential.
+
+A trailing ``?`` (``env:OPENAI_ORG?``) makes a reference optional: where a
+value is injected (a header, a query parameter, a session token) it is
+omitted when the secret is not set, instead of answering 503 (issue 12).
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from typing import Any
 
 from .errors import SidecarError
 
-REFERENCE_PREFIXES = ("env:", "file:", "vault:")
+REFERENCE_PREFIXES = ("env:", "file:", "vault:", "aws-sm:")
 
 
 class SecretUnavailable(SidecarError):
@@ -30,11 +36,12 @@ def is_reference(value: str) -> bool:
 
 
 class SecretRef:
-    """A resolved-on-demand secret. Subclasses implement ``_load``."""
+    """A resolved-on-demand secret; each source subclasses it."""
 
     source = "literal"
-    # False for sources ``sidecar validate`` does not contact (Vault).
+    # False for sources ``sidecar validate`` does not read offline (Vault, AWS Secrets Manager).
     validate_offline = True
+    optional = False
 
     def __init__(self, raw: str) -> None:
         self.raw = raw
@@ -49,12 +56,75 @@ class SecretRef:
             raise SecretUnavailable(f"secret {self.raw} is unavailable")
         return self.value
 
+    def get_optional(self) -> str | None:
+        """``get()``, or None for an optional reference that is not set."""
+        return self.get()
+
+    def reread(self) -> None:
+        """Re-read a source that is read once at load (env); others refresh themselves."""
+
     def describe(self) -> dict[str, Any]:
         """For /admin/secrets: never the value."""
         return {"reference": self.raw, "source": self.source, "available": self.value is not None,
                 "version": self.version,
                 "age_seconds": None if self.updated is None else round(time.time() - self.updated, 3),
                 "error": self.error}
+
+
+class RemoteSecret(SecretRef):
+    """A value read in the background from a secret service (Vault, AWS Secrets
+    Manager): served while its last successful read is younger than
+    ``max_stale``, then unavailable until the service answers again."""
+
+    def __init__(self, raw: str, max_stale: float) -> None:
+        super().__init__(raw)
+        self.max_stale = max_stale
+        self.confirmed: float | None = None   # monotonic time of the last successful read
+        self.tried = False
+
+    def get(self) -> str:
+        v = self.value
+        if v is None:
+            raise SecretUnavailable(f"secret {self.raw} is unavailable")
+        if time.monotonic() - self.confirmed > self.max_stale:  # type: ignore[operator]
+            raise SecretUnavailable(f"secret {self.raw} is unavailable: {self.source} unreachable past max_stale")
+        return v
+
+    def staleness(self) -> float:
+        return 0.0 if self.confirmed is None else time.monotonic() - self.confirmed
+
+    def describe(self) -> dict[str, Any]:
+        d = super().describe()
+        d["available"] = self.value is not None and self.staleness() <= self.max_stale
+        d["stale_seconds"] = round(self.staleness(), 3) if self.confirmed is not None else None
+        return d
+
+
+class OptionalSecret(SecretRef):
+    """``<reference>?``: the same secret, omitted where it is injected when unset."""
+
+    optional = True
+
+    def __init__(self, raw: str, inner: SecretRef) -> None:
+        super().__init__(raw)
+        self.inner = inner
+        self.source = inner.source
+
+    def get(self) -> str:
+        return self.inner.get()
+
+    def get_optional(self) -> str | None:
+        try:
+            return self.inner.get()
+        except SecretUnavailable:
+            # No value at all: omitted. A value that went stale (its service
+            # unreachable past max_stale) still fails closed.
+            if self.inner.value is None:
+                return None
+            raise
+
+    def describe(self) -> dict[str, Any]:
+        return self.inner.describe()
 
 
 class LiteralSecret(SecretRef):
@@ -68,19 +138,26 @@ class LiteralSecret(SecretRef):
 
 
 class EnvSecret(SecretRef):
+    """Read when loaded and on every reload, never per request (issue 10)."""
+
     source = "env"
 
     def __init__(self, raw: str) -> None:
         super().__init__(raw)
         self.name = raw[len("env:"):]
+        self.reread()
 
-    def get(self) -> str:
+    def reread(self) -> None:
         value = os.environ.get(self.name)
         if not value:
             self.value, self.error = None, f"environment variable {self.name} is not set"
-            raise SecretUnavailable(f"secret {self.raw} is unavailable: variable not set")
-        if value != self.value:
+        elif value != self.value:
             self.value, self.updated, self.error = value, time.time(), None
+
+    def get(self) -> str:
+        value = self.value
+        if value is None:
+            raise SecretUnavailable(f"secret {self.raw} is unavailable: variable not set")
         return value
 
 
@@ -134,12 +211,26 @@ class SecretStore:
     def __init__(self) -> None:
         self._refs: dict[str, SecretRef] = {}
         self._factories: dict[str, SecretFactory] = {"env:": EnvSecret, "file:": FileSecret}
+        # References asked for without '?' (their absence is a problem to report).
+        self._required: set[str] = set()
 
     def register(self, prefix: str, factory: SecretFactory) -> None:
         self._factories[prefix] = factory
 
     def ref(self, raw: str) -> SecretRef:
-        """The reference object for ``raw``; a non-reference is a literal value."""
+        """The reference object for ``raw``; a non-reference is a literal value.
+
+        ``<reference>?`` is an optional view of the same reference object.
+        """
+        if raw.endswith("?") and is_reference(raw):
+            got = self._refs.get(raw)
+            if got is None:
+                got = self._refs[raw] = OptionalSecret(raw, self._ref(raw[:-1]))
+            return got
+        self._required.add(raw)
+        return self._ref(raw)
+
+    def _ref(self, raw: str) -> SecretRef:
         got = self._refs.get(raw)
         if got is not None:
             return got
@@ -155,18 +246,42 @@ class SecretStore:
         return got
 
     def refs(self) -> list[SecretRef]:
-        return [r for r in self._refs.values() if r.source != "literal"]
+        """Every reference (an optional one listed once, under its plain form)."""
+        return [r for r in self._refs.values() if r.source != "literal" and not r.optional]
+
+    def optional_only(self, ref: SecretRef) -> bool:
+        """True when ``ref`` is used only as ``<reference>?`` (its absence is no problem)."""
+        return ref.raw not in self._required
+
+    def reread(self) -> None:
+        """Re-read the sources read once at load (env): called on every policy load."""
+        for r in self.refs():
+            r.reread()
 
     def check(self) -> list[str]:
         """Warnings for references that do not resolve now (``sidecar validate``)."""
         out = []
         for r in self.refs():
-            if not r.validate_offline:
+            if not r.validate_offline or self.optional_only(r):
                 continue
             try:
                 r.get()
             except SecretUnavailable:
                 out.append(f"{r.raw}: does not resolve now ({r.error or 'unavailable'})")
+        return out
+
+    async def probe(self) -> list[str]:
+        """Warnings for references of remote sources that cannot be read now:
+        each source with a ``probe()`` coroutine reads its references once
+        (``sidecar validate`` without ``--offline``)."""
+        out = []
+        for r in self.refs():
+            probe = getattr(r, "probe", None)
+            if probe is None or self.optional_only(r):
+                continue
+            why = await probe()
+            if why is not None:
+                out.append(f"{r.raw}: cannot be resolved now ({why})")
         return out
 
     def known_values(self) -> list[str]:

@@ -5,7 +5,7 @@
 type = "bearer"                 # Authorization: Bearer <secret>
 secret = "env:HTTPBIN_TOKEN"    # env:NAME | file:/path | vault:path#key[@version]
 ```
-Types: bearer, header, basic, query, oauth2_client_credentials; extra
+Types: bearer, header, basic, query, oauth2_client_credentials, aws_sigv4; extra
 ``[auth.headers]``; per-tenant ``[auth.tenants.<tenant>]``. See docs/auth.md.
 
 PRIORITY 500: innermost of the built-in plugins, so each retry re-injects a
@@ -14,6 +14,7 @@ fresh credential and the OAuth2 401-refresh happens next to the upstream.
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -22,9 +23,10 @@ from proxy.admin import json_response, runtime_of
 from proxy.hookspecs import hookimpl
 from proxy.plugins import INJECTS_CREDENTIALS, BuildContext, PluginSpec
 
-from .config import LITERAL_CREDENTIAL, LITERAL_OK, SECRET_FIELDS, Config
+from .config import AWS_KEY_FIELDS, LITERAL_CREDENTIAL, LITERAL_OK, SECRET_FIELDS, Config
 from .inject import AuthFilter, BasicSlot, Credentials, HeaderSlot, QuerySlot, Secret, Slot
 from .oauth2 import SessionHolder, TokenSource
+from .sigv4 import Signer
 from .state import NAME, AuthState, auth_state
 from .vault import SecretsSettings
 
@@ -39,8 +41,8 @@ def _credentials(label: str, config: Config, over: dict[str, Any], state: AuthSt
     """The slots of one credential set: ``over`` holds the tenant's own values."""
     store = state.runtime.secrets
 
-    def secret(field: str) -> Secret:
-        raw = over.get(field) or getattr(config, field)
+    def secret(field: str, raw: str | None = None) -> Secret:
+        raw = raw or over.get(field) or getattr(config, field)
         ref = store.ref(raw)
         if ref.source == "literal" and field not in LITERAL_OK:
             where = "" if label == "default" else f"tenants.{label}."
@@ -49,6 +51,7 @@ def _credentials(label: str, config: Config, over: dict[str, Any], state: AuthSt
 
     slots: list[Slot] = []
     token = None
+    signer = None
     t = config.type
     if t == "bearer":
         slots.append(HeaderSlot("Authorization", "Bearer ", secret("secret")))
@@ -68,10 +71,30 @@ def _credentials(label: str, config: Config, over: dict[str, Any], state: AuthSt
             params=config.token_params, client_auth=config.client_auth,
             refresh_before=config.refresh_before, timeout=config.token_timeout, session=session,
             fetches=state.oauth2_fetches, label=route)
+    elif t == "aws_sigv4":
+        signer = _signer(config, over, state, secret)
     headers = {**config.headers, **over.get("headers", {})}
     for name, value in headers.items():
         slots.append(HeaderSlot(name, "", Secret(store.ref(value), state)))
-    return Credentials(label, slots, token)
+    return Credentials(label, slots, token, signer)
+
+
+def _signer(config: Config, over: dict[str, Any], state: AuthState, secret: Any) -> Signer:
+    """A tenant with its own access key uses its own key set; others the [auth] one
+    or, when [auth] has none, botocore's standard credential chain."""
+    assert config.service is not None
+    keys_from = over if over.get("access_key_id") else {f: getattr(config, f) for f in AWS_KEY_FIELDS}
+    keys = None
+    if keys_from.get("access_key_id"):
+        token = keys_from.get("session_token")
+        keys = (secret("access_key_id", keys_from["access_key_id"]),
+                secret("secret_access_key", keys_from["secret_access_key"]),
+                secret("session_token", token) if token else None)
+    region = config.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if not region:
+        raise ValueError("type = \"aws_sigv4\" needs region (or AWS_REGION in the environment)")
+    signed = config.payload == "signed" if config.payload else not config.service.startswith("s3")
+    return Signer(config.service, region, signed, keys, state.aws_chain() if keys is None else None)
 
 
 def build(config: Config, ctx: BuildContext) -> AuthFilter:
@@ -89,6 +112,8 @@ def build(config: Config, ctx: BuildContext) -> AuthFilter:
         secret_headers |= {n for n, v in tc.headers.items() if rt.secrets.ref(v).source != "literal"}
     if config.type == "header" and config.header:
         secret_headers.add(config.header)
+    if config.type == "aws_sigv4":
+        secret_headers.add("X-Amz-Security-Token")
     rt.redactor.add(headers=secret_headers, query_params=[config.param] if config.param else [])
     summary = {"type": config.type, "override": config.override, "unknown_tenant": config.unknown_tenant,
                "tenants": sorted(config.tenants), "headers": sorted({**config.headers})}
@@ -96,6 +121,8 @@ def build(config: Config, ctx: BuildContext) -> AuthFilter:
         summary["header"] = config.header
     if config.type == "query":
         summary["param"] = config.param
+    if default is not None and default.signer is not None:
+        summary["aws_sigv4"] = default.signer.describe()
     return AuthFilter(default, tenants, config.unknown_tenant == "reject", config.override,
                       config.replay_body_limit, session, summary)
 
@@ -115,7 +142,7 @@ async def admin_secrets_refresh(request: web.Request) -> web.Response:
 @hookimpl
 def sidecar_plugins_register() -> list[PluginSpec]:
     return [PluginSpec(NAME, Config, PRIORITY, build, capabilities=frozenset({INJECTS_CREDENTIALS}),
-                       description="inject credentials from env, file and Vault secrets")]
+                       description="inject credentials (env, file, Vault, AWS Secrets Manager) or sign AWS SigV4")]
 
 
 @hookimpl
@@ -125,7 +152,7 @@ def sidecar_settings_register() -> dict[str, type]:
 
 @hookimpl
 def sidecar_secrets_register(runtime: "Runtime") -> None:
-    auth_state(runtime)   # registers the vault: source
+    auth_state(runtime)   # registers the vault: and aws-sm: sources
 
 
 @hookimpl
@@ -137,10 +164,14 @@ def sidecar_policies_loaded(runtime: "Runtime", policies: list[Any]) -> None:
 async def sidecar_runtime_startup(runtime: "Runtime") -> None:
     state = auth_state(runtime)
     runtime.on_shutdown(state.close)
+    # Start-up waits (briefly) for the first reads; with Vault or AWS down the
+    # sidecar starts anyway and affected routes answer 503 until it is back.
     if state.vault is not None:
-        # Start-up waits (briefly) for the first reads; with Vault down the
-        # sidecar starts anyway and affected routes answer 503 until it is back.
         await state.vault.first_read()
+    if state.aws is not None:
+        await state.aws.first_read()
+    if state.chain is not None:
+        await state.chain.first_read()
 
 
 @hookimpl

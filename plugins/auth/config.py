@@ -10,16 +10,21 @@ from proxy.config import Model
 from proxy.http import check_header_name
 from proxy.units import Duration, Size
 
-AuthType = Literal["bearer", "header", "basic", "query", "oauth2_client_credentials"]
+AuthType = Literal["bearer", "header", "basic", "query", "oauth2_client_credentials", "aws_sigv4"]
 
 # The fields that carry a secret, per type; each must be a reference, never a literal.
 SECRET_FIELDS: dict[str, tuple[str, ...]] = {
     "bearer": ("secret",), "header": ("secret",), "query": ("secret",),
     "basic": ("username", "password"), "oauth2_client_credentials": ("client_id", "client_secret"),
+    # aws_sigv4: keys are optional (absent: botocore's standard credential chain).
+    "aws_sigv4": (),
 }
-LITERAL_OK = {"username", "client_id"}
+# aws_sigv4 (issue 15): secret-reference fields, all optional.
+AWS_KEY_FIELDS = ("access_key_id", "secret_access_key", "session_token")
+LITERAL_OK = {"username", "client_id", "access_key_id"}
 _TYPE_ONLY = {"header": {"header", "prefix"}, "query": {"param"},
-              "oauth2_client_credentials": {"token_url", "scopes", "audience", "token_params"}}
+              "oauth2_client_credentials": {"token_url", "scopes", "audience", "token_params"},
+              "aws_sigv4": {"service", "region", "payload", *AWS_KEY_FIELDS}}
 _HOP = {"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
         "upgrade", "host", "content-length"}
 
@@ -31,7 +36,7 @@ def credential_header(name: str) -> str:
     return name
 
 
-LITERAL_CREDENTIAL = ("must be a secret reference (env:NAME, file:/path or vault:path#key), "
+LITERAL_CREDENTIAL = ("must be a secret reference (env:NAME, file:/path, vault:path#key or aws-sm:id#key), "
                       "never the credential itself")
 
 
@@ -41,6 +46,13 @@ def _check_ref(field: str, value: str | None) -> None:
         return
     if value.startswith("vault:") and "#" not in value:
         raise ValueError(f"{field}: a Vault reference is vault:<path>#<key> (optionally @<version>)")
+    if value.startswith("aws-sm:"):
+        from .aws_sm import parse_reference
+
+        try:
+            parse_reference(value.removesuffix("?"))
+        except ValueError as e:
+            raise ValueError(f"{field}: {e}") from None
 
 
 class TenantCredentials(Model):
@@ -51,15 +63,40 @@ class TenantCredentials(Model):
     password: str | None = None
     client_id: str | None = None
     client_secret: str | None = None
+    access_key_id: str | None = None
+    secret_access_key: str | None = None
+    session_token: str | None = None
     headers: dict[str, str] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _refs(self) -> "TenantCredentials":
-        for f in ("secret", "username", "password", "client_id", "client_secret"):
+        for f in ("secret", "username", "password", "client_id", "client_secret", *AWS_KEY_FIELDS):
             _check_ref(f, getattr(self, f))
         for name in self.headers:
             credential_header(name)
         return self
+
+
+def _check_keys(c: "Config | TenantCredentials", where: str = "") -> None:
+    if (c.access_key_id is None) != (c.secret_access_key is None):
+        raise ValueError(f"{where}access_key_id and secret_access_key go together "
+                         "(or neither: botocore's standard credential chain)")
+    if c.session_token is not None and c.access_key_id is None:
+        raise ValueError(f"{where}session_token needs access_key_id and secret_access_key")
+
+
+def _check_sigv4(c: "Config") -> None:
+    if not c.service:
+        raise ValueError("type = \"aws_sigv4\" needs service (the signing name: s3, execute-api, ...)")
+    if c.payload == "unsigned" and not c.service.startswith("s3"):
+        raise ValueError("payload = \"unsigned\" is for S3 only (other AWS services require a signed payload)")
+    if not c.override:
+        raise ValueError("type = \"aws_sigv4\" always replaces the client's signature: "
+                         "override = false does not apply")
+    _check_keys(c)
+    for f in ("secret", "username", "password", "client_id", "client_secret"):
+        if getattr(c, f) is not None:
+            raise ValueError(f"{f} is not used by type = \"aws_sigv4\"")
 
 
 class Config(Model):
@@ -80,6 +117,13 @@ class Config(Model):
     client_auth: Literal["basic", "body"] = "basic"
     refresh_before: Duration = 60.0
     token_timeout: Duration = 10.0
+    # type = "aws_sigv4" (issue 15)
+    service: str | None = None           # the signing name: s3, execute-api, bedrock...
+    region: str | None = None
+    access_key_id: str | None = None     # secret references; absent: the standard chain
+    secret_access_key: str | None = None
+    session_token: str | None = None
+    payload: Literal["signed", "unsigned"] | None = None   # default: unsigned for s3, signed otherwise
     # A request body up to this size is kept so a 401-refresh can resend it.
     replay_body_limit: Size = 1024 * 1024
     # Extra headers, static or secret-backed (a value that is not a reference is sent literally).
@@ -110,8 +154,10 @@ class Config(Model):
                 for f in fields:
                     if f in self.model_fields_set:
                         raise ValueError(f"{f} is for type = \"{other}\", not \"{t}\"")
-        for f in ("secret", "username", "password", "client_id", "client_secret"):
+        for f in ("secret", "username", "password", "client_id", "client_secret", *AWS_KEY_FIELDS):
             _check_ref(f, getattr(self, f))
+        if t == "aws_sigv4":
+            _check_sigv4(self)
         if t == "header":
             if not self.header:
                 raise ValueError("type = \"header\" needs header (for example header = \"X-Api-Key\")")
@@ -138,6 +184,12 @@ class Config(Model):
             for f in needed:
                 if getattr(tc, f) is None and getattr(self, f) is None:
                     raise ValueError(f"tenants.{name}: needs {f} (no default in [auth] to fall back to)")
+            if t == "aws_sigv4":
+                _check_keys(tc, f"tenants.{name}: ")
+            else:
+                for f in AWS_KEY_FIELDS:
+                    if getattr(tc, f) is not None:
+                        raise ValueError(f"tenants.{name}: {f} is not used by type = \"{t}\"")
             for f in ("secret", "username", "password", "client_id", "client_secret"):
                 if f not in needed and getattr(tc, f) is not None:
                     raise ValueError(f"tenants.{name}: {f} is not used by type = \"{t}\"")

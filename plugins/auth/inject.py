@@ -19,6 +19,7 @@ from proxy.secrets import SecretRef, SecretUnavailable
 
 if TYPE_CHECKING:
     from .oauth2 import SessionHolder, TokenSource
+    from .sigv4 import Signer
     from .state import AuthState
 
 
@@ -43,7 +44,11 @@ class Tally:
 
 
 class Secret:
-    """A reference plus the tally of its resolutions."""
+    """A reference plus the tally of its resolutions.
+
+    ``get()`` returns None for an optional reference (``env:X?``) that is not
+    set: the slot then injects nothing (issue 12).
+    """
 
     __slots__ = ("ref", "tally")
 
@@ -51,14 +56,14 @@ class Secret:
         self.ref = ref
         self.tally = None if ref.source == "literal" else state.tally(ref)
 
-    def get(self) -> str:
+    def get(self) -> str | None:
         try:
-            v = self.ref.get()
+            v = self.ref.get_optional()
         except SecretUnavailable:
             if self.tally is not None:
                 self.tally.fail += 1
             raise
-        if self.tally is not None:
+        if self.tally is not None and v is not None:
             self.tally.ok += 1
         return v
 
@@ -72,7 +77,9 @@ class HeaderSlot:
     def apply(self, ex: Exchange, override: bool) -> None:
         if not override and self.name in ex.headers:
             return
-        ex.headers[self.name] = self.prefix + self.secret.get()
+        v = self.secret.get()
+        if v is not None:
+            ex.headers[self.name] = self.prefix + v
 
 
 class BasicSlot:
@@ -86,7 +93,10 @@ class BasicSlot:
     def apply(self, ex: Exchange, override: bool) -> None:
         if not override and "Authorization" in ex.headers:
             return
-        pair = (self.user.get(), self.password.get())
+        user, password = self.user.get(), self.password.get()
+        if user is None or password is None:
+            return
+        pair = (user, password)
         if pair != self._last:   # encode once per rotation, not per request
             self._value = "Basic " + base64.b64encode(f"{pair[0]}:{pair[1]}".encode()).decode()
             self._last = pair
@@ -104,6 +114,9 @@ class QuerySlot:
         self._quoted = ""
 
     def apply(self, ex: Exchange, override: bool) -> None:
+        v = self.secret.get()
+        if v is None:
+            return
         q = ex.query
         if q:
             parts = q.split("&")
@@ -112,7 +125,6 @@ class QuerySlot:
                 if not override:
                     return
                 q = "&".join(p for p in parts if p not in mine)
-        v = self.secret.get()
         if v != self._last:
             self._quoted, self._last = quote(v, safe=""), v
         pair = f"{self.enc}={self._quoted}"
@@ -125,12 +137,14 @@ Slot = HeaderSlot | BasicSlot | QuerySlot
 class Credentials:
     """What one tenant (or the default) injects."""
 
-    __slots__ = ("label", "slots", "token")
+    __slots__ = ("label", "slots", "token", "signer")
 
-    def __init__(self, label: str, slots: list[Slot], token: "TokenSource | None" = None) -> None:
+    def __init__(self, label: str, slots: list[Slot], token: "TokenSource | None" = None,
+                 signer: "Signer | None" = None) -> None:
         self.label = label
         self.slots = slots
         self.token = token
+        self.signer = signer
 
 
 class AuthFilter(Filter):
@@ -164,6 +178,10 @@ class AuthFilter(Filter):
             slot.apply(ex, override)
         if creds.label != "default":
             ex.log["auth_tenant"] = creds.label
+        if creds.signer is not None:
+            # After the slots: a header they add (x-amz-*) is signed too.
+            await creds.signer.sign(ex)
+            return await call_next(ex)
         source = creds.token
         if source is None or (not override and "Authorization" in ex.headers):
             return await call_next(ex)

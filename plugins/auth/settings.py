@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import model_validator
+from pydantic import field_validator, model_validator
 
 from proxy.config import Model
 from proxy.units import Duration
@@ -57,7 +57,34 @@ class VaultSettings(Model):
         return self
 
 
+class AwsSettings(Model):
+    """``[secrets.aws]``: where ``aws-sm:`` references are read. Credentials come
+    from botocore's standard chain (env, shared config, web identity, container
+    and instance metadata); the usual AWS_* variables fill what is absent."""
+
+    region: str | None = None           # AWS_REGION / AWS_DEFAULT_REGION
+    endpoint_url: str | None = None     # a local endpoint (LocalStack, moto)
+    refresh: Duration = 60.0
+    max_stale: Duration = 3600.0
+    timeout: Duration = 5.0             # per AWS HTTP call (connect and read)
+    startup_wait: Duration = 5.0        # how long start-up waits for the first reads
+
+    @field_validator("endpoint_url", "region", mode="before")
+    @classmethod
+    def _empty_is_absent(cls, v: object) -> object:
+        return None if v == "" else v
+
+    @model_validator(mode="after")
+    def _check(self) -> "AwsSettings":
+        if self.refresh <= 0:
+            raise ValueError("refresh must be greater than 0")
+        if self.endpoint_url is not None and not self.endpoint_url.startswith(("http://", "https://")):
+            raise ValueError("endpoint_url must be an http:// or https:// URL")
+        return self
+
+
 class SecretsSettings(Model):
     """The ``[secrets]`` table of config.toml."""
 
     vault: VaultSettings = VaultSettings()
+    aws: AwsSettings = AwsSettings()

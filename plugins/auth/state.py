@@ -1,4 +1,4 @@
-"""Per-runtime state of the auth plugin: its metrics, the Vault backend, the staleness ticker."""
+"""Per-runtime state of the auth plugin: its metrics, the Vault and AWS backends, the staleness ticker."""
 
 from __future__ import annotations
 
@@ -6,9 +6,12 @@ import asyncio
 import time
 from typing import TYPE_CHECKING, Any
 
-from proxy.secrets import SecretRef, SecretUnavailable
+from proxy.secrets import RemoteSecret, SecretRef, SecretUnavailable
 
+from .aws_sm import PREFIX as AWS_SM_PREFIX
+from .aws_sm import AwsSecretsBackend, AwsSmSecret
 from .inject import Tally
+from .sigv4 import ChainCredentials
 from .vault import PREFIX as VAULT_PREFIX
 from .vault import SecretsSettings, VaultBackend, VaultSecret
 
@@ -28,7 +31,7 @@ class AuthState:
             ["reference", "source", "result"])
         self.refreshes = m.counter(
             "sidecar_secret_refreshes",
-            "Background reads of a secret from its source (Vault), by reference and result (ok | error).",
+            "Background reads of a secret from its source (Vault, AWS), by reference and result (ok | error).",
             ["reference", "source", "result"])
         self.staleness = m.gauge(
             "sidecar_secret_staleness_seconds",
@@ -46,9 +49,12 @@ class AuthState:
         settings = runtime.extra_settings.get("secrets")
         self.settings: SecretsSettings = settings if isinstance(settings, SecretsSettings) else SecretsSettings()
         self.vault: VaultBackend | None = None
+        self.aws: AwsSecretsBackend | None = None
+        self.chain: ChainCredentials | None = None
         self._tallies: dict[str, tuple[SecretRef, Tally]] = {}
         self._ticker: asyncio.Task[None] | None = None
         runtime.secrets.register(VAULT_PREFIX, self._vault_ref)
+        runtime.secrets.register(AWS_SM_PREFIX, self._aws_ref)
 
     def tally(self, ref: SecretRef) -> Tally:
         got = self._tallies.get(ref.raw)
@@ -62,12 +68,27 @@ class AuthState:
                                       self.refreshes)
         return self.vault(raw)
 
+    def _aws_ref(self, raw: str) -> AwsSmSecret:
+        if self.aws is None:
+            self.aws = AwsSecretsBackend(self.settings.aws, self.refreshes)
+        return self.aws(raw)
+
+    def aws_chain(self) -> ChainCredentials:
+        """botocore's standard credential chain, shared by every aws_sigv4 route."""
+        if self.chain is None:
+            s = self.settings.aws
+            self.chain = ChainCredentials(refresh=min(s.refresh, 60.0), startup_wait=s.startup_wait)
+        return self.chain
+
     # ---- lifecycle (hooks) ---------------------------------------------
 
     def start(self) -> None:
-        """Called on every policy load: start what the loaded references need."""
-        if self.vault is not None:
-            self.vault.start()
+        """Called on every policy load: start what the loaded references need,
+        and re-read env values (read at load and reload only, issue 10)."""
+        self.runtime.secrets.reread()
+        for backend in (self.vault, self.aws, self.chain):
+            if backend is not None:
+                backend.start()
         if self._ticker is None and self.runtime.secrets.refs():
             self._ticker = asyncio.create_task(self._tick_loop(), name="sidecar-secret-metrics")
 
@@ -79,8 +100,9 @@ class AuthState:
             except asyncio.CancelledError:
                 pass
             self._ticker = None
-        if self.vault is not None:
-            await self.vault.close()
+        for backend in (self.vault, self.aws, self.chain):
+            if backend is not None:
+                await backend.close()
 
     async def _tick_loop(self) -> None:
         while True:
@@ -98,7 +120,7 @@ class AuthState:
         now = time.time()
         for r in self.runtime.secrets.refs():
             ok = _resolves(r)
-            if isinstance(r, VaultSecret):
+            if isinstance(r, RemoteSecret):
                 stale = r.staleness()
             else:
                 stale = 0.0 if ok else (now - r.updated if r.updated else 0.0)
@@ -107,16 +129,30 @@ class AuthState:
 
     def describe(self) -> dict[str, Any]:
         self.update_metrics()
-        return {"secrets": [r.describe() for r in self.runtime.secrets.refs()],
-                "vault": self.vault.describe() if self.vault is not None else None}
+        store = self.runtime.secrets
+        secrets = []
+        for r in store.refs():
+            d = r.describe()
+            if store.optional_only(r):
+                d["optional"] = True
+            secrets.append(d)
+        return {"secrets": secrets,
+                "vault": self.vault.describe() if self.vault is not None else None,
+                "aws": self.aws.describe() if self.aws is not None else None,
+                "aws_credentials": self.chain.describe() if self.chain is not None else None}
 
     async def refresh(self) -> dict[str, Any]:
+        self.runtime.secrets.reread()
         for r in self.runtime.secrets.refs():
             if hasattr(r, "_checked"):
                 r._checked = 0.0   # file: re-check now, not at the next interval
             _resolves(r)
         if self.vault is not None:
             await self.vault.refresh(force=True)
+        if self.aws is not None:
+            await self.aws.refresh(force=True)
+        if self.chain is not None:
+            await self.chain.resolve()
         return self.describe()
 
 

@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from proxy.secrets import SecretRef, SecretStore, SecretUnavailable
+from proxy.secrets import RemoteSecret, SecretStore, SecretUnavailable
 
 from .settings import SecretsSettings, VaultSettings
 
@@ -56,7 +56,7 @@ def parse_reference(raw: str) -> tuple[str, str, int | None]:
     return path, key, version
 
 
-class VaultSecret(SecretRef):
+class VaultSecret(RemoteSecret):
     """One key of one KV v2 secret; refreshed in the background by its VaultBackend."""
 
     source = "vault"
@@ -64,29 +64,13 @@ class VaultSecret(SecretRef):
     validate_offline = False
 
     def __init__(self, raw: str, backend: "VaultBackend") -> None:
-        super().__init__(raw)
+        super().__init__(raw, backend.settings.max_stale)
         self.path, self.key, self.pin = parse_reference(raw)
-        self.max_stale = backend.settings.max_stale
-        self.confirmed: float | None = None   # monotonic time of the last successful read
-        self.tried = False
         self.error = "not read from Vault yet"
-
-    def get(self) -> str:
-        v = self.value
-        if v is None:
-            raise SecretUnavailable(f"secret {self.raw} is unavailable")
-        if time.monotonic() - self.confirmed > self.max_stale:  # type: ignore[operator]
-            raise SecretUnavailable(f"secret {self.raw} is unavailable: Vault unreachable past max_stale")
-        return v
-
-    def staleness(self) -> float:
-        return 0.0 if self.confirmed is None else time.monotonic() - self.confirmed
 
     def describe(self) -> dict[str, Any]:
         d = super().describe()
-        d["available"] = self.value is not None and self.staleness() <= self.max_stale
         d["pinned"] = self.pin is not None
-        d["stale_seconds"] = round(self.staleness(), 3) if self.confirmed is not None else None
         return d
 
 

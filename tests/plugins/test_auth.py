@@ -76,7 +76,7 @@ def test_literal_credential_is_refused_with_file_and_field(tmp_path, auth, field
 
     problems = check(str(path))
     assert problems == [f"{tmp_path / 'policies' / 'p.toml'}: auth: {field} must be a secret reference "
-                        "(env:NAME, file:/path or vault:path#key), never the credential itself"]
+                        "(env:NAME, file:/path, vault:path#key or aws-sm:id#key), never the credential itself"]
 
 
 # ---- injection of every type ---------------------------------------------------
@@ -207,13 +207,17 @@ async def test_unresolvable_secret_is_503_and_never_forwarded(sidecar_factory, u
         listed = {s["reference"]: s for s in (await r.json())["secrets"]}
     assert listed["env:NOT_SET_ANYWHERE"]["available"] is False
     assert "not set" in listed["env:NOT_SET_ANYWHERE"]["error"]
-    # Once the variable is set the route works, no restart.
+    # env: values are read at load, not per request (issue 10): a variable set
+    # afterwards is seen at the next reload, no restart.
     monkeypatch.setenv("NOT_SET_ANYWHERE", "now-set")
+    async with client.get(sc.url + "/a/x") as r:
+        assert r.status == 503
+    assert await sc.runtime.reload() == []
     async with client.get(sc.url + "/a/x") as r:
         assert r.status == 200
     assert upstream.seen[-1].headers["Authorization"] == "Bearer now-set"
     # Resolution counts reach /metrics within the one-second flush.
-    want = ['sidecar_secret_resolutions_total{reference="env:NOT_SET_ANYWHERE",result="unavailable",source="env"} 1.0',
+    want = ['sidecar_secret_resolutions_total{reference="env:NOT_SET_ANYWHERE",result="unavailable",source="env"} 2.0',
             'sidecar_secret_resolutions_total{reference="env:NOT_SET_ANYWHERE",result="ok",source="env"} 1.0',
             'sidecar_secret_available{reference="env:NOT_SET_ANYWHERE",source="env"} 1.0']
     for _ in range(60):

@@ -1,6 +1,7 @@
 """No secret value in any log line, error body, metric or admin response.
 
-One sidecar with every source (env, file, Vault via AppRole) and every type,
+One sidecar with every source (env, file, Vault via AppRole, AWS Secrets
+Manager on moto) and every type (aws_sigv4 included),
 driven through successes and failures (provider 500s, provider down, unknown
 tenant, unset secret, Vault sealed, token endpoint refusing, a rejected
 reload of a policy holding a literal credential); everything observable is
@@ -17,6 +18,7 @@ import time
 from aiohttp import web
 
 from tests.plugins.test_auth_oauth2 import TokenServer
+from tests.support.aws import MotoServer, isolate_aws_env
 from tests.support.sidecar import free_port
 from tests.support.upstream import FakeUpstream, Seen, echo, wait_for
 from tests.support.vault import FakeVault
@@ -30,10 +32,19 @@ S = {
     "client": "client-LEAK-0006-secret",
     "tenant": "tenant-LEAK-0007-key",
     "org": "org-LEAK-0008-value",
+    "awssm": "awssm-LEAK-0009-value",
+    "aws_secret": "aws-LEAK-0010-secret-access-key",
+    "aws_token": "aws-LEAK-0011-session-token",
 }
 
 
 async def test_no_secret_reaches_logs_errors_metrics_or_admin(sidecar_factory, client, tmp_path, monkeypatch, caplog):
+    isolate_aws_env(monkeypatch, tmp_path)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    moto = await asyncio.to_thread(MotoServer().start)
+    # Written by the test's own client before the capture starts (not the sidecar's doing).
+    moto.client("secretsmanager").create_secret(Name="leak/x", SecretString='{"key": "%s"}' % S["awssm"])
     caplog.set_level(logging.DEBUG)
     monkeypatch.setenv("LEAK_ENV", S["env"])
     monkeypatch.setenv("LEAK_QUERY", S["query"])
@@ -42,6 +53,8 @@ async def test_no_secret_reaches_logs_errors_metrics_or_admin(sidecar_factory, c
     monkeypatch.setenv("LEAK_TENANT", S["tenant"])
     monkeypatch.delenv("LEAK_UNSET", raising=False)
     (tmp_path / "file-secret").write_text(S["file"])
+    monkeypatch.setenv("LEAK_AWS_SECRET", S["aws_secret"])
+    monkeypatch.setenv("LEAK_AWS_TOKEN", S["aws_token"])
     vault = await FakeVault().start()
     role_id, secret_id = vault.add_approle("sidecar", ttl=1)   # renewals happen during the test
     monkeypatch.setenv("LEAK_SECRET_ID", secret_id)
@@ -76,6 +89,14 @@ async def test_no_secret_reaches_logs_errors_metrics_or_admin(sidecar_factory, c
                                   '[auth.tenants.acme]\nsecret = "env:LEAK_TENANT"'),
         "unset": pol("unset", 'type = "bearer"\nsecret = "env:LEAK_UNSET"'),
         "down": pol("down", 'type = "bearer"\nsecret = "env:LEAK_ENV"', dead),
+        "awssm": pol("awssm", 'type = "bearer"\nsecret = "aws-sm:leak/x#key"'),
+        "awsmissing": pol("awsmissing", 'type = "bearer"\nsecret = "aws-sm:leak/absent"'),
+        "sigv4": pol("sigv4", 'type = "aws_sigv4"\nservice = "s3"\nregion = "us-east-1"\n'
+                              'access_key_id = "AKIDLEAKTEST"\nsecret_access_key = "env:LEAK_AWS_SECRET"\n'
+                              'session_token = "env:LEAK_AWS_TOKEN"'),
+        "sigv4down": pol("sigv4down", 'type = "aws_sigv4"\nservice = "s3"\nregion = "us-east-1"\n'
+                                      'access_key_id = "AKIDLEAKTEST"\nsecret_access_key = "env:LEAK_AWS_SECRET"\n'
+                                      'session_token = "env:LEAK_AWS_TOKEN"', dead),
     }
     config = f'''
 [secrets.vault]
@@ -85,6 +106,11 @@ role_id = "{role_id}"
 secret_id = "env:LEAK_SECRET_ID"
 refresh = "0.2s"
 max_stale = "1h"
+
+[secrets.aws]
+region = "us-east-1"
+endpoint_url = "{moto.url}"
+refresh = "0.2s"
 '''
     observed: list[str] = []
     try:
@@ -98,7 +124,7 @@ max_stale = "1h"
                     observed.append(str(dict(r.headers)))
                 return r.status
 
-        for route in ("bearer", "file", "vault", "query", "basic", "oauth"):
+        for route in ("bearer", "file", "vault", "query", "basic", "oauth", "awssm", "sigv4"):
             assert await hit(f"/{route}/ok?x=1") == 200, route
             assert await hit(f"/{route}/fail") == 500, route
         assert await hit("/tenants/x", headers={"X-Tenant-ID": "acme"}) == 200
@@ -106,6 +132,8 @@ max_stale = "1h"
         assert await hit("/unset/x") == 503
         assert await hit("/badtoken/x") == 503
         assert await hit("/down/x") == 502
+        assert await hit("/sigv4down/x") == 502
+        assert await hit("/awsmissing/x") == 503
         # Vault sealed for a while: refresh failures are logged, values keep serving.
         vault.sealed = True
         n = len(vault.calls)
@@ -130,16 +158,34 @@ max_stale = "1h"
         await ts.stop()
         await bad_ts.stop()
         await vault.stop()
+        moto.stop()
+    sigv4 = [s for s in up.seen if s.headers.get("X-Amz-Security-Token") == S["aws_token"]]
+    assert len(sigv4) == 2 and all("Credential=AKIDLEAKTEST/" in s.headers["Authorization"] for s in sigv4)
+    assert any(s.headers.get("Authorization") == f"Bearer {S['awssm']}" for s in up.seen)
     fmt = logging.Formatter("%(name)s %(levelname)s %(message)s")
     observed += [fmt.format(rec) for rec in caplog.records]
     text = "\n".join(observed)
     assert "secret_unavailable" in text and "oauth2_token_unavailable" in text and "vault" in text
     assert "policy reload rejected" in text   # the refused reload was logged...
-    secrets = {**S, "secret_id": secret_id, "access_token": ts.issued[0],
+    # The SigV4 signing key derived from the secret access key (for today and yesterday's scope).
+    import datetime
+    import hmac
+    from hashlib import sha256
+
+    def signing_key(day: str) -> str:
+        k = ("AWS4" + S["aws_secret"]).encode()
+        for part in (day, "us-east-1", "s3", "aws4_request"):
+            k = hmac.new(k, part.encode(), sha256).digest()
+        return k.hex()
+
+    today = datetime.datetime.now(datetime.timezone.utc)
+    keys = {f"signing_key_{d}": signing_key(d) for d in
+            (today.strftime("%Y%m%d"), (today - datetime.timedelta(days=1)).strftime("%Y%m%d"))}
+    secrets = {**S, **keys, "secret_id": secret_id, "access_token": ts.issued[0],
                **{f"vault_token_{i}": t for i, t in enumerate(vault.tokens)}}
     assert len(vault.tokens) >= 2
     for name, value in secrets.items():
-        assert value not in text, f"{name} leaked"
+        assert value not in text, f"{name} leaked: " + text[max(0, text.find(value) - 300):text.find(value) + 100]
     assert os.environ["LEAK_ENV"] == S["env"]
 
 
