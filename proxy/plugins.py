@@ -40,6 +40,7 @@ BUILTIN_PLUGINS = (
     "plugins.retry",
     "plugins.tracing",
     "plugins.webhook",
+    "proxy.client",
     "proxy.inbound",
     "proxy.routes",
 )
@@ -49,9 +50,12 @@ BUILTIN_PLUGINS = (
 class BuildContext:
     """What a plugin's ``build`` gets besides its own validated config."""
 
-    route: str          # the policy name (file stem)
+    route: str          # the route's name: the policy name (file stem), "inbound:/api", "webhook:stripe"
     policy: "Policy"
     runtime: "Runtime"
+    # Which listener's route this is: "outbound" (service -> provider) or
+    # "inbound" (provider or browser -> service).
+    scope: str = "outbound"
 
     def route_has(self, capability: str) -> bool:
         """Whether another plugin on this route declares ``capability``."""
