@@ -219,7 +219,7 @@ class RunningSidecar:
         """Send one request to a listener ("outbound", "inbound", "admin");
         returns (status, headers, body). Keyword arguments go to aiohttp
         (``headers=``, ``data=``, ``json=``)."""
-        base = {"outbound": self.url, "inbound": self.inbound, "admin": self.admin}[listener]
+        base = f"http://127.0.0.1:{self.sidecar.ports[listener]}"
         if self._client is None or self._client.closed:
             self._client = session()
         async with self._client.request(method, base + path, **kw) as r:
