@@ -27,11 +27,17 @@ ENTRY_POINT_GROUP = "sidecar.plugins"
 #: Capability: the plugin injects a credential into upstream requests.
 INJECTS_CREDENTIALS = "injects_credentials"
 
+#: Capability: the plugin's table makes its policy a route of the plugin's
+#: scope (``[webhook]``: an exact route on the inbound listener), so the
+#: policy's other plugins of that scope have a route to wrap.
+MAKES_ROUTE = "makes_route"
+
 #: Built-in plugin modules, registered on every manager.
 BUILTIN_PLUGINS = (
     "plugins.auth",
     "plugins.cache",
     "plugins.circuit_breaker",
+    "plugins.cors",
     "plugins.fallback",
     "plugins.forward_auth",
     "plugins.headers",

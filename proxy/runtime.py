@@ -23,7 +23,7 @@ from .client import TABLE as CLIENT_TABLE, ClientSettings, HttpClient
 from .config import (Policy, Settings, config_digest, load_policies, validate_extra_settings)
 from .errors import ConfigError
 from .metrics import Metrics
-from .plugins import (BuildContext, PluginSpec, collect_settings_models, collect_specs,
+from .plugins import (MAKES_ROUTE, BuildContext, PluginSpec, collect_settings_models, collect_specs,
                       make_plugin_manager, ordered)
 from .redact import Redactor
 from .routes import Route, RouteTable
@@ -90,10 +90,21 @@ class Runtime:
         policies = load_policies(self.settings, self.plugin_configs)
         problems = []
         for p in policies:
+            outbound = p.core.route is not None
+            inbound = any(MAKES_ROUTE in self.specs[n].capabilities and self.specs[n].scope != "outbound"
+                          for n in p.plugins)
             for name in p.plugins:
-                scope = self.specs[name].scope
-                if p.core.route is None and scope == "outbound":
+                spec = self.specs[name]
+                if MAKES_ROUTE in spec.capabilities:
+                    continue
+                if spec.scope == "outbound" and not outbound:
                     problems.append(f"{p.file}: {name}: needs an outbound route (set route and upstream)")
+                elif spec.scope == "inbound" and not inbound:
+                    problems.append(f"{p.file}: {name}: wraps inbound routes only: use it in config.toml "
+                                    f"[inbound.routes.\"/prefix\".{name}] or in a policy with [webhook]")
+                elif spec.scope == "both" and not (outbound or inbound):
+                    problems.append(f"{p.file}: {name}: this policy has no route to wrap "
+                                    "(set route and upstream, or add [webhook])")
         problems += self.check_set(policies)
         if problems:
             raise ConfigError(problems)

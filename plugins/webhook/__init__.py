@@ -28,7 +28,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from proxy.hookspecs import hookimpl
-from proxy.plugins import BuildContext, PluginSpec
+from proxy.plugins import MAKES_ROUTE, BuildContext, PluginSpec
 
 from .admin import add_routes
 from .config import Config, WebhookSettings
@@ -56,7 +56,7 @@ def build(config: Config, ctx: BuildContext) -> None:
 
 @hookimpl
 def sidecar_plugins_register() -> list[PluginSpec]:
-    return [PluginSpec(NAME, Config, PRIORITY, build, scope="inbound",
+    return [PluginSpec(NAME, Config, PRIORITY, build, scope="inbound", capabilities=frozenset({MAKES_ROUTE}),
                        description="verify, de-duplicate and durably deliver provider webhooks")]
 
 
