@@ -288,7 +288,7 @@ if pytest is not None:
     try:
         from pytest_asyncio import fixture as _async_fixture
     except ImportError:  # pragma: no cover - async fixtures then need another plugin
-        _async_fixture = pytest.fixture
+        _async_fixture = pytest.fixture  # type: ignore[assignment]
 
     @_async_fixture
     async def upstream() -> AsyncIterator[FakeUpstream]:

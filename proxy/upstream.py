@@ -158,9 +158,9 @@ class UpstreamPools:
         origin = str(URL(url).origin())
         key = (origin, tls.verify, tls.ca_bundle)
         if self.fast is not None:
-            up = self.fast.get(url, tls, timeouts)
-            up.pool_key = key
-            return up  # type: ignore[return-value]
+            fast = self.fast.get(url, tls, timeouts)
+            fast.pool_key = key
+            return fast  # type: ignore[return-value]
         session = self._sessions.get(key)
         if session is None or session.closed:
             connector = aiohttp.TCPConnector(

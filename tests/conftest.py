@@ -82,7 +82,7 @@ async def redis_url(redis_server: tuple[str, int]) -> AsyncIterator[str]:
 
     host, port = redis_server
     url = f"redis://{host}:{port}/{REDIS_DB}"
-    client = aioredis.from_url(url)
-    await client.flushdb()
-    await client.aclose()
+    r = aioredis.from_url(url)
+    await r.flushdb()
+    await r.aclose()
     yield url

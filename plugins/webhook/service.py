@@ -19,6 +19,7 @@ from proxy.config import Policy, config_digest
 from proxy.errors import UpstreamUnavailable
 from proxy.inbound import inbound_of
 
+from .config import Config as WebhookConfig
 from .config import WebhookSettings
 from .endpoint import WebhookEndpoint
 from .queue import Event
@@ -99,6 +100,12 @@ class Waker:
             self._fut = None
 
 
+def _config(p: Policy) -> WebhookConfig | None:
+    """The policy's validated ``[webhook]`` table, if any."""
+    config = p.plugins.get(NAME)
+    return config if isinstance(config, WebhookConfig) else None
+
+
 def backoff(attempt: int, base: float, cap: float) -> float:
     """Exponential backoff with jitter: between half and all of min(cap, base * 2^(attempt-1))."""
     delay = min(cap, base * (2 ** min(attempt - 1, 60)))
@@ -140,7 +147,7 @@ class WebhookService:
         routes = []
         specs = self.rt.specs
         for p in policies:
-            config = p.plugins.get(NAME)
+            config = _config(p)
             if config is None:
                 continue
             digest = config_digest(p.raw.get(NAME))
@@ -162,16 +169,11 @@ class WebhookService:
 
     def update(self, policies: list["Policy"]) -> None:
         """The policy set is live: adopt its endpoints, start or stop delivery loops."""
-        now = self._candidate
-        if now is None:  # compiled without routes (never in practice): build the endpoints alone
-            now = {}
-            for p in policies:
-                config = p.plugins.get(NAME)
-                if config is not None:
-                    now[p.name] = WebhookEndpoint(self, p.name, config, config_digest(p.raw.get(NAME)))
+        # Built by build_routes while this set was compiled.
+        now = self._candidate if self._candidate is not None else self.endpoints
         self._candidate = None
         for p in policies:
-            config = p.plugins.get(NAME)
+            config = _config(p)
             if config is not None and config.publish and self.rt.state.kind != "redis":
                 log.error("%s: webhook.publish: needs the redis state backend; not publishing", p.file)
         self.endpoints = now
