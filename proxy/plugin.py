@@ -19,13 +19,13 @@ from .config import Model, Policy
 from .errors import (BadRequest, CircuitOpen, ConfigError, HeadersTooLarge, NoRoute, RequestBodyTooLarge,
                      SidecarError, UpstreamError, UpstreamTimeout, UpstreamTLSError, UpstreamUnavailable)
 from .hookspecs import hookimpl
-from .plugins import INJECTS_CREDENTIALS, BuildContext, PluginSpec
+from .plugins import INJECTS_CREDENTIALS, MAKES_ROUTE, BuildContext, PluginSpec
 from .secrets import SecretRef, SecretUnavailable
 from .units import Duration, Size
 
 __all__ = [
     # registering a plugin
-    "hookimpl", "PluginSpec", "BuildContext", "INJECTS_CREDENTIALS",
+    "hookimpl", "PluginSpec", "BuildContext", "INJECTS_CREDENTIALS", "MAKES_ROUTE",
     # its config model and value types ("250ms", "10MB")
     "Model", "Duration", "Size", "Policy",
     # the data plane

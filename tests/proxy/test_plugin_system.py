@@ -40,8 +40,9 @@ class Tagger(Filter):
 
 @hookimpl
 def sidecar_plugins_register():
+    # makes_route: a [tagger] table alone makes its policy an inbound route (sidecar_routes_build).
     return [PluginSpec("tagger", Config, 450, lambda cfg, ctx: Tagger(cfg.tag), scope="both",
-                       description="tags requests")]
+                       capabilities=frozenset({"makes_route"}), description="tags requests")]
 
 
 @hookimpl
