@@ -552,3 +552,24 @@ async def test_webhook_data_dir_in_its_own_table_and_in_inbound(sidecar_factory,
                                    inbound_config(upstream.url, data_dir="q2") + 'retention = "2h"\n')
     svc = legacy.runtime.services["webhook"]
     assert svc.data_dir == (legacy.dir / "q2").resolve() and svc.retention == 7200.0
+
+
+async def test_jwt_on_a_webhook_path_refuses_before_the_signature_is_checked(sidecar_factory, upstream, client,
+                                                                          monkeypatch):
+    import jwt as pyjwt
+
+    monkeypatch.setenv("WH_GITHUB", GITHUB_SECRET)
+    key = "relay-signing-key-0123456789abcdef"
+    policy = webhook_policy("/webhooks/gh", "github", ["env:WH_GITHUB"], delivery="passthrough") + f"""
+[jwt]
+secret = "{key}"
+"""
+    sc = await sidecar_factory({"gh": policy}, inbound_config(upstream.url))
+    url = inbound_url(sc) + "/webhooks/gh"
+    st, h, _ = await post(client, url, b"{}", _github_signed(b"{}"))
+    assert st == 401 and h["X-Sidecar-Error"] == "token_invalid"
+    good = pyjwt.encode({"sub": "relay", "exp": int(time.time()) + 60}, key, algorithm="HS256")
+    st, h, _ = await post(client, url, b"{}", {**_github_signed(b"{}"), "Authorization": f"Bearer {good}"})
+    assert st == 200 and len(upstream.seen) == 1
+    st, h, _ = await post(client, url, b"{}", {"Authorization": f"Bearer {good}"})
+    assert st == 401 and h["X-Sidecar-Error"] == "signature_missing"
