@@ -213,8 +213,8 @@ class Runtime:
         """Compile and swap in a policy set (raises ConfigError, leaving the old set)."""
         tables, filters = self.compile(policies)
         dropped = [f for k, f in self._filters.items() if k not in filters]
-        gone_pools = self.pools.retain({r.upstream.pool_key for t in tables.values() for r in t.routes
-                                        if r.upstream is not None})
+        gone_pools = self.pools.retain({getattr(r.upstream, "pool_key", None) for t in tables.values()
+                                        for r in t.routes if r.upstream is not None})
         # One listener's table and the others' are swapped together (no await between).
         self.tables, self.table, self._filters, self.policies = tables, tables["outbound"], filters, policies
         self.loaded_at = time.time()
