@@ -24,7 +24,7 @@ from pydantic import Field, field_validator
 
 from proxy.chain import Exchange, Filter, Handler, ProxyResponse
 from proxy.config import Model
-from proxy.errors import SidecarError, UpstreamError
+from proxy.errors import CircuitOpen, UpstreamError
 from proxy.hookspecs import hookimpl
 from proxy.http import HOP_BY_HOP, check_header_name, check_header_value
 from proxy.plugins import BuildContext, PluginSpec
@@ -33,8 +33,6 @@ NAME = "fallback"
 PRIORITY = 760  # outermost of the resilience trio: replaces what retry gave up on
 
 _HOP = {h.lower() for h in HOP_BY_HOP}
-# Sidecar error codes that mean "the provider is failing", beside UpstreamError.
-_FAILING = frozenset({"circuit_open"})
 
 
 class Config(Model):
@@ -78,12 +76,10 @@ class FallbackFilter(Filter):
     async def handle(self, ex: Exchange, call_next: Handler) -> ProxyResponse:
         try:
             resp = await call_next(ex)
-        except UpstreamError as e:
+        except (UpstreamError, CircuitOpen) as e:
+            # By class, not by code string: any plugin that fails fast the
+            # way a breaker does raises CircuitOpen (issue 11, item 6).
             return self._answer(ex, e.code)
-        except SidecarError as e:
-            if e.code in _FAILING:
-                return self._answer(ex, e.code)
-            raise
         if resp.status in self.on_status and resp.upstream:
             resp.close()
             return self._answer(ex, str(resp.status))

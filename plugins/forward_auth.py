@@ -24,7 +24,9 @@ import aiohttp
 from multidict import CIMultiDict
 from pydantic import Field, field_validator
 
-from proxy.chain import Exchange, Filter, Handler, ProxyResponse, collect
+from proxy.body import read_limited
+from proxy.chain import Exchange, Filter, Handler, ProxyResponse
+from proxy.client import HttpClient
 from proxy.config import Model
 from proxy.errors import SidecarError
 from proxy.hookspecs import hookimpl
@@ -67,12 +69,12 @@ class Config(Model):
 
 
 class ForwardAuthFilter(Filter):
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, http: HttpClient) -> None:
         self.config = config
+        self.http = http
         self.prefix = config.copy_prefix.lower()
         self.cache: dict[bytes, tuple[float, list[tuple[str, str]]]] = {}
         self.timeout = aiohttp.ClientTimeout(total=config.timeout)
-        self._session: aiohttp.ClientSession | None = None
 
     def _key(self, ex: Exchange) -> bytes | None:
         parts = [ex.headers.get(h, "") for h in self.config.forward_headers]
@@ -82,10 +84,7 @@ class ForwardAuthFilter(Filter):
         return hashlib.sha256("\x00".join(parts).encode("utf-8", "surrogateescape")).digest()
 
     async def _ask(self, ex: Exchange) -> tuple[int, CIMultiDict[str], bytes]:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(trust_env=False, auto_decompress=False,
-                                                  cookie_jar=aiohttp.DummyCookieJar())
-        headers = CIMultiDict()
+        headers: CIMultiDict[str] = CIMultiDict()
         for h in self.config.forward_headers:
             for v in ex.headers.getall(h, []):
                 headers.add(h, v)
@@ -94,13 +93,11 @@ class ForwardAuthFilter(Filter):
         headers["X-Forwarded-For"] = ex.client_ip or ""
         headers["X-Request-ID"] = ex.request_id
         try:
-            async with self._session.get(self.config.url, headers=headers, timeout=self.timeout,
-                                         allow_redirects=False) as r:
+            async with self.http.request("GET", self.config.url, headers=headers, timeout=self.timeout) as r:
                 body = b""
                 if r.status in (401, 403):
-                    # Relayed to the client: the whole body (read(n) would stop
-                    # at the chunks already arrived), bounded.
-                    body = await collect(r.content.iter_any(), _MAX_DENIAL, _DenialTooLarge)
+                    # Relayed to the client: the whole body, bounded.
+                    body = await read_limited(r.content, _MAX_DENIAL, _DenialTooLarge)
                 return r.status, CIMultiDict(r.headers), body
         except _DenialTooLarge:
             log.warning("identity service %s: denial body over %d bytes", self.config.url, _MAX_DENIAL)
@@ -142,16 +139,12 @@ class ForwardAuthFilter(Filter):
             ex.headers.add(k, v)
         return await call_next(ex)
 
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-
     def describe(self) -> dict[str, Any]:
         return {"url": self.config.url, "cache_ttl": self.config.cache_ttl, "cached": len(self.cache)}
 
 
 def build(config: Config, ctx: BuildContext) -> Filter:
-    return ForwardAuthFilter(config)
+    return ForwardAuthFilter(config, ctx.runtime.http)
 
 
 @hookimpl

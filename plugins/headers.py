@@ -106,4 +106,4 @@ def build(config: Config, ctx: BuildContext) -> Filter | None:
 
 @hookimpl
 def sidecar_plugins_register() -> list[PluginSpec]:
-    return [PluginSpec(NAME, Config, PRIORITY, build, description="set, remove and rename headers")]
+    return [PluginSpec(NAME, Config, PRIORITY, build, scope="both", description="set, remove and rename headers")]

@@ -26,7 +26,9 @@ import jwt
 import orjson
 from pydantic import Field, model_validator
 
-from proxy.chain import Exchange, Filter, Handler, ProxyResponse, collect
+from proxy.body import read_limited
+from proxy.chain import Exchange, Filter, Handler, ProxyResponse
+from proxy.client import HttpClient
 from proxy.config import Model
 from proxy.errors import SidecarError
 from proxy.hookspecs import hookimpl
@@ -94,8 +96,9 @@ class Jwks:
     for 10 s either: the cached keys go on serving meanwhile, and no request
     queues behind another fetch with its 5 s timeout."""
 
-    def __init__(self, url: str, ttl: float) -> None:
+    def __init__(self, url: str, ttl: float, http: HttpClient) -> None:
         self.url = url
+        self.http = http
         self.ttl = ttl
         self.keys: dict[str | None, Any] = {}
         # -inf, not 0.0: time.monotonic() counts from boot, and on a machine up
@@ -104,17 +107,13 @@ class Jwks:
         self._last_miss = -math.inf
         self._retry_at = 0.0
         self._lock = asyncio.Lock()
-        self._session: aiohttp.ClientSession | None = None
 
     async def _fetch(self) -> None:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(trust_env=False)
-        async with self._session.get(self.url, timeout=aiohttp.ClientTimeout(total=5),
-                                     allow_redirects=False) as r:
+        async with self.http.request("GET", self.url, timeout=aiohttp.ClientTimeout(total=5)) as r:
             if r.status != 200:
                 raise JwksUnavailable(f"JWKS endpoint answered {r.status}")
             # Bounded like every body the sidecar reads for itself (a key set is a few KiB).
-            data = orjson.loads(await collect(r.content.iter_any(), _JWKS_MAX, JwksTooLarge))
+            data = orjson.loads(await read_limited(r.content, _JWKS_MAX, JwksTooLarge))
         keys: dict[str | None, Any] = {}
         for k in jwt.PyJWKSet.from_dict(data).keys:
             keys[k.key_id] = k
@@ -153,16 +152,12 @@ class Jwks:
             raise TokenInvalid("token signed with an unknown key")
         return got
 
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-
 
 class JwtFilter(Filter):
-    def __init__(self, config: Config, secret: SecretRef | None) -> None:
+    def __init__(self, config: Config, secret: SecretRef | None, http: HttpClient) -> None:
         self.config = config
         self.secret = secret
-        self.jwks = Jwks(config.jwks_url, config.jwks_cache_ttl) if config.jwks_url else None
+        self.jwks = Jwks(config.jwks_url, config.jwks_cache_ttl, http) if config.jwks_url else None
         self.algorithms = config.algorithms or (["HS256"] if secret is not None else ["RS256", "ES256"])
         self.options = {"require": list(config.required_claims), "verify_aud": config.audience is not None,
                         "verify_iss": config.issuer is not None}
@@ -194,10 +189,6 @@ class JwtFilter(Filter):
         ex.log[NAME] = {"sub": claims.get("sub")}
         return await call_next(ex)
 
-    async def close(self) -> None:
-        if self.jwks is not None:
-            await self.jwks.close()
-
     def describe(self) -> dict[str, Any]:
         c = self.config
         return {"key": "jwks" if c.jwks_url else "secret", "jwks_url": c.jwks_url, "issuer": c.issuer,
@@ -206,7 +197,7 @@ class JwtFilter(Filter):
 
 def build(config: Config, ctx: BuildContext) -> Filter:
     secret = ctx.runtime.secrets.ref(config.secret) if config.secret is not None else None
-    return JwtFilter(config, secret)
+    return JwtFilter(config, secret, ctx.runtime.http)
 
 
 @hookimpl

@@ -137,7 +137,8 @@ class TracingFilter(Filter):
     write, but no span object, context attach/detach or propagator runs
     (~20 us per request otherwise, docs/performance.md)."""
 
-    def __init__(self, tracing: Tracing, route: str, config: Config) -> None:
+    def __init__(self, tracing: Tracing, route: str, config: Config, kind: SpanKind = SpanKind.CLIENT) -> None:
+        self.kind = kind
         self.tracer = tracing.tracer
         self.ids = tracing.ids
         self.bound = tracing.ratio.bound
@@ -181,7 +182,7 @@ class TracingFilter(Filter):
 
     async def _span(self, ex: Exchange, call_next: Handler, parent: Any) -> ProxyResponse:
         with self.tracer.start_as_current_span(
-                f"{ex.method} {self.route}", context=parent, kind=SpanKind.CLIENT,
+                f"{ex.method} {self.route}", context=parent, kind=self.kind,
                 attributes=self.attributes, record_exception=False, set_status_on_exception=False) as span:
             ctx = span.get_span_context()
             if ctx.trace_flags.sampled:
@@ -219,12 +220,16 @@ def tracing_of(runtime: Any) -> Tracing:
 
 
 def build(config: Config, ctx: BuildContext) -> Filter:
-    return TracingFilter(tracing_of(ctx.runtime), ctx.route, config)
+    # Inbound, the sidecar receives the request (a server span); outbound it
+    # calls a provider (a client span), as OpenTelemetry's HTTP conventions say.
+    kind = SpanKind.SERVER if ctx.scope == "inbound" else SpanKind.CLIENT
+    return TracingFilter(tracing_of(ctx.runtime), ctx.route, config, kind)
 
 
 @hookimpl
 def sidecar_plugins_register() -> list[PluginSpec]:
-    return [PluginSpec(NAME, Config, PRIORITY, build, description="OpenTelemetry spans and W3C trace context")]
+    return [PluginSpec(NAME, Config, PRIORITY, build, scope="both",
+                       description="OpenTelemetry spans and W3C trace context")]
 
 
 @hookimpl

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from multidict import CIMultiDict
 
+from .body import read_limited
 from .errors import RequestBodyTooLarge, SidecarError, error_body
 
 if TYPE_CHECKING:
@@ -82,26 +83,13 @@ class ProxyResponse:
         if body is None or isinstance(body, bytes | bytearray):
             return bytes(body or b"")
         try:
-            data = await collect(body, limit, lambda: ValueError("response body larger than the limit"))
+            data = await read_limited(body, limit, lambda: ValueError("response body larger than the limit"))
         except BaseException:
             self.close()
             raise
         self.body = data
         self.done()
         return data
-
-
-async def collect(body: AsyncIterator[bytes], limit: int | None,
-                  too_large: Callable[[], Exception]) -> bytes:
-    """Join a streamed body, raising ``too_large()`` once it passes ``limit``."""
-    parts = []
-    size = 0
-    async for chunk in body:
-        size += len(chunk)
-        if limit is not None and size > limit:
-            raise too_large()
-        parts.append(chunk)
-    return b"".join(parts)
 
 
 class Exchange:
@@ -181,7 +169,7 @@ class Exchange:
         if isinstance(body, bytes | bytearray):
             return bytes(body)
         cap = self._max_body if limit is None else min(limit, self._max_body)
-        data = await collect(body, cap, RequestBodyTooLarge)
+        data = await read_limited(body, cap, RequestBodyTooLarge)
         self.body = data
         return data
 

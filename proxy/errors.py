@@ -63,6 +63,14 @@ class UpstreamTimeout(UpstreamError):
     status, code, message = 504, "upstream_timeout", "upstream did not answer in time"
 
 
+class CircuitOpen(SidecarError):
+    """The upstream is known to be failing (a circuit breaker is open): not
+    tried at all. Raised by the circuit_breaker plugin, or any plugin that
+    fails fast the same way; ``fallback`` answers it like an UpstreamError."""
+
+    status, code, message = 503, "circuit_open", "circuit breaker open: upstream is failing"
+
+
 class ConfigError(Exception):
     """A configuration or policy set that must not reach traffic.
 

@@ -95,6 +95,21 @@ def sidecar_policies_check(runtime: "Runtime", policies: "list[Any]") -> "list[s
 
 
 @hookspec
+def sidecar_routes_build(runtime: "Runtime", policies: "list[Any]", build: Any) -> "dict[str, list[Any]]":
+    """Contribute routes to listeners other than the outbound one; return ``{listener: [Route]}``.
+
+    Called while a policy set is compiled (start-up, every reload, ``sidecar
+    validate``), before it goes live. ``build(policy, plugins, prefix=,
+    scope=, upstream=, terminal=, where=, field_prefix=, exact=)`` is
+    ``Runtime.build_route`` bound to this compilation: filters whose config
+    did not change are reused (their state survives the reload) and build
+    problems reject the whole set. The inbound listener's routes and the
+    webhook endpoints (``exact=True``, the endpoint as ``terminal``) are
+    built here.
+    """
+
+
+@hookspec
 def sidecar_listeners_start(runtime: "Runtime", sidecar: Any) -> Any:
     """Start extra listeners beside the outbound and admin ones (the inbound webhook listener).
 

@@ -1,18 +1,19 @@
-"""The inbound listener: provider -> sidecar -> the local service.
+"""The inbound listener: provider or browser -> sidecar -> the local service.
 
-Two kinds of paths live on it:
+Its route table holds two kinds of routes, built by ``Runtime.build_route``
+like outbound ones and looked up by the same handler class:
 
-- webhook endpoints (exact paths, from policies' ``[webhook]`` tables), added
-  by the webhook plugin through ``inbound_of(runtime).endpoints``;
 - inbound routes (``[inbound.routes."/api"]`` in config.toml): path prefixes
   passed to ``service_url`` with the same path, through a chain of the plugins
-  nested in the route's table (``jwt``, ``forward_auth``...).
+  nested in the route's table (``jwt``, ``forward_auth``, ``cors``...);
+- webhook endpoints (exact paths, from policies' ``[webhook]`` tables), whose
+  terminal handler is the webhook plugin's endpoint (``sidecar_routes_build``
+  in plugins/webhook). An exact path wins over every prefix.
 
 ```toml
 [inbound]
 listen = "127.0.0.1:8443"
 service_url = "http://127.0.0.1:8000"
-data_dir = "data"                  # relative to config.toml
 
 [inbound.routes."/api".jwt]
 secret = "env:JWT_SECRET"
@@ -25,32 +26,24 @@ has a ``[webhook]`` table, and drains with the worker (``serve_runner``).
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
-from aiohttp.web_request import BaseRequest
 from pydantic import Field, ValidationError, ValidationInfo, field_validator
 
-from .chain import Filter
 from .config import Listener, Policy, PolicyCore, Timeouts, TLS
-from .errors import ConfigError
 from .hookspecs import hookimpl
 from .outbound import OutboundHandler
+from .routes import Route
 from .units import Duration
-from .routes import Route, RouteTable
 
 if TYPE_CHECKING:
-    from .chain import Exchange
     from .runtime import Runtime
 
 log = logging.getLogger("sidecar.inbound")
 
 TABLE = "inbound"
-
-#: An exact-path handler on the inbound listener (a webhook endpoint).
-Endpoint = Callable[[BaseRequest], Awaitable[web.StreamResponse]]
 
 
 class InboundSettings(Listener):
@@ -58,10 +51,11 @@ class InboundSettings(Listener):
 
     listen: str = "127.0.0.1:8443"
     service_url: str = "http://127.0.0.1:8000"
-    # The embedded durable queue (SQLite) lives here; relative to config.toml.
-    data_dir: str = "data"
-    # Delivered webhooks are kept this long for /admin/webhooks/events, then pruned.
-    retention: Duration = 7 * 86400.0
+    # Webhook settings accepted here for compatibility; they belong to the
+    # webhook plugin ([webhook] in config.toml), which reads them from here
+    # when its own table does not set them. Nothing in core uses them.
+    data_dir: str | None = None
+    retention: Duration | None = None
     # prefix -> {plugin name: validated plugin Config}
     routes: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
@@ -112,78 +106,34 @@ class InboundSettings(Listener):
         return out
 
 
-class InboundHandler(OutboundHandler):
-    """The inbound listener's handler: exact webhook paths first, then inbound routes."""
-
-    def __init__(self, runtime: "Runtime") -> None:
-        super().__init__(runtime)
-        self.endpoints: dict[str, Endpoint] = {}
-        self.table = RouteTable([])
-
-    def match(self, path: str) -> "tuple[Route, str] | None":
-        return self.table.match(path)
-
-    async def __call__(self, request: BaseRequest) -> web.StreamResponse:
-        ep = self.endpoints.get(request.raw_path.partition("?")[0])
-        if ep is not None:
-            return await ep(request)
-        return await super().__call__(request)
-
-    def _admit(self, request: BaseRequest, hin, rid: str, started: float) -> "tuple[Route, Exchange]":
-        route, ex = super()._admit(request, hin, rid, started)
-        # Inbound routes keep the whole path: /api/orders goes to service_url/api/orders.
-        ex.path = request.raw_path.partition("?")[0]
-        return route, ex
-
-
 class Inbound:
-    """One runtime's inbound side: settings, handler and compiled inbound routes."""
+    """One runtime's inbound side: settings and the listener's handler."""
 
     def __init__(self, runtime: "Runtime") -> None:
         self.rt = runtime
         settings = runtime.extra_settings.get(TABLE)
         self.settings: InboundSettings = settings if isinstance(settings, InboundSettings) else InboundSettings()
         self.configured = TABLE in runtime.settings.extra_tables
-        self.handler = InboundHandler(runtime)
-        self.filters: list[Filter] = []
+        # The outbound listener's handler class on the inbound table, whole paths kept.
+        self.handler = OutboundHandler(runtime, listener=TABLE, keep_path=True)
         self.port: int | None = None
 
-    @property
-    def endpoints(self) -> dict[str, Endpoint]:
-        return self.handler.endpoints
-
-    @property
-    def data_dir(self) -> Path:
-        return (self.rt.settings.base_dir / self.settings.data_dir).resolve()
-
-    def compile_routes(self) -> None:
+    def build_routes(self, build: Any) -> list[Route]:
+        """The ``[inbound.routes]`` of config.toml as routes to ``service_url``."""
         rt = self.rt
         s = self.settings
+        if not s.routes:
+            return []
         core = PolicyCore(limits=rt.settings.limits)
-        routes: list[Route] = []
-        problems: list[str] = []
-        filters_now: dict[tuple[str, str, str], Filter] = {}
         where = str(rt.settings.path or "config")
-        upstream = rt.pools.get(s.service_url, TLS(), Timeouts()) if s.routes else None
+        upstream = rt.pools.get(s.service_url, TLS(), Timeouts())
+        routes = []
         for prefix, plugins in s.routes.items():
-            name = f"inbound:{prefix}"
             raw = {k: v.model_dump(mode="json") if hasattr(v, "model_dump") else v for k, v in plugins.items()}
-            policy = Policy(name, Path(where), core, plugins, raw)
-            routes.append(rt.build_route(policy, plugins, prefix=prefix, scope="inbound", upstream=upstream,
-                                         terminal=None, where=where, filters_now=filters_now,
-                                         problems=problems, field_prefix=f"inbound.routes.{prefix}."))
-        if problems:
-            raise ConfigError(problems)
-        self.filters = list(filters_now.values())
-        self.handler.table = RouteTable(routes)
-
-    async def close(self) -> None:
-        for f in self.filters:
-            try:
-                await f.close()
-            except Exception:
-                log.exception("closing inbound filter %s failed", f.name)
-        self.filters.clear()
+            policy = Policy(f"inbound:{prefix}", Path(where), core, plugins, raw)
+            routes.append(build(policy, plugins, prefix=prefix, scope="inbound", upstream=upstream,
+                                where=where, field_prefix=f"inbound.routes.{prefix}."))
+        return routes
 
 
 def inbound_of(runtime: "Runtime") -> Inbound:
@@ -197,10 +147,8 @@ def sidecar_settings_register() -> dict[str, type[Any]]:
 
 
 @hookimpl
-def sidecar_runtime_startup(runtime: "Runtime") -> None:
-    inbound = inbound_of(runtime)
-    inbound.compile_routes()
-    runtime.on_shutdown(inbound.close)
+def sidecar_routes_build(runtime: "Runtime", policies: list[Policy], build: Any) -> dict[str, list[Route]]:
+    return {TABLE: inbound_of(runtime).build_routes(build)}
 
 
 @hookimpl
@@ -208,7 +156,8 @@ async def sidecar_listeners_start(runtime: "Runtime", sidecar: Any) -> None:
     from .server import SidecarServer, parser_limits
 
     inbound = inbound_of(runtime)
-    if not (inbound.configured or inbound.endpoints or inbound.handler.table.routes):
+    table = runtime.tables.get(TABLE)
+    if not (inbound.configured or (table is not None and table.routes)):
         return
     s = inbound.settings
     server = SidecarServer(inbound.handler, handler_cancellation=True, access_log=None,
@@ -216,5 +165,6 @@ async def sidecar_listeners_start(runtime: "Runtime", sidecar: Any) -> None:
     runner = web.ServerRunner(server, shutdown_timeout=runtime.settings.sidecar.drain_timeout,
                               access_log=None)
     inbound.port = await sidecar.serve_runner("inbound", runner, s.host, s.port)
+    routes = table.routes if table is not None else []
     log.info("inbound listener on %s:%d (%d webhook paths, %d routes)", s.host, inbound.port,
-             len(inbound.endpoints), len(inbound.handler.table.routes))
+             sum(r.exact for r in routes), sum(not r.exact for r in routes))

@@ -84,10 +84,19 @@ async def _counted(content: "web.StreamReader", limit: int, overflow: BodyOverfl
 
 
 class OutboundHandler:
-    """The aiohttp low-level handler for the outbound listener."""
+    """The aiohttp low-level handler of a listener: the outbound one, and
+    (``listener="inbound"``, ``keep_path=True``) the inbound one.
 
-    def __init__(self, runtime: "Runtime") -> None:
+    ``listener`` names the route table in ``runtime.tables``; ``keep_path``
+    passes the whole request path on (the inbound listener forwards
+    ``/api/orders`` to ``service_url/api/orders``) instead of the path after
+    the route prefix.
+    """
+
+    def __init__(self, runtime: "Runtime", *, listener: str = "outbound", keep_path: bool = False) -> None:
         self.rt = runtime
+        self.listener = listener
+        self.keep_path = keep_path
         self.trusted = TrustedProxies(runtime.settings.outbound.trusted_proxies)
         self.scheme = "http"
 
@@ -144,8 +153,8 @@ class OutboundHandler:
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def match(self, path: str) -> "tuple[Route, str] | None":
-        """The route for ``path`` (the inbound listener matches its own table)."""
-        return self.rt.table.match(path)
+        """The route for ``path`` in this listener's table."""
+        return self.rt.tables[self.listener].match(path)
 
     def _admit(self, request: BaseRequest, hin, rid: str, started: float) -> "tuple[Route, Exchange]":
         raw = request.raw_path
@@ -185,7 +194,7 @@ class OutboundHandler:
             headers["X-Forwarded-Proto"] = self.scheme
             headers["X-Forwarded-Host"] = hin.get("Host", "")
         headers["X-Request-ID"] = rid
-        ex = Exchange(route, request.method, rest, query, headers, request_id=rid, started=started,
+        ex = Exchange(route, request.method, path if self.keep_path else rest, query, headers, request_id=rid, started=started,
                       max_body=route.max_body, target=raw, body_length=length,
                       tenant=hin.get(route.tenant_header), client_ip=peer,
                       deadline=started + route.total_timeout if route.total_timeout else None)

@@ -27,11 +27,17 @@ ENTRY_POINT_GROUP = "sidecar.plugins"
 #: Capability: the plugin injects a credential into upstream requests.
 INJECTS_CREDENTIALS = "injects_credentials"
 
+#: Capability: the plugin's table makes its policy a route of the plugin's
+#: scope (``[webhook]``: an exact route on the inbound listener), so the
+#: policy's other plugins of that scope have a route to wrap.
+MAKES_ROUTE = "makes_route"
+
 #: Built-in plugin modules, registered on every manager.
 BUILTIN_PLUGINS = (
     "plugins.auth",
     "plugins.cache",
     "plugins.circuit_breaker",
+    "plugins.cors",
     "plugins.fallback",
     "plugins.forward_auth",
     "plugins.headers",
@@ -40,6 +46,7 @@ BUILTIN_PLUGINS = (
     "plugins.retry",
     "plugins.tracing",
     "plugins.webhook",
+    "proxy.client",
     "proxy.inbound",
     "proxy.routes",
 )
@@ -49,9 +56,12 @@ BUILTIN_PLUGINS = (
 class BuildContext:
     """What a plugin's ``build`` gets besides its own validated config."""
 
-    route: str          # the policy name (file stem)
+    route: str          # the route's name: the policy name (file stem), "inbound:/api", "webhook:stripe"
     policy: "Policy"
     runtime: "Runtime"
+    # Which listener's route this is: "outbound" (service -> provider) or
+    # "inbound" (provider or browser -> service).
+    scope: str = "outbound"
 
     def route_has(self, capability: str) -> bool:
         """Whether another plugin on this route declares ``capability``."""

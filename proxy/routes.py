@@ -29,21 +29,30 @@ class Route:
     max_headers: int
     total_timeout: float
     labels: dict[str, Any] = field(default_factory=dict)
+    # True: ``prefix`` is an exact path (a webhook endpoint), matched before
+    # any prefix route of its table.
+    exact: bool = False
 
 
 class RouteTable:
     """Maps a request path to its route. ``/httpbin`` matches ``/httpbin`` and
-    ``/httpbin/...``, never ``/httpbinx``; the longest prefix wins."""
+    ``/httpbin/...``, never ``/httpbinx``; the longest prefix wins. Exact
+    routes (webhook paths) win over every prefix."""
 
-    __slots__ = ("_by_prefix", "_root", "routes")
+    __slots__ = ("_by_prefix", "_exact", "_root", "routes")
 
     def __init__(self, routes: list[Route]) -> None:
         self.routes = routes
-        self._by_prefix = {r.prefix: r for r in routes if r.prefix != "/"}
-        self._root = next((r for r in routes if r.prefix == "/"), None)
+        self._exact = {r.prefix: r for r in routes if r.exact}
+        self._by_prefix = {r.prefix: r for r in routes if r.prefix != "/" and not r.exact}
+        self._root = next((r for r in routes if r.prefix == "/" and not r.exact), None)
 
     def match(self, path: str) -> tuple[Route, str] | None:
         """The route and the path left after its prefix (always starting with '/')."""
+        if self._exact:
+            route = self._exact.get(path)
+            if route is not None:
+                return route, "/"
         by_prefix = self._by_prefix
         candidate = path
         while candidate:

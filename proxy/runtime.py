@@ -12,17 +12,18 @@ import asyncio
 import inspect
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import pluggy
 
 from .accesslog import AccessLog
 from .chain import Exchange, Filter, Handler, ProxyResponse, compile_chain
+from .client import TABLE as CLIENT_TABLE, ClientSettings, HttpClient
 from .config import (Policy, Settings, config_digest, load_policies, validate_extra_settings)
 from .errors import ConfigError
 from .metrics import Metrics
-from .plugins import (BuildContext, PluginSpec, collect_settings_models, collect_specs,
+from .plugins import (MAKES_ROUTE, BuildContext, PluginSpec, collect_settings_models, collect_specs,
                       make_plugin_manager, ordered)
 from .redact import Redactor
 from .routes import Route, RouteTable
@@ -56,12 +57,21 @@ class Runtime:
         self.pools = UpstreamPools(settings.outbound.pool_size, settings.outbound.pool_idle_timeout,
                                    client=settings.outbound.client)
         self.accesslog = AccessLog(settings.logging.access_log)
+        # The HTTP client plugins share for their own requests (tokens, JWKS,
+        # forward_auth, webhook delivery); closed at stop().
+        client_settings = self.extra_settings.get(CLIENT_TABLE)
+        self.http = HttpClient(client_settings if isinstance(client_settings, ClientSettings) else ClientSettings(),
+                               settings.base_dir)
         self.table = RouteTable([])
+        # Every listener's route table by listener name ("outbound" is ``table``).
+        self.tables: dict[str, RouteTable] = {"outbound": self.table}
         self.policies: list[Policy] = []
         self.loaded_at: float | None = None
         self._filters: dict[tuple[str, str, str], Filter] = {}
         # Filters a reload dropped, waiting for in-flight requests before close().
         self._retiring: list[Filter] = []
+        # Upstream pools a reload left without a route, closed after the drain timeout.
+        self._retiring_pools: list[Any] = []
         self._on_shutdown: list[Callable[[], Any]] = []
         self._reload_lock = asyncio.Lock()
         self._log_headers = settings.logging.log_headers
@@ -80,10 +90,21 @@ class Runtime:
         policies = load_policies(self.settings, self.plugin_configs)
         problems = []
         for p in policies:
+            outbound = p.core.route is not None
+            inbound = any(MAKES_ROUTE in self.specs[n].capabilities and self.specs[n].scope != "outbound"
+                          for n in p.plugins)
             for name in p.plugins:
-                scope = self.specs[name].scope
-                if p.core.route is None and scope == "outbound":
+                spec = self.specs[name]
+                if MAKES_ROUTE in spec.capabilities:
+                    continue
+                if spec.scope == "outbound" and not outbound:
                     problems.append(f"{p.file}: {name}: needs an outbound route (set route and upstream)")
+                elif spec.scope == "inbound" and not inbound:
+                    problems.append(f"{p.file}: {name}: wraps inbound routes only: use it in config.toml "
+                                    f"[inbound.routes.\"/prefix\".{name}] or in a policy with [webhook]")
+                elif spec.scope == "both" and not (outbound or inbound):
+                    problems.append(f"{p.file}: {name}: this policy has no route to wrap "
+                                    "(set route and upstream, or add [webhook])")
         problems += self.check_set(policies)
         if problems:
             raise ConfigError(problems)
@@ -96,8 +117,14 @@ class Runtime:
             problems.extend(found or [])
         return problems
 
-    def compile(self, policies: list[Policy]) -> tuple[RouteTable, dict[tuple[str, str, str], Filter]]:
-        """Build every outbound route's chain; reuses a filter whose config did not change."""
+    def compile(self, policies: list[Policy]) -> tuple[dict[str, RouteTable], dict[tuple[str, str, str], Filter]]:
+        """Build every route of every listener; reuses a filter whose config did not change.
+
+        Outbound routes come from policies' ``route``/``upstream``; other
+        listeners' routes (inbound routes, webhook endpoints) from the
+        ``sidecar_routes_build`` hook, with the same builder. Returns the route
+        table of each listener by name and the filters now in use.
+        """
         routes: list[Route] = []
         filters_now: dict[tuple[str, str, str], Filter] = {}
         problems: list[str] = []
@@ -110,14 +137,22 @@ class Runtime:
                 policy, policy.plugins, prefix=core.route, scope="outbound",
                 upstream=upstream, terminal=None, where=str(policy.file),
                 filters_now=filters_now, problems=problems))
+        by_listener: dict[str, list[Route]] = {"outbound": routes}
+
+        def build(policy: Policy, plugins: dict[str, Any], **kw: Any) -> Route:
+            return self.build_route(policy, plugins, filters_now=filters_now, problems=problems, **kw)
+
+        for found in self.pm.hook.sidecar_routes_build(runtime=self, policies=policies, build=build):
+            for listener, extra in (found or {}).items():
+                by_listener.setdefault(listener, []).extend(extra)
         if problems:
             raise ConfigError(problems)
-        return RouteTable(routes), filters_now
+        return {name: RouteTable(rs) for name, rs in by_listener.items()}, filters_now
 
     def build_route(self, policy: Policy, plugins: dict[str, Any], *, prefix: str, scope: str,
-                    upstream: Upstream | None, terminal: Handler | None, where: str,
+                    upstream: Upstream | None = None, terminal: Handler | None = None, where: str,
                     filters_now: dict[tuple[str, str, str], Filter], problems: list[str],
-                    field_prefix: str = "") -> Route:
+                    field_prefix: str = "", exact: bool = False) -> Route:
         """The one route builder: outbound policies, inbound routes and webhook
         endpoints all become a Route the same way.
 
@@ -127,7 +162,8 @@ class Runtime:
         digest) and nested, by PRIORITY, around ``terminal`` (default: send
         to ``upstream``). Build problems are appended to ``problems`` as
         ``where: field_prefix+plugin: reason``; the route is still returned
-        so every problem of the set is reported in one pass.
+        so every problem of the set is reported in one pass. ``exact``: the
+        route matches its path exactly (a webhook endpoint), before prefixes.
         """
         chain: list[Filter] = []
         specs = ordered([self.specs[n] for n in plugins if self.specs[n].scope in (scope, "both")])
@@ -136,7 +172,7 @@ class Runtime:
             f = self._filters.get(key) or filters_now.get(key)
             if f is None:
                 try:
-                    f = spec.build(plugins[spec.name], BuildContext(policy.name, policy, self))
+                    f = spec.build(plugins[spec.name], BuildContext(policy.name, policy, self, scope))
                 except (ConfigError, ValueError) as e:
                     problems.append(f"{where}: {field_prefix}{spec.name}: {e}")
                     continue
@@ -155,7 +191,7 @@ class Runtime:
                      filters=chain, handler=compile_chain(chain, terminal),
                      tenant_header=core.tenant_header, max_body=limits.max_request_body,
                      max_header_size=limits.max_header_size, max_headers=limits.max_headers,
-                     total_timeout=core.timeouts.total)
+                     total_timeout=core.timeouts.total, exact=exact)
 
     def _terminal(self, name: str, upstream: Upstream) -> Callable[[Exchange], Awaitable[ProxyResponse]]:
         observe = self.metrics.batched_histogram(self.metrics.upstream_duration.labels(name)).observe
@@ -175,20 +211,33 @@ class Runtime:
 
     def apply(self, policies: list[Policy]) -> None:
         """Compile and swap in a policy set (raises ConfigError, leaving the old set)."""
-        table, filters = self.compile(policies)
+        tables, filters = self.compile(policies)
         dropped = [f for k, f in self._filters.items() if k not in filters]
-        self.table, self._filters, self.policies = table, filters, policies
+        gone_pools = self.pools.retain({getattr(r.upstream, "pool_key", None) for t in tables.values()
+                                        for r in t.routes if r.upstream is not None})
+        # One listener's table and the others' are swapped together (no await between).
+        self.tables, self.table, self._filters, self.policies = tables, tables["outbound"], filters, policies
         self.loaded_at = time.time()
         self.pm.hook.sidecar_policies_loaded(runtime=self, policies=policies)
-        if dropped:
-            # In-flight requests may still be inside a dropped filter: close it
-            # once they have had the drain timeout to finish (or at stop(),
-            # whichever comes first).
+        if dropped or gone_pools:
+            # In-flight requests may still be inside a dropped filter or use a
+            # pool of an upstream no route names any more: close them once they
+            # have had the drain timeout to finish (or at stop(), whichever
+            # comes first).
             self._retiring.extend(dropped)
+            self._retiring_pools.extend(gone_pools)
             asyncio.get_running_loop().call_later(
-                self.settings.sidecar.drain_timeout, lambda: asyncio.ensure_future(self._close_retired(dropped)))
+                self.settings.sidecar.drain_timeout,
+                lambda: asyncio.ensure_future(self._close_retired(dropped, gone_pools)))
 
-    async def _close_retired(self, filters: list[Filter]) -> None:
+    async def _close_retired(self, filters: list[Filter], pools: Sequence[Any] = ()) -> None:
+        for p in pools:
+            if p in self._retiring_pools:
+                self._retiring_pools.remove(p)
+                try:
+                    await self.pools.close_one(p)
+                except Exception:
+                    log.exception("closing an upstream pool failed")
         for f in filters:
             if f in self._retiring:
                 self._retiring.remove(f)
@@ -228,7 +277,8 @@ class Runtime:
 
     def route_filters(self, plugin: str) -> dict[str, Filter]:
         """The live filter of ``plugin`` on each route, by policy name (admin views)."""
-        return {r.name: f for r in self.table.routes for f in r.filters if f.name == plugin}
+        return {r.name: f for t in self.tables.values() for r in t.routes for f in r.filters
+                if f.name == plugin}
 
     def on_shutdown(self, callback: Callable[[], Any]) -> None:
         """Register a cleanup (sync or async) run at shutdown, last registered first."""
@@ -245,7 +295,7 @@ class Runtime:
                     await r
             except Exception:
                 log.exception("shutdown callback failed")
-        await self._close_retired(list(self._retiring))
+        await self._close_retired(list(self._retiring), list(self._retiring_pools))
         for f in self._filters.values():
             try:
                 await f.close()
@@ -253,6 +303,7 @@ class Runtime:
                 log.exception("closing filter %s failed", f.name)
         self._filters.clear()
         await self.pools.close()
+        await self.http.close()
         await self.state.close()
         self.accesslog.close()
 

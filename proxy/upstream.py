@@ -11,7 +11,7 @@ import asyncio
 import ssl
 import time
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from yarl import URL
@@ -60,6 +60,7 @@ class Upstream:
         self.authority = u.raw_host if u.port == default_port else f"{u.raw_host}:{u.port}"
         self.session = session
         self.timeouts = timeouts
+        self.pool_key: tuple[str, bool, str | None] = ("", True, None)  # set by UpstreamPools.get
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeouts.connect,
                                               sock_read=timeouts.idle or None)
 
@@ -153,10 +154,13 @@ class UpstreamPools:
         return self.fast.pools() if self.fast is not None else {}
 
     def get(self, url: str, tls: "TLS", timeouts: "Timeouts") -> "Upstream":
-        if self.fast is not None:
-            return self.fast.get(url, tls, timeouts)  # type: ignore[return-value]
+        """The upstream for ``url``; its ``pool_key`` names the pool it shares."""
         origin = str(URL(url).origin())
         key = (origin, tls.verify, tls.ca_bundle)
+        if self.fast is not None:
+            fast = self.fast.get(url, tls, timeouts)
+            fast.pool_key = key
+            return fast  # type: ignore[return-value]
         session = self._sessions.get(key)
         if session is None or session.closed:
             connector = aiohttp.TCPConnector(
@@ -173,15 +177,25 @@ class UpstreamPools:
             # budget and deadline), so a request is sent once per try.
             session._retry_connection = False
             self._sessions[key] = session
-        return Upstream(url, session, timeouts)
+        up = Upstream(url, session, timeouts)
+        up.pool_key = key
+        return up
 
-    def retain(self, keep: set[tuple[str, bool, str | None]]) -> list:
-        """Forget sessions no route uses any more; returns them for a delayed close."""
+    def retain(self, keep: set[tuple[str, bool, str | None]]) -> list[Any]:
+        """Forget pools no route uses any more (by ``pool_key``); returns them
+        for ``close_one`` once in-flight requests had time to finish."""
         if self.fast is not None:
             return self.fast.retain(keep)
         gone = [s for k, s in self._sessions.items() if k not in keep]
         self._sessions = {k: s for k, s in self._sessions.items() if k in keep}
         return gone
+
+    async def close_one(self, pool: Any) -> None:
+        """Close a pool ``retain`` returned (a fast-client Pool or a ClientSession)."""
+        if isinstance(pool, aiohttp.ClientSession):
+            await pool.close()
+        else:
+            pool.close()
 
     async def close(self) -> None:
         if self.fast is not None:

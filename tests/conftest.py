@@ -16,13 +16,14 @@ import subprocess
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
-import aiohttp
+
 import pytest
 
-from tests.support.sidecar import RunningSidecar, free_port, start_sidecar
-from tests.support.upstream import FakeUpstream
+# The kit's fixtures (upstream, client, sidecar_factory): the project's tests
+# use the same ones a third-party plugin's tests do.
+from proxy.testing import client, sidecar_factory, upstream  # noqa: F401
+from tests.support.sidecar import free_port
 
 REDIS_DB = int(os.environ.get("SIDECAR_TEST_REDIS_DB", "13"))
 
@@ -81,39 +82,7 @@ async def redis_url(redis_server: tuple[str, int]) -> AsyncIterator[str]:
 
     host, port = redis_server
     url = f"redis://{host}:{port}/{REDIS_DB}"
-    client = aioredis.from_url(url)
-    await client.flushdb()
-    await client.aclose()
+    r = aioredis.from_url(url)
+    await r.flushdb()
+    await r.aclose()
     yield url
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[FakeUpstream]:
-    up = await FakeUpstream().start()
-    yield up
-    await up.stop()
-
-
-@pytest.fixture
-async def client() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(auto_decompress=False) as s:
-        yield s
-
-
-@pytest.fixture
-async def sidecar_factory(tmp_path: Path) -> AsyncIterator:
-    """``await sidecar_factory({"name": policy_toml}, config_toml="", outbound="", sidecar="")``
-    starts an in-process sidecar (see tests/support/sidecar.py write_config)."""
-    started: list[RunningSidecar] = []
-    n = 0
-
-    async def make(policies: dict[str, str], config: str = "", **kw: object) -> RunningSidecar:
-        nonlocal n
-        n += 1
-        sc = await start_sidecar(tmp_path / f"sc{n}", policies, config, **kw)
-        started.append(sc)
-        return sc
-
-    yield make
-    for sc in started:
-        await sc.sidecar.stop()

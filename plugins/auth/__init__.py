@@ -25,7 +25,7 @@ from proxy.plugins import INJECTS_CREDENTIALS, BuildContext, PluginSpec
 
 from .config import AWS_KEY_FIELDS, LITERAL_CREDENTIAL, LITERAL_OK, SECRET_FIELDS, Config
 from .inject import AuthFilter, BasicSlot, Credentials, HeaderSlot, QuerySlot, Secret, Slot
-from .oauth2 import SessionHolder, TokenSource
+from .oauth2 import TokenSource
 from .sigv4 import Signer
 from .state import NAME, AuthState, auth_state
 from .vault import SecretsSettings
@@ -36,8 +36,8 @@ if TYPE_CHECKING:
 PRIORITY = 500
 
 
-def _credentials(label: str, config: Config, over: dict[str, Any], state: AuthState, route: str,
-                 session: SessionHolder | None) -> Credentials:
+def _credentials(label: str, config: Config, over: dict[str, Any], state: AuthState,
+                 route: str) -> Credentials:
     """The slots of one credential set: ``over`` holds the tenant's own values."""
     store = state.runtime.secrets
 
@@ -64,12 +64,12 @@ def _credentials(label: str, config: Config, over: dict[str, Any], state: AuthSt
         assert config.param is not None
         slots.append(QuerySlot(config.param, secret("secret")))
     elif t == "oauth2_client_credentials":
-        assert session is not None and config.token_url is not None
+        assert config.token_url is not None
         token = TokenSource(
             token_url=config.token_url, client_id=secret("client_id").ref,
             client_secret=secret("client_secret").ref, scopes=config.scopes, audience=config.audience,
             params=config.token_params, client_auth=config.client_auth,
-            refresh_before=config.refresh_before, timeout=config.token_timeout, session=session,
+            refresh_before=config.refresh_before, timeout=config.token_timeout, http=state.runtime.http,
             fetches=state.oauth2_fetches, label=route)
     elif t == "aws_sigv4":
         signer = _signer(config, over, state, secret)
@@ -100,11 +100,10 @@ def _signer(config: Config, over: dict[str, Any], state: AuthState, secret: Any)
 def build(config: Config, ctx: BuildContext) -> AuthFilter:
     rt = ctx.runtime
     state = auth_state(rt)
-    session = SessionHolder() if config.type == "oauth2_client_credentials" else None
     needed = SECRET_FIELDS.get(config.type or "", ())
     has_default = config.type is None or all(getattr(config, f) is not None for f in needed)
-    default = _credentials("default", config, {}, state, ctx.route, session) if has_default else None
-    tenants = {name: _credentials(name, config, tc.model_dump(exclude_none=True), state, ctx.route, session)
+    default = _credentials("default", config, {}, state, ctx.route) if has_default else None
+    tenants = {name: _credentials(name, config, tc.model_dump(exclude_none=True), state, ctx.route)
                for name, tc in config.tenants.items()}
     # Whatever the filter injects must never reach a log (http-rules: credentials).
     secret_headers = {name for name, v in config.headers.items() if rt.secrets.ref(v).source != "literal"}
@@ -114,7 +113,7 @@ def build(config: Config, ctx: BuildContext) -> AuthFilter:
         secret_headers.add(config.header)
     if config.type == "aws_sigv4":
         secret_headers.add("X-Amz-Security-Token")
-    rt.redactor.add(headers=secret_headers, query_params=[config.param] if config.param else [])
+    rt.redactor.add(headers=secret_headers)
     summary = {"type": config.type, "override": config.override, "unknown_tenant": config.unknown_tenant,
                "tenants": sorted(config.tenants), "headers": sorted({**config.headers})}
     if config.type == "header":
@@ -124,7 +123,7 @@ def build(config: Config, ctx: BuildContext) -> AuthFilter:
     if default is not None and default.signer is not None:
         summary["aws_sigv4"] = default.signer.describe()
     return AuthFilter(default, tenants, config.unknown_tenant == "reject", config.override,
-                      config.replay_body_limit, session, summary)
+                      config.replay_body_limit, summary)
 
 
 # ---- admin ----------------------------------------------------------------

@@ -18,7 +18,7 @@ from proxy.errors import SidecarError
 from proxy.secrets import SecretRef, SecretUnavailable
 
 if TYPE_CHECKING:
-    from .oauth2 import SessionHolder, TokenSource
+    from .oauth2 import TokenSource
     from .sigv4 import Signer
     from .state import AuthState
 
@@ -149,14 +149,12 @@ class Credentials:
 
 class AuthFilter(Filter):
     def __init__(self, default: Credentials | None, tenants: dict[str, Credentials], reject: bool,
-                 override: bool, replay_limit: int, session: "SessionHolder | None",
-                 summary: dict[str, Any]) -> None:
+                 override: bool, replay_limit: int, summary: dict[str, Any]) -> None:
         self.default = default
         self.tenants = tenants
         self.reject = reject
         self.override = override
         self.replay_limit = replay_limit
-        self.session = session
         self.summary = summary
 
     def _select(self, ex: Exchange) -> Credentials:
@@ -214,10 +212,6 @@ class AuthFilter(Filter):
         ex.attempt += 1
         ex.log["auth"] = "oauth2_token_refreshed"
         return await call_next(ex)
-
-    async def close(self) -> None:
-        if self.session is not None:
-            await self.session.close()
 
     def describe(self) -> dict[str, Any]:
         return self.summary

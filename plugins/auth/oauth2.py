@@ -19,12 +19,14 @@ from urllib.parse import quote
 import aiohttp
 import orjson
 
-from proxy.chain import collect
+from proxy.body import read_limited
 from proxy.errors import SidecarError
 from proxy.secrets import SecretRef
 
 if TYPE_CHECKING:
     from prometheus_client import Counter
+
+    from proxy.client import HttpClient
 
 log = logging.getLogger("sidecar.auth.oauth2")
 
@@ -42,7 +44,7 @@ class TokenSource:
 
     def __init__(self, *, token_url: str, client_id: SecretRef, client_secret: SecretRef,
                  scopes: list[str], audience: str | None, params: dict[str, str], client_auth: str,
-                 refresh_before: float, timeout: float, session: "SessionHolder",
+                 refresh_before: float, timeout: float, http: "HttpClient",
                  fetches: "Counter", label: str) -> None:
         self.token_url = token_url
         self.client_id = client_id
@@ -56,7 +58,7 @@ class TokenSource:
         self.client_auth = client_auth
         self.refresh_before = refresh_before
         self.timeout = aiohttp.ClientTimeout(total=timeout)
-        self.session = session
+        self.http = http
         self.ok = fetches.labels(label, "ok")
         self.failed = fetches.labels(label, "error")
         self.token: str | None = None
@@ -114,12 +116,9 @@ class TokenSource:
         else:
             form["client_id"], form["client_secret"] = cid, secret
         try:
-            session = self.session.get()
-            async with session.post(self.token_url, data=form, headers=headers, timeout=self.timeout,
-                                    allow_redirects=False) as resp:
-                # read(n) returns what has arrived so far, not n bytes: join
-                # the chunks up to the bound.
-                raw = await collect(resp.content.iter_any(), 256 * 1024, _TooLarge)
+            async with self.http.request("POST", self.token_url, data=form, headers=headers,
+                                         timeout=self.timeout) as resp:
+                raw = await read_limited(resp.content, 256 * 1024, _TooLarge)
                 status = resp.status
         except _TooLarge:
             self.failed.inc()
@@ -158,20 +157,3 @@ class TokenSource:
         now = time.monotonic()
         return {"token_url": self.token_url, "has_token": self.token is not None,
                 "expires_in_seconds": round(self.expires - now, 1) if self.token else None}
-
-
-class SessionHolder:
-    """One aiohttp session per auth filter, made on first use (inside the loop)."""
-
-    def __init__(self) -> None:
-        self._session: aiohttp.ClientSession | None = None
-
-    def get(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(trust_env=False, cookie_jar=aiohttp.DummyCookieJar())
-        return self._session
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None

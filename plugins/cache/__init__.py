@@ -13,8 +13,10 @@ default; Redis, shared by every sidecar, when ``[state] backend = "redis"``.
 ``X-Cache: HIT | MISS | STALE | BYPASS`` and ``Age`` on every answer;
 GET /admin/cache and POST /admin/cache/<policy>/purge. See docs/cache.md.
 
-PRIORITY 600: inside retry and the circuit breaker, outside auth, so a hit
-never reaches the credential plugin and a miss is fetched with fresh credentials.
+PRIORITY 755: outside retry and the circuit breaker (a hit skips both, and
+stale-if-error answers an open circuit), inside fallback (a stale entry beats
+a static fallback), and outside auth, so a hit never reaches the credential
+plugin and a miss is fetched with fresh credentials.
 """
 
 from __future__ import annotations

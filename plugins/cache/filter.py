@@ -404,22 +404,6 @@ class CacheFilter(Filter):
 
         self.refreshing[key] = self._spawn(run())
 
-    async def serve_stale(self, ex: Exchange, reason: str) -> ProxyResponse | None:
-        """For plugins outside the cache (fallback, when the breaker is open):
-        the stored answer to ``ex`` if its stale-if-error window allows, else None."""
-        if ex.method not in self.methods:
-            return None
-        h = ex.headers
-        scope = credential_scope(ex.tenant, h.get("Authorization")) if (
-            self.authorized and (self.injects or "Authorization" in h)) else ""
-        _, entry = await self._lookup(primary_key(ex.path, ex.query, h, self.key_headers, scope), h)
-        if entry is None or not self._usable_on_error(entry):
-            return None
-        age = entry.age(time.time())
-        if age < entry.lifetime:
-            return self._serve(ex, entry, age, "HIT", "hit")
-        return self._serve(ex, entry, age, "STALE", "stale", f"stale-if-error ({reason})")
-
     # ---- helpers --------------------------------------------------------------
 
     async def _lookup(self, primary: str, headers: Any) -> tuple[str, Entry | None]:

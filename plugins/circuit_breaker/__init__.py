@@ -29,7 +29,7 @@ from pybreaker import STATE_CLOSED, STATE_OPEN, CircuitBreakerError
 
 from proxy.admin import json_error, json_response, runtime_of
 from proxy.chain import Exchange, Filter, Handler, ProxyResponse
-from proxy.errors import SidecarError, UpstreamError
+from proxy.errors import CircuitOpen, SidecarError, UpstreamError
 from proxy.hookspecs import hookimpl
 from proxy.plugins import BuildContext, PluginSpec
 
@@ -45,11 +45,7 @@ if TYPE_CHECKING:
 __all__ = ["Breaker", "CircuitOpen", "Config", "Registry", "_Window", "registry_of"]
 
 NAME = "circuit_breaker"
-PRIORITY = 700  # inside retry: every attempt counts; outside cache and auth
-
-
-class CircuitOpen(SidecarError):
-    status, code, message = 503, "circuit_open", "circuit breaker open: upstream is failing"
+PRIORITY = 700  # inside retry (every attempt counts) and the cache; outside auth
 
 
 class _FailedStatus(Exception):

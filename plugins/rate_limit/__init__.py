@@ -138,7 +138,7 @@ def _describe(f: RateLimitFilter) -> dict[str, Any]:
 
 @hookimpl
 def sidecar_plugins_register() -> list[PluginSpec]:
-    return [PluginSpec(NAME, Config, PRIORITY, build,
+    return [PluginSpec(NAME, Config, PRIORITY, build, scope="both",
                        description="GCRA rate limits per key: memory or Redis, standard headers, queue mode")]
 
 

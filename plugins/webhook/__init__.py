@@ -14,8 +14,12 @@ delivery = "durable"               # or "passthrough"
 retry = { attempts = 8, base = "1s", max = "5m" }
 dedupe_ttl = "24h"
 ```
-Scope "inbound": the outbound chains never include it; a policy may hold only
-``[webhook]``. Admin: ``GET /admin/webhooks/events?status=&source=``,
+Each ``[webhook]`` is an exact route on the inbound listener whose terminal
+handler is its endpoint (``sidecar_routes_build``): the policy's
+inbound-capable plugins (headers, rate_limit, tracing, jwt, forward_auth...)
+wrap it like any route. Scope "inbound": the outbound chains never include
+it; a policy may hold only ``[webhook]``. config.toml ``[webhook]`` sets
+``data_dir`` and ``retention`` (``WebhookSettings``). Admin: ``GET /admin/webhooks/events?status=&source=``,
 ``GET /admin/webhooks/events/<id>``, ``POST /admin/webhooks/events/<id>/retry``.
 """
 
@@ -24,18 +28,19 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from proxy.hookspecs import hookimpl
-from proxy.plugins import BuildContext, PluginSpec
+from proxy.plugins import MAKES_ROUTE, BuildContext, PluginSpec
 
 from .admin import add_routes
-from .config import Config
+from .config import Config, WebhookSettings
 from .service import NAME, WebhookService
 
 if TYPE_CHECKING:
     from aiohttp import web
 
+    from proxy.routes import Route
     from proxy.runtime import Runtime
 
-PRIORITY = 0  # not in any chain: the inbound listener calls the endpoint directly
+PRIORITY = 0  # never a filter: the endpoint is the terminal handler of its own route
 
 
 def service_of(runtime: "Runtime") -> WebhookService:
@@ -43,14 +48,41 @@ def service_of(runtime: "Runtime") -> WebhookService:
 
 
 def build(config: Config, ctx: BuildContext) -> None:
-    # Endpoints are built from the whole policy set in sidecar_policies_loaded.
-    return None
+    # Webhook routes are built by sidecar_routes_build, with the endpoint as
+    # their terminal; this is only reached for a [webhook] table nested in
+    # an [inbound.routes] entry.
+    raise ValueError("a webhook is declared in a policy file ([webhook] path = ...), not on an inbound route")
 
 
 @hookimpl
 def sidecar_plugins_register() -> list[PluginSpec]:
-    return [PluginSpec(NAME, Config, PRIORITY, build, scope="inbound",
+    return [PluginSpec(NAME, Config, PRIORITY, build, scope="inbound", capabilities=frozenset({MAKES_ROUTE}),
                        description="verify, de-duplicate and durably deliver provider webhooks")]
+
+
+@hookimpl
+def sidecar_settings_register() -> dict[str, type[Any]]:
+    return {NAME: WebhookSettings}
+
+
+@hookimpl
+def sidecar_routes_build(runtime: "Runtime", policies: list[Any], build: Any) -> "dict[str, list[Route]]":
+    return {"inbound": service_of(runtime).build_routes(policies, build)}
+
+
+@hookimpl
+def sidecar_policies_check(runtime: "Runtime", policies: list[Any]) -> list[str]:
+    """Two policies may not claim the same webhook path."""
+    seen: dict[str, Any] = {}
+    problems = []
+    for p in policies:
+        config = p.plugins.get(NAME)
+        if config is None:
+            continue
+        first = seen.setdefault(config.path, p)
+        if first is not p:
+            problems.append(f"{p.file}: webhook.path: {config.path!r} is already the webhook path of {first.file}")
+    return problems
 
 
 @hookimpl

@@ -1,4 +1,4 @@
-"""The ``[webhook]`` policy table."""
+"""The ``[webhook]`` policy table, and the plugin's own ``[webhook]`` table in config.toml."""
 
 from __future__ import annotations
 
@@ -10,6 +10,17 @@ from proxy.config import Model
 from proxy.units import Duration, Size
 
 from .schemes import _PLACEHOLDER
+
+
+class WebhookSettings(Model):
+    """config.toml ``[webhook]``: where the embedded queue lives, how long
+    delivered events are kept. Unset keys fall back to the same keys in
+    ``[inbound]`` (their former home), then to the defaults."""
+
+    # The embedded durable queue (SQLite) lives here; relative to config.toml. Default "data".
+    data_dir: str | None = None
+    # Delivered webhooks are kept this long for /admin/webhooks/events, then pruned. Default 7d.
+    retention: Duration | None = None
 
 
 class RetryPolicy(Model):

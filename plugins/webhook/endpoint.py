@@ -8,14 +8,10 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from aiohttp import web
-from aiohttp.web_request import BaseRequest
 from multidict import CIMultiDict, istr
 
-from proxy.chain import collect
-from proxy.errors import RequestBodyTooLarge, SidecarError, UpstreamUnavailable, error_body
-from proxy.http import strip_hop_by_hop
-from proxy.http import new_request_id
+from proxy.chain import Exchange, ProxyResponse
+from proxy.errors import SidecarError, UpstreamUnavailable
 from proxy.secrets import SecretRef, SecretUnavailable
 
 from .config import Config
@@ -27,7 +23,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sidecar.webhook")
 
-# Not stored with an event: the service gets its own Host and framing.
+# Not stored with an event: the service gets its own Host and framing. (The
+# listener already removed hop-by-hop headers.)
 _DROP = frozenset({istr("Host"), istr("Content-Length")})
 
 
@@ -50,17 +47,21 @@ class MethodNotAllowed(SidecarError):
     status, code, message = 405, "method_not_allowed", "webhooks are delivered with POST"
 
 
-class _RouteName:
-    """What the access log needs of a route: its name."""
+_JSON = "application/json"
 
-    __slots__ = ("name",)
 
-    def __init__(self, name: str) -> None:
-        self.name = name
+def _json(status: int, data: dict[str, Any], **headers: str) -> ProxyResponse:
+    return ProxyResponse(status, CIMultiDict({"Content-Type": _JSON, **headers}), orjson.dumps(data))
 
 
 class WebhookEndpoint:
-    """Built once per policy (and kept across reloads that leave ``[webhook]`` unchanged)."""
+    """The terminal handler of one webhook route (``Exchange -> ProxyResponse``).
+
+    Built once per policy and kept across reloads that leave ``[webhook]``
+    unchanged. Errors are raised as SidecarError: the listener answers them
+    with the sidecar's one JSON error form and logs the request under the
+    route's name, like every other route.
+    """
 
     def __init__(self, service: "WebhookService", source: str, config: Config, digest: str) -> None:
         self.service = service
@@ -69,7 +70,6 @@ class WebhookEndpoint:
         self.digest = digest
         self.scheme = make_scheme(config)
         self.durable = config.delivery == "durable"
-        self.route = _RouteName(f"webhook:{source}")
         # Built on first use: secret sources such as vault: register at start-up,
         # after the policies are loaded.
         self._refs: list[SecretRef] | None = None
@@ -98,48 +98,24 @@ class WebhookEndpoint:
             raise SecretUnavailable(f"no secret of webhook {self.source} resolves")
         return out
 
-    async def _read(self, request: BaseRequest) -> bytes:
-        limit = self.config.max_body
-        length = request.content_length
-        too_large = lambda: RequestBodyTooLarge(f"webhook body exceeds {limit} bytes")  # noqa: E731
-        if length is not None and length > limit:
-            raise too_large()
-        return await collect(request.content.iter_any(), limit, too_large)
-
-    async def __call__(self, request: BaseRequest) -> web.StreamResponse:
-        started = time.monotonic()
-        rid = request.headers.get("X-Request-ID") or new_request_id()
-        error: str | None = None
+    async def __call__(self, ex: Exchange) -> ProxyResponse:
         try:
-            resp = await self._handle(request, rid)
+            return await self._handle(ex)
         except SidecarError as e:
-            error = e.code
             counter = self.m_rejected.get(e.code)
             if counter is not None:
                 counter.inc()
             if isinstance(e, Rejected):
                 # The reason, never the secret or the expected MAC.
-                log.warning("webhook %s rejected: %s (%s) from %s", self.source, e.code, e.message, request.remote)
-            headers = {"Content-Type": "application/json", "X-Sidecar-Error": e.code, **e.headers}
-            resp = web.Response(status=e.status, body=error_body(e.code, e.message, rid), headers=headers)
-            if not request.content.is_eof():
-                resp.force_close()
-        except Exception:
-            log.exception("webhook %s: request %s failed inside the sidecar", self.source, rid)
-            error = "internal_error"
-            resp = web.Response(status=500, body=error_body("internal_error", "internal error", rid),
-                                headers={"Content-Type": "application/json", "X-Sidecar-Error": "internal_error"})
-        resp.headers["X-Request-ID"] = rid
-        self.service.rt.access(request.method, request.raw_path.partition("?")[0], self.route.name, None,
-                               rid, resp.status, started, error, request.headers)
-        return resp
+                log.warning("webhook %s rejected: %s (%s) from %s", self.source, e.code, e.message, ex.client_ip)
+            raise
 
-    async def _handle(self, request: BaseRequest, rid: str) -> web.StreamResponse:
-        if request.method != "POST":
+    async def _handle(self, ex: Exchange) -> ProxyResponse:
+        if ex.method != "POST":
             raise MethodNotAllowed(headers={"Allow": "POST"})
-        body = await self._read(request)
-        query = request.raw_path.partition("?")[2]
-        inc = Incoming(body, request.headers, query, time.time())
+        # Bounded by the route's max_request_body, which is this webhook's max_body.
+        body = await ex.read_body()
+        inc = Incoming(body, ex.headers, ex.query, time.time())
         try:
             self.scheme.verify(inc, self.secrets())
         except UnicodeEncodeError:
@@ -149,8 +125,8 @@ class WebhookEndpoint:
         self.m_received.inc()
         svc = self.service
         event = Event(id=new_event_id(), source=self.source, type=self.scheme.event_type(inc) or "event",
-                      provider_id=self.scheme.event_id(inc), method=request.method, query=query,
-                      headers=[(k, v) for k, v in strip_hop_by_hop(request.headers).items() if k not in _DROP],
+                      provider_id=self.scheme.event_id(inc), method=ex.method, query=ex.query,
+                      headers=[(k, v) for k, v in ex.headers.items() if k not in _DROP],
                       body=body, received_at=time.time())
         dedupe_key = None
         if event.provider_id and self.config.dedupe_ttl:
@@ -171,8 +147,7 @@ class WebhookEndpoint:
                 raise InProgress(headers={"Retry-After": "5"})
             if not fresh:
                 self.m_duplicates.inc()
-                return web.Response(status=200, body=orjson.dumps({"status": "duplicate"}),
-                                    headers={"Content-Type": "application/json", "X-Sidecar-Duplicate": "1"})
+                return _json(200, {"status": "duplicate"}, **{"X-Sidecar-Duplicate": "1"})
         try:
             if self.durable:
                 # Shielded: a provider hanging up must not cancel a commit half-way.
@@ -183,8 +158,8 @@ class WebhookEndpoint:
                     raise QueueUnavailable() from None
                 if dedupe_key is not None:
                     await _accepted(svc, dedupe_key, event.id, self.config.dedupe_ttl)
-                return web.Response(status=202, body=orjson.dumps({"status": "accepted", "event_id": event.id}),
-                                    headers={"Content-Type": "application/json", "X-Sidecar-Event-Id": event.id})
+                return _json(202, {"status": "accepted", "event_id": event.id},
+                             **{"X-Sidecar-Event-Id": event.id})
             resp = await self._passthrough(event)
         except BaseException:
             if dedupe_key is not None:
@@ -198,19 +173,19 @@ class WebhookEndpoint:
                 await _forget(svc, dedupe_key)
         return resp
 
-    async def _passthrough(self, event: Event) -> web.StreamResponse:
+    async def _passthrough(self, event: Event) -> ProxyResponse:
         try:
             status, headers, body = await self.service.send(self, event, 1)
         except SidecarError:
             raise
         except Exception as e:
             raise UpstreamUnavailable(f"service unreachable: {type(e).__name__}") from None
-        out = CIMultiDict()
+        out: CIMultiDict[str] = CIMultiDict()
         if "Content-Type" in headers:
             out["Content-Type"] = headers["Content-Type"]
         out["X-Sidecar-Event-Id"] = event.id
         (self.service.m.delivered if 200 <= status < 300 else self.service.m.failed).labels(self.source).inc()
-        return web.Response(status=status, body=body, headers=out)
+        return ProxyResponse(status, out, body)
 
     def describe(self) -> dict[str, Any]:
         c = self.config

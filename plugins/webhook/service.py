@@ -14,16 +14,20 @@ import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from proxy.config import config_digest
+from proxy.body import read_limited
+from proxy.config import Policy, config_digest
+from proxy.errors import UpstreamUnavailable
 from proxy.inbound import inbound_of
 
+from .config import Config as WebhookConfig
+from .config import WebhookSettings
 from .endpoint import WebhookEndpoint
 from .queue import Event
 from .redis_queue import RedisQueue
 from .sqlite_queue import SqliteQueue
 
 if TYPE_CHECKING:
-    from proxy.config import Policy
+    from proxy.routes import Route
     from proxy.runtime import Runtime
 
 log = logging.getLogger("sidecar.webhook")
@@ -32,7 +36,13 @@ NAME = "webhook"
 POLL = 0.25           # how often an idle loop looks at the queue (other workers/sidecars enqueue too)
 STATS_EVERY = 1.0     # queue depth / oldest age gauges refresh
 PRUNE_EVERY = 600.0
-RESPONSE_LIMIT = 1024 * 1024
+RESPONSE_LIMIT = 1024 * 1024  # a passthrough answer relayed to the provider
+DEFAULT_DATA_DIR = "data"
+DEFAULT_RETENTION = 7 * 86400.0
+
+
+class AnswerTooLarge(UpstreamUnavailable):
+    message = "the service's answer to a webhook is larger than 1 MiB"
 
 
 class WebhookMetrics:
@@ -90,6 +100,12 @@ class Waker:
             self._fut = None
 
 
+def _config(p: Policy) -> WebhookConfig | None:
+    """The policy's validated ``[webhook]`` table, if any."""
+    config = p.plugins.get(NAME)
+    return config if isinstance(config, WebhookConfig) else None
+
+
 def backoff(attempt: int, base: float, cap: float) -> float:
     """Exponential backoff with jitter: between half and all of min(cap, base * 2^(attempt-1))."""
     delay = min(cap, base * (2 ** min(attempt - 1, 60)))
@@ -100,9 +116,15 @@ class WebhookService:
     def __init__(self, rt: "Runtime") -> None:
         self.rt = rt
         self.m = WebhookMetrics(rt)
+        own = rt.extra_settings.get(NAME)
+        own = own if isinstance(own, WebhookSettings) else WebhookSettings()
+        legacy = inbound_of(rt).settings  # [inbound] data_dir / retention, still honoured
+        self.data_dir = (rt.settings.base_dir / (own.data_dir or legacy.data_dir or DEFAULT_DATA_DIR)).resolve()
+        self.retention = next(v for v in (own.retention, legacy.retention, DEFAULT_RETENTION) if v is not None)
         self.endpoints: dict[str, WebhookEndpoint] = {}   # by source (policy name)
+        # Endpoints of the policy set being compiled; adopted once it is live.
+        self._candidate: dict[str, WebhookEndpoint] | None = None
         self.queue: SqliteQueue | RedisQueue | None = None
-        self.session: aiohttp.ClientSession | None = None
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.wake: dict[str, Waker] = {}
         self.started = False
@@ -112,29 +134,49 @@ class WebhookService:
 
     # ---- control plane ----------------------------------------------------
 
-    def update(self, policies: list["Policy"]) -> None:
-        """Rebuild the endpoints from a new policy set; unchanged ones are kept."""
-        inbound = inbound_of(self.rt)
+    def build_routes(self, policies: list[Policy], build: Any) -> list["Route"]:
+        """One exact route per ``[webhook]`` on the inbound listener, the
+        endpoint as its terminal handler. Unchanged endpoints are kept.
+
+        The route's plugins are the policy's inbound-capable tables. In a
+        policy that also has an outbound route, tables usable both ways
+        (rate_limit, headers, tracing...) stay with the outbound route: give
+        the webhook a policy file of its own to wrap it in plugins.
+        """
         now: dict[str, WebhookEndpoint] = {}
-        paths: dict[str, str] = {}
+        routes = []
+        specs = self.rt.specs
         for p in policies:
-            config = p.plugins.get(NAME)
+            config = _config(p)
             if config is None:
                 continue
-            path = config.path
-            if path in paths:
-                log.error("%s: webhook.path: %r is already the webhook path of policy %s; ignored",
-                          p.file, path, paths[path])
-                continue
-            if config.publish and self.rt.state.kind != "redis":
-                log.error("%s: webhook.publish: needs the redis state backend; not publishing", p.file)
-            paths[path] = p.name
             digest = config_digest(p.raw.get(NAME))
             old = self.endpoints.get(p.name)
-            now[p.name] = old if old is not None and old.digest == digest else WebhookEndpoint(self, p.name, config, digest)
+            ep = now[p.name] = old if old is not None and old.digest == digest else \
+                WebhookEndpoint(self, p.name, config, digest)
+            mixed = p.core.route is not None
+            plugins = {n: c for n, c in p.plugins.items()
+                       if n != NAME and (specs[n].scope == "inbound" or (specs[n].scope == "both" and not mixed))}
+            # The route's own limits: the webhook's max_body bounds the body.
+            limits = p.core.limits.model_copy(update={"max_request_body": config.max_body})
+            core = p.core.model_copy(update={"limits": limits, "route": None, "upstream": None})
+            policy = Policy(f"webhook:{p.name}", p.file, core, plugins,
+                            {k: v for k, v in p.raw.items() if k in plugins})
+            routes.append(build(policy, plugins, prefix=config.path, scope="inbound", terminal=ep,
+                                where=str(p.file), exact=True))
+        self._candidate = now
+        return routes
+
+    def update(self, policies: list["Policy"]) -> None:
+        """The policy set is live: adopt its endpoints, start or stop delivery loops."""
+        # Built by build_routes while this set was compiled.
+        now = self._candidate if self._candidate is not None else self.endpoints
+        self._candidate = None
+        for p in policies:
+            config = _config(p)
+            if config is not None and config.publish and self.rt.state.kind != "redis":
+                log.error("%s: webhook.publish: needs the redis state backend; not publishing", p.file)
         self.endpoints = now
-        inbound.endpoints.clear()
-        inbound.endpoints.update({ep.config.path: ep for ep in now.values()})
         if self.started:
             self._sync_loops()
 
@@ -155,11 +197,8 @@ class WebhookService:
                 consumer = f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
                 queue: SqliteQueue | RedisQueue = RedisQueue(rt.state, consumer)
             else:
-                queue = SqliteQueue(inbound_of(rt).data_dir / "webhooks.sqlite3", deliver=rt.worker_id == 0)
+                queue = SqliteQueue(self.data_dir / "webhooks.sqlite3", deliver=rt.worker_id == 0)
             await queue.open()
-            self.session = aiohttp.ClientSession(
-                auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(), trust_env=False,
-                skip_auto_headers=("Accept-Encoding", "User-Agent", "Accept", "Content-Type"))
             self.queue = queue
             self._prune = asyncio.create_task(self._pruner())
             log.info("webhook queue: %s", queue.kind)
@@ -194,9 +233,6 @@ class WebhookService:
         if self.queue is not None:
             await self.queue.close()
             self.queue = None
-        if self.session is not None:
-            await self.session.close()
-            self.session = None
 
     # ---- data plane -------------------------------------------------------
 
@@ -209,21 +245,21 @@ class WebhookService:
         if w is not None:
             w.set()
 
-    async def send(self, ep: WebhookEndpoint, ev: Event, attempt: int) -> tuple[int, CIMultiDictProxy[str], bytes]:
-        """One delivery attempt: the original method, body and headers plus the event id and attempt."""
-        if self.session is None:
-            await self._ensure_queue()
-        assert self.session is not None
+    async def send(self, ep: WebhookEndpoint, ev: Event, attempt: int, *,
+                   want_body: bool = True) -> tuple[int, CIMultiDictProxy[str], bytes]:
+        """One delivery attempt: the original method, body and headers plus the
+        event id and attempt, through the runtime's shared HTTP client."""
         url = inbound_of(self.rt).settings.service_url + ep.config.target
         if ev.query:
             url += "?" + ev.query
         headers = CIMultiDict(ev.headers)
         headers["X-Sidecar-Event-Id"] = ev.id
         headers["X-Sidecar-Attempt"] = str(attempt)
-        async with self.session.request(ev.method, URL(url, encoded=True), headers=headers, data=ev.body,
-                                        allow_redirects=False,
+        async with self.rt.http.request(ev.method, URL(url, encoded=True), headers=headers, data=ev.body,
                                         timeout=aiohttp.ClientTimeout(total=ep.config.timeout)) as r:
-            return r.status, r.headers, await _read_upto(r.content, RESPONSE_LIMIT)
+            # A queued delivery needs the status only; a passthrough relays the body.
+            body = await read_limited(r.content, RESPONSE_LIMIT, AnswerTooLarge) if want_body else b""
+            return r.status, r.headers, body
 
     async def _loop(self, source: str) -> None:
         wake = self.wake[source]
@@ -264,14 +300,19 @@ class WebhookService:
         assert self.queue is not None
         attempt = ev.attempts + 1
         retry = ep.config.retry
+        # The attempt is stored before the service sees it: after a crash
+        # mid-delivery the redelivery says X-Sidecar-Attempt: 2, so the
+        # service can tell it may have seen this event (issue 11, item 8).
+        ev.attempts = attempt
+        await self.queue.save(ev)
         try:
-            status, _, _ = await self.send(ep, ev, attempt)
+            status, _, _ = await self.send(ep, ev, attempt, want_body=False)
             error = None if 200 <= status < 300 else f"service answered {status}"
             retryable = status >= 500 or status in (408, 429)
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
             status, retryable = None, True
             error = "timeout" if isinstance(e, asyncio.TimeoutError) else f"connection failed: {type(e).__name__}"
-        ev.attempts, ev.last_status, ev.last_error = attempt, status, error
+        ev.last_status, ev.last_error = status, error
         if error is None:
             ev.status, ev.delivered_at = "delivered", time.time()
             await self.queue.save(ev)
@@ -302,7 +343,7 @@ class WebhookService:
             log.warning("webhook %s: publishing event %s failed: %s", ev.source, ev.id, type(e).__name__)
 
     async def _pruner(self) -> None:
-        retention = inbound_of(self.rt).settings.retention
+        retention = self.retention
         while True:
             await asyncio.sleep(PRUNE_EVERY)
             if self.queue is not None and self.queue.deliver:
@@ -314,15 +355,3 @@ class WebhookService:
     def describe(self) -> dict[str, Any]:
         return {"queue": None if self.queue is None else self.queue.kind,
                 "endpoints": [ep.describe() for ep in self.endpoints.values()]}
-
-
-async def _read_upto(content: aiohttp.StreamReader, limit: int) -> bytes:
-    """The body up to ``limit`` bytes; ``read(n)`` alone returns only what has
-    arrived so far (the first chunk of a chunked answer)."""
-    buf = bytearray()
-    while len(buf) < limit:
-        chunk = await content.read(limit - len(buf))
-        if not chunk:
-            break
-        buf += chunk
-    return bytes(buf)

@@ -43,6 +43,8 @@ class FastUpstream:
         self.authority = u.raw_host if u.port == default_port else f"{u.raw_host}:{u.port}"
         self.pool = pool
         self.timeouts = timeouts
+        # (origin, verify, ca_bundle): which pool this is (UpstreamPools.retain).
+        self.pool_key: tuple[str, bool, str | None] = ("", True, None)
         self._connect = timeouts.connect
         self._idle = timeouts.idle or None
 

@@ -222,31 +222,6 @@ async def test_opted_in_authorized_entries_never_cross_tenants():
     assert a2.headers["X-Cache"] == "HIT" and len(calls) == 2
 
 
-async def test_serve_stale_for_outer_plugins():
-    """What fallback can use when the breaker (outside the cache) is open."""
-    f = _filter()
-    calls = []
-
-    async def call(ex):
-        calls.append(1)
-        return ProxyResponse(200, CIMultiDict({"Cache-Control": "max-age=0, stale-if-error=60"}), b"old",
-                             upstream=True)
-
-    assert await f.serve_stale(_Ex(), "circuit_open") is None
-    await f.handle(_Ex(), call)
-    ex = _Ex()
-    resp = await f.serve_stale(ex, "circuit_open")
-    assert resp.body == b"old" and resp.headers["X-Cache"] == "STALE"
-    assert ex.log["cache"] == "stale-if-error (circuit_open)"
-    f2 = _filter()
-    call2, calls2 = _upstream("max-age=0, stale-while-revalidate=60")   # stored, but no stale-if-error
-    await f2.handle(_Ex(), call2)
-    assert await f2.serve_stale(_Ex(), "circuit_open") is None
-    f3 = _filter()
-    await f3.handle(_Ex(), _upstream("max-age=60")[0])
-    assert (await f3.serve_stale(_Ex(), "circuit_open")).headers["X-Cache"] == "HIT"
-
-
 # ---- end to end ---------------------------------------------------------------------
 
 

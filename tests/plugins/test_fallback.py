@@ -129,3 +129,43 @@ async def test_fallback_on_a_streamed_upstream_5xx_drops_its_body(sidecar_factor
     for _ in range(3):
         assert_fallback(*await call(client, f"{sc.url}/up/"))
     assert len(upstream.seen) == 3
+
+
+FAILFAST_PLUGIN = '''
+from proxy.plugin import CircuitOpen, Filter, Model, PluginSpec, SidecarError, hookimpl
+
+
+class Config(Model):
+    mode: str
+
+
+class FailFast(Filter):
+    def __init__(self, mode):
+        self.mode = mode
+
+    async def handle(self, ex, call_next):
+        if self.mode == "class":
+            # Its own code: the fallback must recognise the class, not a string.
+            raise CircuitOpen("my breaker is open", code="my_breaker_open")
+        raise SidecarError("looks like a breaker", status=503, code="circuit_open")
+
+
+@hookimpl
+def sidecar_plugins_register():
+    return [PluginSpec("failfast", Config, 740, lambda c, ctx: FailFast(c.mode))]
+'''
+
+
+@pytest.mark.parametrize("mode,replaced", [("class", True), ("string", False)])
+async def test_errors_are_matched_by_class_not_by_code_string(tmp_path, monkeypatch, sidecar_factory, upstream,
+                                                              client, mode, replaced):
+    (tmp_path / "failfast_plugin.py").write_text(FAILFAST_PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sc = await sidecar_factory({"p": policy(upstream.url, f'[failfast]\nmode = "{mode}"\n')},
+                               sidecar='plugins = ["failfast_plugin"]')
+    code, headers, body = await call(client, f"{sc.url}/up/x")
+    if replaced:
+        assert_fallback(code, headers, body)
+    else:
+        assert code == 503 and headers["X-Sidecar-Error"] == "circuit_open"
+    assert upstream.seen == []

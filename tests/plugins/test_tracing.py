@@ -153,3 +153,19 @@ async def test_otlp_export_reaches_a_collector(sidecar_factory, upstream, client
         assert service["service.name"] == "sidecar-test"
     finally:
         await collector.stop()
+
+
+async def test_inbound_route_gets_a_server_span_and_the_service_the_context(sidecar_factory, upstream, client):
+    from tests.support.inbound import inbound_config, inbound_url
+
+    sc = await sidecar_factory({}, '[tracing]\nexporter = "memory"\n' + inbound_config(upstream.url, extra="""
+        [inbound.routes."/api".tracing]
+        attributes = { "side" = "in" }
+        """))
+    async with client.get(f"{inbound_url(sc)}/api/orders") as r:
+        assert r.status == 200
+    assert upstream.seen[0].path_qs == "/api/orders" and "traceparent" in upstream.seen[0].headers
+    sc.runtime.services["tracing"].flush()
+    (span,) = [s for s in sc.runtime.services["tracing"].recent.spans]
+    assert span.kind.name == "SERVER" and span.attributes["side"] == "in"
+    assert span.attributes["sidecar.route"] == "inbound:/api"

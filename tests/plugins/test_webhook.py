@@ -469,3 +469,107 @@ async def test_non_utf8_signature_header_is_401_not_500(hooks, upstream, path, h
     assert head.startswith(b"HTTP/1.1 401"), head
     assert b"X-Sidecar-Error: signature_invalid" in head
     assert upstream.seen == []
+
+
+# ---- a webhook endpoint is a route: plugins wrap it, reloads keep their state ----
+
+def _github_signed(body: bytes) -> dict[str, str]:
+    mac = hmac.new(GITHUB_SECRET.encode(), body, hashlib.sha256).hexdigest()
+    return {"X-Hub-Signature-256": f"sha256={mac}", "X-GitHub-Event": "push"}
+
+
+GH_WITH_PLUGINS = webhook_policy("/webhooks/gh", "github", ["env:WH_GITHUB"], delivery="passthrough") + """
+[headers]
+response = { set = { "X-Served-By" = "sidecar" } }
+
+[rate_limit]
+key = "const"
+limits = [{ requests = 2, per = "1h" }]
+"""
+
+
+async def test_plugins_of_a_webhook_policy_wrap_its_endpoint_and_keep_state_across_reloads(
+        sidecar_factory, upstream, client, monkeypatch):
+    monkeypatch.setenv("WH_GITHUB", GITHUB_SECRET)
+    sc = await sidecar_factory({"gh": GH_WITH_PLUGINS}, inbound_config(upstream.url))
+    url = inbound_url(sc) + "/webhooks/gh"
+    st, h, _ = await post(client, url, b'{"n":1}', _github_signed(b'{"n":1}'))
+    assert st == 200 and h["X-Served-By"] == "sidecar" and "RateLimit" in h
+    route = sc.runtime.tables["inbound"].match("/webhooks/gh")[0]
+    assert route.exact and [f.name for f in route.filters] == ["headers", "rate_limit"]
+    # A reload that leaves [webhook] and [rate_limit] alone keeps the same
+    # filter (its bucket: one request left) and the same endpoint.
+    sc.write_policy("other", f'route = "/o"\nupstream = "{upstream.url}"\n')
+    assert await sc.runtime.reload() == []
+    again = sc.runtime.tables["inbound"].match("/webhooks/gh")[0]
+    assert again is not route and again.filters[1] is route.filters[1]
+    st, _, _ = await post(client, url, b'{"n":2}', _github_signed(b'{"n":2}'))
+    assert st == 200
+    st, h, raw = await post(client, url, b'{"n":3}', _github_signed(b'{"n":3}'))
+    assert st == 429 and h["X-Sidecar-Error"] == "rate_limited"
+    assert len(upstream.seen) == 2
+    lines = await sc.wait_access_lines(3)
+    assert [ln["route"] for ln in lines[-3:]] == ["webhook:gh"] * 3
+    assert lines[-1]["status"] == 429 and lines[-1]["error"] == "rate_limited"
+
+
+async def test_a_mixed_policy_keeps_both_way_plugins_on_its_outbound_route(sidecar_factory, upstream, client,
+                                                                         monkeypatch):
+    monkeypatch.setenv("WH_GITHUB", GITHUB_SECRET)
+    policy = f'route = "/gh"\nupstream = "{upstream.url}"\n' + GH_WITH_PLUGINS
+    sc = await sidecar_factory({"gh": policy}, inbound_config(upstream.url))
+    assert [f.name for f in sc.runtime.table.match("/gh")[0].filters] == ["headers", "rate_limit"]
+    assert sc.runtime.tables["inbound"].match("/webhooks/gh")[0].filters == []
+
+
+async def test_two_policies_claiming_one_webhook_path_are_refused(sidecar_factory, upstream, monkeypatch):
+    sc = await sidecar_factory({"a": webhook_policy("/wh", "github", ["x"])}, inbound_config(upstream.url))
+    sc.write_policy("b", webhook_policy("/wh", "github", ["y"]))
+    problems = await sc.runtime.reload()
+    pol = sc.dir / "policies"
+    assert problems == [f"{pol / 'b.toml'}: webhook.path: '/wh' is already the webhook path of {pol / 'a.toml'}"]
+
+
+async def test_exact_webhook_path_wins_over_an_inbound_route_prefix(sidecar_factory, upstream, client, monkeypatch):
+    monkeypatch.setenv("WH_GITHUB", GITHUB_SECRET)
+    sc = await sidecar_factory({"gh": webhook_policy("/hooks/gh", "github", ["env:WH_GITHUB"])},
+                               inbound_config(upstream.url, extra='[inbound.routes."/hooks"]\n'))
+    url = inbound_url(sc)
+    st, h, _ = await post(client, url + "/hooks/gh", b"{}", {})
+    assert st == 401 and h["X-Sidecar-Error"] == "signature_missing"
+    async with client.post(url + "/hooks/gh/x", data=b"{}") as r:   # not the exact path: the service
+        assert r.status == 200
+    assert [s.path_qs for s in upstream.seen] == ["/hooks/gh/x"]
+
+
+async def test_webhook_data_dir_in_its_own_table_and_in_inbound(sidecar_factory, upstream, tmp_path):
+    own = await sidecar_factory({"gh": webhook_policy("/gh", "github", ["x"])},
+                                inbound_config(upstream.url) + '\n[webhook]\ndata_dir = "q1"\nretention = "1d"\n')
+    svc = own.runtime.services["webhook"]
+    assert svc.data_dir == (own.dir / "q1").resolve() and svc.retention == 86400.0
+    assert (own.dir / "q1" / "webhooks.sqlite3").exists()
+    legacy = await sidecar_factory({"gh": webhook_policy("/gh", "github", ["x"])},
+                                   inbound_config(upstream.url, data_dir="q2") + 'retention = "2h"\n')
+    svc = legacy.runtime.services["webhook"]
+    assert svc.data_dir == (legacy.dir / "q2").resolve() and svc.retention == 7200.0
+
+
+async def test_jwt_on_a_webhook_path_refuses_before_the_signature_is_checked(sidecar_factory, upstream, client,
+                                                                          monkeypatch):
+    import jwt as pyjwt
+
+    monkeypatch.setenv("WH_GITHUB", GITHUB_SECRET)
+    key = "relay-signing-key-0123456789abcdef"
+    policy = webhook_policy("/webhooks/gh", "github", ["env:WH_GITHUB"], delivery="passthrough") + f"""
+[jwt]
+secret = "{key}"
+"""
+    sc = await sidecar_factory({"gh": policy}, inbound_config(upstream.url))
+    url = inbound_url(sc) + "/webhooks/gh"
+    st, h, _ = await post(client, url, b"{}", _github_signed(b"{}"))
+    assert st == 401 and h["X-Sidecar-Error"] == "token_invalid"
+    good = pyjwt.encode({"sub": "relay", "exp": int(time.time()) + 60}, key, algorithm="HS256")
+    st, h, _ = await post(client, url, b"{}", {**_github_signed(b"{}"), "Authorization": f"Bearer {good}"})
+    assert st == 200 and len(upstream.seen) == 1
+    st, h, _ = await post(client, url, b"{}", {"Authorization": f"Bearer {good}"})
+    assert st == 401 and h["X-Sidecar-Error"] == "signature_missing"

@@ -356,3 +356,54 @@ async def test_webhook_added_by_reload_is_served_and_delivered(sidecar_factory, 
     async with client.post(sc.admin + "/admin/reload") as r:
         assert r.status == 200
     assert (await send(client, url, "evt_gone"))[0] == 404
+
+
+async def test_redelivery_after_a_crash_mid_delivery_says_attempt_2_sqlite(tmp_path, client):
+    await _crash_mid_delivery(tmp_path, client, "")
+
+
+async def test_redelivery_after_a_crash_mid_delivery_says_attempt_2_redis(tmp_path, client, redis_url):
+    await _crash_mid_delivery(tmp_path, client, f'\n[state]\nbackend = "redis"\nurl = "{redis_url}"\n')
+
+
+async def _crash_mid_delivery(tmp_path, client, extra: str) -> None:
+    """Issue 11 item 8: the attempt is stored before the service sees it, so
+    the delivery that follows a kill -9 mid-delivery carries attempt 2."""
+    service_port, inbound_port = free_port(), free_port()
+    out_port, admin_port = free_port(), free_port()
+    path = write_config(tmp_path, {"stripe": stripe_policy(retry='{ attempts = 10, base = "50ms", max = "100ms" }')},
+                        inbound_config(f"http://127.0.0.1:{service_port}", listen=f"127.0.0.1:{inbound_port}",
+                                       extra=extra),
+                        outbound_port=out_port, admin_port=admin_port)
+    first_arrived = asyncio.Event()
+
+    async def hang_first(req: web.Request, seen) -> web.StreamResponse:
+        if len(service.seen) == 1:
+            first_arrived.set()
+            await asyncio.sleep(20)  # the sidecar is killed while it waits for this answer
+        return web.Response(status=200)
+
+    service = await FakeUpstream(hang_first).start(port=service_port)
+    proc = SidecarProcess(path, out_port, admin_port).start()
+    try:
+        await wait_for(lambda: _listening(inbound_port), timeout=10)
+        status, headers = await send(client, f"http://127.0.0.1:{inbound_port}", "evt_mid")
+        assert status == 202
+        await asyncio.wait_for(first_arrived.wait(), 10)
+        assert service.seen[0].headers["X-Sidecar-Attempt"] == "1"
+        proc.signal(signal.SIGKILL)
+        proc.wait(10)
+        proc = SidecarProcess(path, out_port, admin_port).start()
+        # Redis: the dead sidecar's 5 s lease expires first, then the new one claims the event.
+        await wait_for(lambda: len(service.seen) >= 2, timeout=20)
+        again = service.seen[1]
+        assert again.headers["X-Sidecar-Event-Id"] == headers["X-Sidecar-Event-Id"]
+        assert again.headers["X-Sidecar-Attempt"] == "2"
+
+        class _Sc:
+            admin = proc.admin
+
+        await _wait_status(client, _Sc, headers["X-Sidecar-Event-Id"], "delivered")
+    finally:
+        proc.kill()
+        await service.stop()

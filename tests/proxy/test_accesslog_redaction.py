@@ -22,16 +22,10 @@ def test_only_limits_the_names_kept():
         "A": "1", "Authorization": REDACTED}
 
 
-def test_query_parameters_are_redacted():
-    r = Redactor(query_params=["api_key"])
-    assert r.query("a=1&API_KEY=secret&b=2") == f"a=1&API_KEY={REDACTED.replace('[', '%5B').replace(']', '%5D')}&b=2"
+def test_headers_added_later_are_redacted():
+    r = Redactor()
     r.add(headers=["X-Later"])
     assert r.headers_dict({"x-later": "v"})["x-later"] == REDACTED
-
-
-def test_known_secret_values_are_scrubbed_from_text():
-    r = Redactor()
-    assert r.text("failed with token abcd1234 in url", ["abcd1234"]) == f"failed with token {REDACTED} in url"
 
 
 async def test_access_log_line(sidecar_factory, upstream, client):

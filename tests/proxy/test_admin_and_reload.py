@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from aiohttp import web
 
 from tests.support.upstream import FakeUpstream, wait_for
@@ -147,3 +148,30 @@ async def test_filters_dropped_by_a_reload_are_closed_at_stop(sidecar_factory, u
     assert closed == []  # still within the drain timeout: in-flight requests may use it
     await sc.sidecar.stop()
     assert closed == [old]
+
+
+@pytest.mark.parametrize("kind", ["fast", "aiohttp"])
+async def test_pool_of_an_upstream_a_reload_removed_is_closed_after_the_drain(sidecar_factory, client, kind):
+    a, b = await FakeUpstream().start(), await FakeUpstream().start()
+    try:
+        sc = await sidecar_factory({"p": f'route = "/p"\nupstream = "{a.url}"\n',
+                                    "q": f'route = "/q"\nupstream = "{b.url}"\n'}, outbound=f'client = "{kind}"')
+        async with client.get(f"{sc.url}/q/x") as r:
+            assert r.status == 200
+        pools = sc.runtime.pools
+        key = (b.url, True, None)
+        pool = pools.fast._pools[key] if kind == "fast" else pools._sessions[key]
+        (sc.dir / "policies" / "q.toml").unlink()
+        assert await sc.runtime.reload() == []
+        # Forgotten at once (a later route to b gets a fresh pool) ...
+        assert key not in (pools.fast._pools if kind == "fast" else pools._sessions)
+        # ... closed only after drain_timeout (5 s here): in-flight requests may still use it.
+        assert not pool.closed
+        await wait_for(lambda: pool.closed, timeout=15)
+        if kind == "fast":
+            assert pool.stats()["open"] == 0
+        async with client.get(f"{sc.url}/p/x") as r:   # the kept upstream's pool is untouched
+            assert r.status == 200
+    finally:
+        await a.stop()
+        await b.stop()

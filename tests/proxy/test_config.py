@@ -172,3 +172,12 @@ def test_readme_quick_start_commands_exist():
     test_cmd = next(line for line in ci.splitlines() if "pytest" in line and not line.startswith("#"))
     assert test_cmd.strip() in readme, "CI must run the README's test command verbatim"
     assert "SIDECAR_REQUIRE_REDIS=1" in ci
+
+
+def test_a_both_ways_plugin_in_a_policy_without_any_route_is_refused(tmp_path):
+    from proxy.cli import check
+    from tests.support.sidecar import write_config
+
+    path = write_config(tmp_path, {"p": '[headers]\nrequest = { set = { "X-A" = "1" } }\n'})
+    assert check(str(path)) == [f"{tmp_path / 'policies' / 'p.toml'}: headers: this policy has no route to wrap "
+                                "(set route and upstream, or add [webhook])"]

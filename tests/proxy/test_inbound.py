@@ -17,7 +17,7 @@ def runtime_for(tmp_path, extra: str) -> Runtime:
 
 @pytest.mark.parametrize("extra,fragment", [
     ('[inbound.routes."/api".nope]\nx = 1\n', "inbound.routes: /api: nope: no inbound plugin"),
-    ('[inbound.routes."/api".headers]\n', "no inbound plugin"),
+    ('[inbound.routes."/api".retry]\n', "no inbound plugin"),
     ('[inbound.routes."/api".jwt]\nsecret = "a"\njwks_url = "http://x"\n', "/api: jwt"),
     ('[inbound.routes."/api".jwt]\nsecret = "a"\nbogus = 1\n', "jwt.bogus: unknown key"),
     ('[inbound.routes."api".jwt]\nsecret = "a"\n', "path prefix"),

@@ -40,7 +40,9 @@ class Tagger(Filter):
 
 @hookimpl
 def sidecar_plugins_register():
-    return [PluginSpec("tagger", Config, 450, lambda cfg, ctx: Tagger(cfg.tag), description="tags requests")]
+    # makes_route: a [tagger] table alone makes its policy an inbound route (sidecar_routes_build).
+    return [PluginSpec("tagger", Config, 450, lambda cfg, ctx: Tagger(cfg.tag), scope="both",
+                       capabilities=frozenset({"makes_route"}), description="tags requests")]
 
 
 @hookimpl
@@ -75,6 +77,23 @@ def sidecar_settings_register():
 @hookimpl
 def sidecar_listeners_start(runtime, sidecar):
     SEEN.append(("listeners", sorted(sidecar.ports)))
+
+
+@hookimpl
+def sidecar_routes_build(runtime, policies, build):
+    """An exact path on the inbound listener answered by a terminal handler,
+    wrapped in the policy's tagger filter (the way webhook endpoints are built)."""
+    from proxy.chain import ProxyResponse
+
+    async def answer(ex):
+        return ProxyResponse(200, body=b"pong " + ex.path.encode())
+
+    routes = []
+    for p in policies:
+        if "tagger" in p.plugins and p.core.route is None:
+            routes.append(build(p, p.plugins, prefix="/tagger/ping", scope="inbound", terminal=answer,
+                                where=str(p.file), exact=True))
+    return {"inbound": routes}
 
 
 @hookimpl
@@ -224,6 +243,24 @@ async def test_policies_check_hook_rejects_a_set_and_reload_keeps_the_old(instal
     assert problems == [f"{sc.dir / 'policies' / 'p.toml'}: tagger: the tag 'forbidden' is reserved"]
     async with client.get(f"{sc.url}/p/x") as r:
         assert r.headers["X-Tag-Response"] == "a"
+
+
+async def test_routes_build_hook_adds_an_inbound_route_with_a_terminal(installed_plugin, sidecar_factory,
+                                                                     upstream, client):
+    from tests.support.inbound import inbound_config, inbound_url
+
+    sc = await sidecar_factory({"t": '[tagger]\ntag = "in"\n'}, inbound_config(upstream.url, extra="""
+        [inbound.routes."/tagger"]
+        """))
+    async with client.get(f"{inbound_url(sc)}/tagger/ping") as r:
+        assert r.status == 200 and await r.read() == b"pong /tagger/ping"
+        assert r.headers["X-Tag-Response"] == "in"
+    # The exact path wins; its neighbours go to the prefix route (the service).
+    async with client.get(f"{inbound_url(sc)}/tagger/pings") as r:
+        assert r.status == 200
+    assert upstream.seen[-1].path_qs == "/tagger/pings"
+    line = (await sc.wait_access_lines(2))[0]
+    assert line["route"] == "t" and line["path"] == "/tagger/ping"
 
 
 async def test_two_policies_claiming_one_route_are_refused(sidecar_factory, upstream):

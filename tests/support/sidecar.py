@@ -1,4 +1,5 @@
-"""Start a real sidecar (in-process or as a subprocess) on free ports for a test."""
+"""Start a real sidecar on free ports for a test: in-process through the kit
+(proxy.testing), or as a subprocess (signals, workers) for this repository's tests."""
 
 from __future__ import annotations
 
@@ -7,113 +8,14 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
-import aiohttp
+from proxy.testing import RunningSidecar, free_port, session, start_sidecar, write_config
 
-from proxy.config import load_settings
-from proxy.server import Sidecar
+__all__ = ["REPO", "RunningSidecar", "SidecarProcess", "free_port", "session", "start_sidecar", "write_config"]
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def write_config(tmp: Path, policies: dict[str, str], config: str = "", *,
-                 outbound_port: int = 0, admin_port: int = 0, workers: int = 1,
-                 outbound: str = "", sidecar: str = "") -> Path:
-    """Write config.toml and policies/<name>.toml under ``tmp``; returns config.toml's path.
-
-    ``config`` is extra TOML appended to config.toml (tables not already written);
-    ``outbound`` and ``sidecar`` are extra lines for those tables.
-    """
-    pol = tmp / "policies"
-    pol.mkdir(parents=True, exist_ok=True)
-    for name, text in policies.items():
-        (pol / f"{name}.toml").write_text(textwrap.dedent(text))
-    base = textwrap.dedent(f"""\
-        [sidecar]
-        service = "test"
-        policies = "policies"
-        workers = {workers}
-        drain_timeout = "5s"
-        watch = true
-        {{sidecar}}
-        [outbound]
-        listen = "127.0.0.1:{outbound_port}"
-        {{outbound}}
-
-        [admin]
-        listen = "127.0.0.1:{admin_port}"
-
-        [logging]
-        access_log = "{(tmp / 'access.log').as_posix()}"
-        """)
-    base = base.replace("{sidecar}", sidecar).replace("{outbound}", outbound)
-    extra = textwrap.dedent(config)
-    if "[sidecar]" in extra or "[outbound]" in extra or "[admin]" in extra or "[logging]" in extra:
-        raise ValueError("pass those tables through the keyword arguments")
-    path = tmp / "config.toml"
-    path.write_text(base + "\n" + extra)
-    return path
-
-
-class RunningSidecar:
-    """An in-process sidecar; ``url`` is the outbound base, ``admin`` the admin base."""
-
-    def __init__(self, sidecar: Sidecar, config_path: Path) -> None:
-        self.sidecar = sidecar
-        self.config_path = config_path
-        self.dir = config_path.parent
-
-    @property
-    def runtime(self):  # noqa: ANN201
-        return self.sidecar.runtime
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.sidecar.ports['outbound']}"
-
-    @property
-    def admin(self) -> str:
-        return f"http://127.0.0.1:{self.sidecar.ports['admin']}"
-
-    def access_lines(self) -> list[dict]:
-        import orjson
-
-        self.runtime.accesslog.flush()
-        path = self.dir / "access.log"
-        if not path.exists():
-            return []
-        return [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
-
-    async def wait_access_lines(self, n: int, timeout: float = 5.0) -> list[dict]:
-        """The access-log lines once there are at least ``n`` (a line is written
-        just after the response's last byte, so a client can be ahead of it)."""
-        import asyncio
-
-        end = time.monotonic() + timeout
-        while True:
-            lines = self.access_lines()
-            if len(lines) >= n or time.monotonic() > end:
-                return lines
-            await asyncio.sleep(0.02)
-
-    def write_policy(self, name: str, text: str) -> None:
-        (self.dir / "policies" / f"{name}.toml").write_text(textwrap.dedent(text))
-
-
-async def start_sidecar(tmp: Path, policies: dict[str, str], config: str = "", **kw: object) -> RunningSidecar:
-    path = write_config(tmp, policies, config, **kw)  # type: ignore[arg-type]
-    sc = Sidecar(load_settings(path))
-    await sc.start()
-    return RunningSidecar(sc, path)
 
 
 class SidecarProcess:
@@ -193,8 +95,3 @@ class SidecarProcess:
         assert self.proc is not None
         out, err = self.proc.communicate(timeout=30)
         return out.decode(), err.decode()
-
-
-def session() -> aiohttp.ClientSession:
-    """A client that sends exactly what the test says (no auto headers, no decompression)."""
-    return aiohttp.ClientSession(auto_decompress=False)

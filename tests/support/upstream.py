@@ -1,42 +1,15 @@
-"""Fake upstreams: small aiohttp servers on port 0 that record what they received."""
+"""Fake upstreams: the kit's (proxy.testing) plus what only this repository's tests use."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable
 
 from aiohttp import web
-from multidict import CIMultiDict
 
+from proxy.testing import FakeUpstream, Responder, Seen, echo, serve, wait_for
 
-@dataclass
-class Seen:
-    """One request as the fake upstream received it."""
-
-    method: str
-    path_qs: str
-    headers: CIMultiDict[str]
-    body: bytes
-    raw_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
-
-
-Responder = Callable[[web.Request, Seen], Awaitable[web.StreamResponse]]
-
-
-async def serve(app: web.Application, port: int = 0, **site_kw: Any) -> tuple[web.AppRunner, int]:
-    """Serve ``app`` on 127.0.0.1 (port 0: a free one); returns the runner and the port."""
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", port, **site_kw)
-    await site.start()
-    return runner, site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-
-
-async def echo(request: web.Request, seen: Seen) -> web.StreamResponse:
-    return web.json_response({"method": seen.method, "path": seen.path_qs,
-                              "headers": dict(seen.headers), "body_len": len(seen.body)})
+__all__ = ["FakeUpstream", "Responder", "Seen", "ThreadedApp", "dribble", "echo", "serve", "wait_for"]
 
 
 def dribble(body: bytes, *, status: int = 200, piece: int = 1000, pause: float = 0.02) -> Responder:
@@ -51,53 +24,6 @@ def dribble(body: bytes, *, status: int = 200, piece: int = 1000, pause: float =
         await resp.write_eof()
         return resp
     return respond
-
-
-class FakeUpstream:
-    """Records every request; answers with ``responder`` (default: JSON echo).
-
-    Replace ``responder`` in a test to script failures, hangs, streams.
-    """
-
-    def __init__(self, responder: Responder = echo, *, read_body: bool = True) -> None:
-        self.responder = responder
-        self.read_body = read_body
-        self.seen: list[Seen] = []
-        self.runner: web.AppRunner | None = None
-        self.port = 0
-        self.connections = 0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
-        body = await request.read() if self.read_body else b""
-        seen = Seen(request.method, request.path_qs, CIMultiDict(request.headers), body,
-                    list(request.raw_headers))
-        self.seen.append(seen)
-        return await self.responder(request, seen)
-
-    async def start(self, port: int = 0) -> "FakeUpstream":
-        app = web.Application(client_max_size=1024**4)
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        self.runner, self.port = await serve(app, port)
-        return self
-
-    async def stop(self) -> None:
-        if self.runner is not None:
-            await self.runner.cleanup()
-            self.runner = None
-
-
-async def wait_for(predicate: Callable[[], Any], timeout: float = 5.0, interval: float = 0.02) -> None:
-    """Poll until ``predicate()`` is truthy (fails the test after ``timeout``)."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not predicate():
-        if loop.time() > end:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(interval)
 
 
 class ThreadedApp:
