@@ -296,8 +296,11 @@ class Runtime:
             "status": status, "duration_ms": round(took * 1000, 3), "worker": self.worker_id,
         }
         if ex is not None:
-            if "upstream_ms" in ex.vars:
-                record["upstream_ms"] = ex.vars["upstream_ms"]
+            ev = ex.vars
+            if "upstream_ms" in ev:
+                record["upstream_ms"] = ev["upstream_ms"]
+            if "upstream_request_id" in ev:
+                record["upstream_request_id"] = ev["upstream_request_id"]
             if ex.attempt > 1:
                 record["attempts"] = ex.attempt
             if ex.log:
