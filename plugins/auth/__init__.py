@@ -5,7 +5,8 @@
 type = "bearer"                 # Authorization: Bearer <secret>
 secret = "env:HTTPBIN_TOKEN"    # env:NAME | file:/path | vault:path#key[@version]
 ```
-Types: bearer, header, basic, query, oauth2_client_credentials; extra
+Types: bearer, header, basic, query, oauth2_client_credentials, oauth2_jwt_bearer
+(RFC 7523, Google service accounts); extra
 ``[auth.headers]``; per-tenant ``[auth.tenants.<tenant>]``. See docs/auth.md.
 
 PRIORITY 500: innermost of the built-in plugins, so each retry re-injects a
@@ -24,6 +25,7 @@ from proxy.plugins import INJECTS_CREDENTIALS, BuildContext, PluginSpec
 
 from .config import LITERAL_CREDENTIAL, LITERAL_OK, SECRET_FIELDS, Config
 from .inject import AuthFilter, BasicSlot, Credentials, HeaderSlot, QuerySlot, Secret, Slot
+from .jwt_bearer import JwtBearerTokenSource
 from .oauth2 import SessionHolder, TokenSource
 from .state import NAME, AuthState, auth_state
 from .vault import SecretsSettings
@@ -68,6 +70,12 @@ def _credentials(label: str, config: Config, over: dict[str, Any], state: AuthSt
             params=config.token_params, client_auth=config.client_auth,
             refresh_before=config.refresh_before, timeout=config.token_timeout, session=session,
             fetches=state.oauth2_fetches, label=route)
+    elif t == "oauth2_jwt_bearer":
+        assert session is not None
+        token = JwtBearerTokenSource(
+            credentials=secret("credentials").ref, token_url=config.token_url, scopes=config.scopes,
+            subject=config.subject, refresh_before=config.refresh_before, timeout=config.token_timeout,
+            session=session, fetches=state.oauth2_fetches, label=route)
     headers = {**config.headers, **over.get("headers", {})}
     for name, value in headers.items():
         slots.append(HeaderSlot(name, "", Secret(store.ref(value), state)))
@@ -77,7 +85,7 @@ def _credentials(label: str, config: Config, over: dict[str, Any], state: AuthSt
 def build(config: Config, ctx: BuildContext) -> AuthFilter:
     rt = ctx.runtime
     state = auth_state(rt)
-    session = SessionHolder() if config.type == "oauth2_client_credentials" else None
+    session = SessionHolder() if config.type in ("oauth2_client_credentials", "oauth2_jwt_bearer") else None
     needed = SECRET_FIELDS.get(config.type or "", ())
     has_default = config.type is None or all(getattr(config, f) is not None for f in needed)
     default = _credentials("default", config, {}, state, ctx.route, session) if has_default else None
