@@ -22,9 +22,11 @@ from aiohttp import web
 from proxy.admin import json_response, runtime_of
 from proxy.hookspecs import hookimpl
 from proxy.plugins import INJECTS_CREDENTIALS, BuildContext, PluginSpec
+from proxy.secrets import is_reference
 
 from .config import LITERAL_CREDENTIAL, LITERAL_OK, SECRET_FIELDS, Config
-from .inject import AuthFilter, BasicSlot, Credentials, HeaderSlot, QuerySlot, Secret, Slot
+from .inject import (AuthFilter, BasicSlot, Credentials, HeaderSlot, OptionalHeaderSlot, QuerySlot, Secret,
+                     Slot)
 from .jwt_bearer import JwtBearerTokenSource
 from .oauth2 import SessionHolder, TokenSource
 from .state import NAME, AuthState, auth_state
@@ -34,6 +36,16 @@ if TYPE_CHECKING:
     from proxy.runtime import Runtime
 
 PRIORITY = 500
+
+
+def header_ref(store: Any, value: str) -> tuple[Any, bool]:
+    """The reference of an ``[auth.headers]`` value, and whether it is optional:
+    ``"env:OPENAI_ORG?"`` sends the header only while the secret resolves
+    (OpenAI's organization header is optional; its absence must not turn the
+    route into 503s)."""
+    if value.endswith("?") and is_reference(value):
+        return store.ref(value[:-1]), True
+    return store.ref(value), False
 
 
 def _credentials(label: str, config: Config, over: dict[str, Any], state: AuthState, route: str,
@@ -78,7 +90,8 @@ def _credentials(label: str, config: Config, over: dict[str, Any], state: AuthSt
             session=session, fetches=state.oauth2_fetches, label=route)
     headers = {**config.headers, **over.get("headers", {})}
     for name, value in headers.items():
-        slots.append(HeaderSlot(name, "", Secret(store.ref(value), state)))
+        ref, optional = header_ref(store, value)
+        slots.append((OptionalHeaderSlot if optional else HeaderSlot)(name, "", Secret(ref, state)))
     return Credentials(label, slots, token)
 
 
@@ -92,9 +105,10 @@ def build(config: Config, ctx: BuildContext) -> AuthFilter:
     tenants = {name: _credentials(name, config, tc.model_dump(exclude_none=True), state, ctx.route, session)
                for name, tc in config.tenants.items()}
     # Whatever the filter injects must never reach a log (http-rules: credentials).
-    secret_headers = {name for name, v in config.headers.items() if rt.secrets.ref(v).source != "literal"}
+    secret_headers = {name for name, v in config.headers.items()
+                      if header_ref(rt.secrets, v)[0].source != "literal"}
     for tc in config.tenants.values():
-        secret_headers |= {n for n, v in tc.headers.items() if rt.secrets.ref(v).source != "literal"}
+        secret_headers |= {n for n, v in tc.headers.items() if header_ref(rt.secrets, v)[0].source != "literal"}
     if config.type == "header" and config.header:
         secret_headers.add(config.header)
     rt.redactor.add(headers=secret_headers, query_params=[config.param] if config.param else [])

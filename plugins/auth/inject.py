@@ -75,6 +75,22 @@ class HeaderSlot:
         ex.headers[self.name] = self.prefix + self.secret.get()
 
 
+class OptionalHeaderSlot(HeaderSlot):
+    """An ``[auth.headers]`` value written ``"env:NAME?"``: the header is sent
+    while the secret resolves and left out (not a 503) while it does not."""
+
+    __slots__ = ()
+
+    def apply(self, ex: Exchange, override: bool) -> None:
+        if not override and self.name in ex.headers:
+            return
+        try:
+            value = self.secret.ref.get()
+        except SecretUnavailable:
+            return
+        ex.headers[self.name] = self.prefix + value
+
+
 class BasicSlot:
     __slots__ = ("user", "password", "_last", "_value")
 
@@ -119,7 +135,7 @@ class QuerySlot:
         ex.query = f"{q}&{pair}" if q else pair
 
 
-Slot = HeaderSlot | BasicSlot | QuerySlot
+Slot = HeaderSlot | OptionalHeaderSlot | BasicSlot | QuerySlot
 
 
 class Credentials:

@@ -196,3 +196,4 @@ async def test_literal_credentials_are_refused(sidecar_factory, upstream, tmp_pa
 
     with pytest.raises(ConfigError, match="must be a secret reference"):
         await sidecar_factory({"sheets": policy(upstream.url, credentials="{not a ref}")})
+
