@@ -40,7 +40,7 @@ from proxy.units import Duration
 log = logging.getLogger("sidecar.rate_limit")
 
 ResetFormat = Literal["epoch", "seconds", "duration", "rfc3339"]
-PRESETS = ("openai", "anthropic", "github", "ietf", "custom")
+PRESETS = ("openai", "anthropic", "github", "ietf", "retry_after", "custom")
 
 # Learned blocks one process keeps at most (client-chosen key values must not
 # grow it without bound); expired ones are swept first.
@@ -54,7 +54,9 @@ class UpstreamQuotaExhausted(SidecarError):
 class UpstreamQuota(Model):
     """``[rate_limit.upstream]``."""
 
-    preset: Literal["openai", "anthropic", "github", "ietf", "custom"]
+    # Every preset also honours a 429's Retry-After; "retry_after" reads nothing
+    # else (providers that announce no quota: Notion, Slack, Twilio, Google).
+    preset: Literal["openai", "anthropic", "github", "ietf", "retry_after", "custom"]
     # preset = "custom": the two header names and how the reset reads.
     remaining: str | None = None
     reset: str | None = None
@@ -206,6 +208,7 @@ PRESET_SIGNALS: dict[str, tuple[tuple[str, str, str], ...]] = {
     "github": (("x-ratelimit-remaining", "x-ratelimit-reset", "epoch"),),
     # The separate fields of drafts 00-06, beside the RateLimit field itself.
     "ietf": (("ratelimit-remaining", "ratelimit-reset", "seconds"),),
+    "retry_after": (),
 }
 
 # GitHub's secondary rate limits answer 403 with Retry-After (its REST docs).

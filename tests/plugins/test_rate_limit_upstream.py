@@ -307,3 +307,9 @@ async def test_pacing_beside_local_limits(sidecar_factory, client, provider):
         assert r.status == 429 and r.headers["X-Sidecar-Error"] == "upstream_quota_exhausted"
         assert "RateLimit" in r.headers       # the local limit's headers still go out
     assert len(provider.arrivals) == 1
+
+
+def test_retry_after_preset_reads_only_a_429():
+    s = signals(preset="retry_after")
+    assert s.block(200, h(x_ratelimit_remaining="0", x_ratelimit_reset=str(int(NOW) + 60)), NOW)[0] == 0
+    assert s.block(429, h(retry_after="7"), NOW)[0] == 7.0
