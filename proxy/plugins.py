@@ -40,6 +40,7 @@ BUILTIN_PLUGINS = (
     "plugins.retry",
     "plugins.tracing",
     "plugins.webhook",
+    "proxy.fixtures",
     "proxy.inbound",
     "proxy.routes",
 )

@@ -21,6 +21,7 @@ from .accesslog import AccessLog
 from .chain import Exchange, Filter, Handler, ProxyResponse, compile_chain
 from .config import (Policy, Settings, config_digest, load_policies, validate_extra_settings)
 from .errors import ConfigError
+from .fixtures import terminal_for
 from .metrics import Metrics
 from .plugins import (BuildContext, PluginSpec, collect_settings_models, collect_specs,
                       make_plugin_manager, ordered)
@@ -106,9 +107,14 @@ class Runtime:
             if core.route is None or core.upstream is None:
                 continue
             upstream = self.pools.get(core.upstream, core.tls, core.timeouts)
+            try:   # mode = "simulate" | "record": its own terminal (proxy/fixtures.py)
+                terminal = terminal_for(self, policy, upstream)
+            except ConfigError as e:
+                problems += e.problems
+                continue
             routes.append(self.build_route(
                 policy, policy.plugins, prefix=core.route, scope="outbound",
-                upstream=upstream, terminal=None, where=str(policy.file),
+                upstream=upstream, terminal=terminal, where=str(policy.file),
                 filters_now=filters_now, problems=problems))
         if problems:
             raise ConfigError(problems)
