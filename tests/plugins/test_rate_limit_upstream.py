@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from email.utils import format_datetime
 
 import pytest
@@ -11,7 +11,8 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from plugins.rate_limit.config import Config
-from plugins.rate_limit.upstream import Signals, UpstreamQuota, parse_duration, parse_ratelimit_field
+from plugins.rate_limit.quota_headers import Signals, parse_duration, parse_ratelimit_field
+from plugins.rate_limit.upstream import UpstreamQuota
 from tests.support.upstream import FakeUpstream, wait_for
 
 # ---- config -------------------------------------------------------------------

@@ -28,7 +28,7 @@ def client(sc) -> Github:
 
 async def test_get_repo(env, provider, behind_sidecar):
     @provider.route("GET", "/repos/octo/hello")
-    async def repo(request, seen):
+    async def get_repo(request, seen):
         return web.json_response({"id": 1, "name": "hello", "full_name": "octo/hello", "private": False,
                                   "stargazers_count": 42, "url": f"{request.url}"}, headers=quota(4999))
 
