@@ -314,3 +314,20 @@ def test_retry_after_preset_reads_only_a_429():
     s = signals(preset="retry_after")
     assert s.block(200, h(x_ratelimit_remaining="0", x_ratelimit_reset=str(int(NOW) + 60)), NOW)[0] == 0
     assert s.block(429, h(retry_after="7"), NOW)[0] == 7.0
+
+
+async def test_ietf_preset_paces_to_another_sidecars_headers(sidecar_factory, client, upstream):
+    """The RateLimit field the sidecar itself sends (draft-ietf-httpapi-ratelimit-headers)
+    is what preset "ietf" reads: a sidecar in front of another one paces to it."""
+    inner = await sidecar_factory({"prov": f'route = "/prov"\nupstream = "{upstream.url}"\n[rate_limit]\n'
+                                           'limits = [{ requests = 1, per = "3s" }]\n'})
+    outer = await sidecar_factory({"ai": f'route = "/ai"\nupstream = "{inner.url}/prov"\n[rate_limit]\n'
+                                         '[rate_limit.upstream]\npreset = "ietf"\n'})
+    async with client.get(f"{outer.url}/ai/x") as r:
+        assert r.status == 200
+        assert r.headers["RateLimit"].endswith(";r=0;t=3")     # the inner sidecar's own header
+    async with client.get(f"{outer.url}/ai/x") as r:
+        assert r.status == 429 and r.headers["X-Sidecar-Error"] == "upstream_quota_exhausted"
+        assert 1 <= int(r.headers["Retry-After"]) <= 3
+    assert len(upstream.seen) == 1
+    assert len(await inner.wait_access_lines(1)) == 1     # the inner sidecar never saw the second
