@@ -12,6 +12,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import logging
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -20,6 +21,8 @@ from urllib.parse import parse_qsl, urlsplit, urlunsplit
 import orjson
 
 from proxy.errors import SidecarError
+
+log = logging.getLogger("sidecar.webhook")
 
 
 class Rejected(SidecarError):
@@ -482,10 +485,14 @@ class SendGrid(Scheme):
                     else:
                         key = load_der_public_key(base64.b64decode("".join(text.split()), validate=True))
                 except (ValueError, TypeError, binascii.Error):
-                    key = False   # remembered as unusable; never logged (it came from a secret source)
+                    key = False   # remembered as unusable
                 if key is not False and not (isinstance(key, ec.EllipticCurvePublicKey)
                                              and key.curve.name == "secp256r1"):
                     key = False
+                if key is False:
+                    # Once per distinct value, and never the value itself.
+                    log.warning("webhook scheme sendgrid: a configured key is not an ECDSA P-256 public key "
+                                "(base64 DER or PEM); it is skipped")
                 if len(self._parsed) > 64:
                     self._parsed.clear()
                 self._parsed[text] = key
@@ -504,9 +511,8 @@ class SendGrid(Scheme):
             raise SignatureInvalid(f"malformed {self.SIGNATURE} header")
         keys = self.public_keys(secrets)
         if not keys:
-            # A misconfigured key is the operator's problem, not the sender's: still 401,
-            # but say so in the log through the message (no key material in it).
-            raise SignatureInvalid("no usable ECDSA P-256 public key configured")
+            # Misconfigured (logged when the key was parsed): the sender only learns "invalid".
+            raise SignatureInvalid()
         message = ts.encode() + inc.body
         ok = False
         for key in keys:   # every key is tried (rotation), no early exit

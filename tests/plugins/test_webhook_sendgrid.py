@@ -135,3 +135,15 @@ def test_p384_keys_are_not_p256():
     _, p384 = keypair(ec.SECP384R1())
     assert SendGrid(300).public_keys([p384]) == []
     assert len(SendGrid(300).public_keys([PUBLIC, OLD_PUBLIC])) == 2
+
+
+def test_an_unusable_key_is_logged_once_without_its_value(caplog):
+    from plugins.webhook.schemes import SendGrid
+
+    scheme = SendGrid(300)
+    with caplog.at_level("WARNING", logger="sidecar.webhook"):
+        assert scheme.public_keys(["bm90LWEta2V5"]) == []
+        assert scheme.public_keys(["bm90LWEta2V5"]) == []
+    (record,) = caplog.records
+    assert "not an ECDSA P-256 public key" in record.getMessage()
+    assert "bm90LWEta2V5" not in record.getMessage()
