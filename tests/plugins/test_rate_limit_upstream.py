@@ -331,3 +331,22 @@ async def test_ietf_preset_paces_to_another_sidecars_headers(sidecar_factory, cl
         assert 1 <= int(r.headers["Retry-After"]) <= 3
     assert len(upstream.seen) == 1
     assert len(await inner.wait_access_lines(1)) == 1     # the inner sidecar never saw the second
+
+
+async def test_redis_down_paces_on_what_this_sidecar_learned(sidecar_factory, client, provider):
+    from tests.support.sidecar import free_port
+
+    dead = f'[state]\nbackend = "redis"\nurl = "redis://127.0.0.1:{free_port()}/0"\n'
+    sc = await sidecar_factory({"ai": policy(provider.up.url)}, dead)
+    async with client.get(f"{sc.url}/ai/x") as r:
+        assert r.status == 200          # Redis unreachable: the request still goes
+    async with client.get(f"{sc.url}/ai/x") as r:
+        assert r.status == 429 and r.headers["X-Sidecar-Error"] == "upstream_quota_exhausted"
+    assert len(provider.arrivals) == 1
+    async with client.get(f"{sc.admin}/metrics") as r:
+        text = await r.text()
+    (line,) = [ln for ln in text.splitlines() if ln.startswith('sidecar_rate_limit_backend_errors_total{route="ai"}')]
+    assert float(line.split()[-1]) >= 2      # the read before and the write after the first request
+    async with client.get(f"{sc.admin}/admin/rate_limits?route=ai") as r:
+        view = await r.json()
+    assert "shared_error" in view["upstream"] and len(view["upstream"]["learned"]) == 1
