@@ -139,7 +139,8 @@ class TLS(Model):
     ca_bundle: str | None = None
 
 
-CORE_POLICY_KEYS = {"route", "upstream", "timeouts", "limits", "tls", "tenant_header", "description"}
+CORE_POLICY_KEYS = {"route", "upstream", "timeouts", "limits", "tls", "tenant_header", "description",
+                    "mode", "fixtures", "match_body"}
 
 
 class PolicyCore(Model):
@@ -152,6 +153,11 @@ class PolicyCore(Model):
     limits: Limits = Limits()
     tls: TLS = TLS()
     tenant_header: str = "X-Tenant-ID"
+    # live | simulate | record (proxy/fixtures.py); fixtures: the cassette
+    # folder, relative to the policy file (default fixtures/<policy name>).
+    mode: Literal["live", "simulate", "record"] = "live"
+    fixtures: str | None = None
+    match_body: bool = False
 
     @field_validator("route")
     @classmethod
@@ -193,6 +199,8 @@ class PolicyCore(Model):
     def _pair(self) -> "PolicyCore":
         if (self.route is None) != (self.upstream is None):
             raise ValueError("route and upstream go together: set both or neither")
+        if self.route is None and (self.mode != "live" or self.fixtures is not None or self.match_body):
+            raise ValueError("mode, fixtures and match_body are for a policy with a route and upstream")
         return self
 
 

@@ -20,6 +20,7 @@ from aiohttp.web_request import BaseRequest
 from .chain import Exchange, ProxyResponse
 from .errors import BadRequest, HeadersTooLarge, NoRoute, RequestBodyTooLarge, SidecarError
 from .http import has_dot_segment, new_request_id, strip_hop_by_hop
+from .response_id import set_response_request_id
 from .upstream import BodyOverflow
 
 if TYPE_CHECKING:
@@ -212,7 +213,7 @@ class OutboundHandler:
         if ex is not None and ex.response_headers:
             for k, v in ex.response_headers:
                 headers[k] = v
-        headers["X-Request-ID"] = rid
+        set_response_request_id(headers, rid, ex)
         out = ProxyStreamResponse(status=resp.status, reason=resp.reason, headers=headers)
         if request.body_exists and not request.content.is_eof() and (
                 ex is None or not isinstance(ex.body, bytes | None)):

@@ -47,6 +47,7 @@ BUILTIN_PLUGINS = (
     "plugins.tracing",
     "plugins.webhook",
     "proxy.client",
+    "proxy.fixtures",
     "proxy.inbound",
     "proxy.routes",
 )

@@ -22,6 +22,7 @@ from .chain import Exchange, Filter, Handler, ProxyResponse, compile_chain
 from .client import TABLE as CLIENT_TABLE, ClientSettings, HttpClient
 from .config import (Policy, Settings, config_digest, load_policies, validate_extra_settings)
 from .errors import ConfigError
+from .fixtures import terminal_for
 from .metrics import Metrics
 from .plugins import (MAKES_ROUTE, BuildContext, PluginSpec, collect_settings_models, collect_specs,
                       make_plugin_manager, ordered)
@@ -133,9 +134,14 @@ class Runtime:
             if core.route is None or core.upstream is None:
                 continue
             upstream = self.pools.get(core.upstream, core.tls, core.timeouts)
+            try:   # mode = "simulate" | "record": its own terminal (proxy/fixtures.py)
+                terminal = terminal_for(self, policy, upstream)
+            except ConfigError as e:
+                problems += e.problems
+                continue
             routes.append(self.build_route(
                 policy, policy.plugins, prefix=core.route, scope="outbound",
-                upstream=upstream, terminal=None, where=str(policy.file),
+                upstream=upstream, terminal=terminal, where=str(policy.file),
                 filters_now=filters_now, problems=problems))
         by_listener: dict[str, list[Route]] = {"outbound": routes}
 
@@ -347,8 +353,11 @@ class Runtime:
             "status": status, "duration_ms": round(took * 1000, 3), "worker": self.worker_id,
         }
         if ex is not None:
-            if "upstream_ms" in ex.vars:
-                record["upstream_ms"] = ex.vars["upstream_ms"]
+            ev = ex.vars
+            if "upstream_ms" in ev:
+                record["upstream_ms"] = ev["upstream_ms"]
+            if "upstream_request_id" in ev:
+                record["upstream_request_id"] = ev["upstream_request_id"]
             if ex.attempt > 1:
                 record["attempts"] = ex.attempt
             if ex.log:

@@ -5,7 +5,8 @@
 type = "bearer"                 # Authorization: Bearer <secret>
 secret = "env:HTTPBIN_TOKEN"    # env:NAME | file:/path | vault:path#key[@version]
 ```
-Types: bearer, header, basic, query, oauth2_client_credentials, aws_sigv4; extra
+Types: bearer, header, basic, query, oauth2_client_credentials, oauth2_jwt_bearer
+(RFC 7523, Google service accounts), aws_sigv4; extra
 ``[auth.headers]``; per-tenant ``[auth.tenants.<tenant>]``. See docs/auth.md.
 
 PRIORITY 500: innermost of the built-in plugins, so each retry re-injects a
@@ -25,6 +26,7 @@ from proxy.plugins import INJECTS_CREDENTIALS, BuildContext, PluginSpec
 
 from .config import AWS_KEY_FIELDS, LITERAL_CREDENTIAL, LITERAL_OK, SECRET_FIELDS, Config
 from .inject import AuthFilter, BasicSlot, Credentials, HeaderSlot, QuerySlot, Secret, Slot
+from .jwt_bearer import JwtBearerTokenSource
 from .oauth2 import TokenSource
 from .sigv4 import Signer
 from .state import NAME, AuthState, auth_state
@@ -71,6 +73,11 @@ def _credentials(label: str, config: Config, over: dict[str, Any], state: AuthSt
             params=config.token_params, client_auth=config.client_auth,
             refresh_before=config.refresh_before, timeout=config.token_timeout, http=state.runtime.http,
             fetches=state.oauth2_fetches, label=route)
+    elif t == "oauth2_jwt_bearer":
+        token = JwtBearerTokenSource(
+            credentials=secret("credentials").ref, token_url=config.token_url, scopes=config.scopes,
+            subject=config.subject, refresh_before=config.refresh_before, timeout=config.token_timeout,
+            http=state.runtime.http, fetches=state.oauth2_fetches, label=route)
     elif t == "aws_sigv4":
         signer = _signer(config, over, state, secret)
     headers = {**config.headers, **over.get("headers", {})}
@@ -106,7 +113,8 @@ def build(config: Config, ctx: BuildContext) -> AuthFilter:
     tenants = {name: _credentials(name, config, tc.model_dump(exclude_none=True), state, ctx.route)
                for name, tc in config.tenants.items()}
     # Whatever the filter injects must never reach a log (http-rules: credentials).
-    secret_headers = {name for name, v in config.headers.items() if rt.secrets.ref(v).source != "literal"}
+    secret_headers = {name for name, v in config.headers.items()
+                      if rt.secrets.ref(v).source != "literal"}
     for tc in config.tenants.values():
         secret_headers |= {n for n, v in tc.headers.items() if rt.secrets.ref(v).source != "literal"}
     if config.type == "header" and config.header:

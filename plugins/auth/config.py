@@ -10,20 +10,24 @@ from proxy.config import Model
 from proxy.http import check_header_name
 from proxy.units import Duration, Size
 
-AuthType = Literal["bearer", "header", "basic", "query", "oauth2_client_credentials", "aws_sigv4"]
+AuthType = Literal["bearer", "header", "basic", "query", "oauth2_client_credentials", "oauth2_jwt_bearer",
+                   "aws_sigv4"]
 
 # The fields that carry a secret, per type; each must be a reference, never a literal.
 SECRET_FIELDS: dict[str, tuple[str, ...]] = {
     "bearer": ("secret",), "header": ("secret",), "query": ("secret",),
     "basic": ("username", "password"), "oauth2_client_credentials": ("client_id", "client_secret"),
+    "oauth2_jwt_bearer": ("credentials",),
     # aws_sigv4: keys are optional (absent: botocore's standard credential chain).
     "aws_sigv4": (),
 }
 # aws_sigv4 (issue 15): secret-reference fields, all optional.
 AWS_KEY_FIELDS = ("access_key_id", "secret_access_key", "session_token")
 LITERAL_OK = {"username", "client_id", "access_key_id"}
+CREDENTIAL_FIELDS = ("secret", "username", "password", "client_id", "client_secret", "credentials")
 _TYPE_ONLY = {"header": {"header", "prefix"}, "query": {"param"},
               "oauth2_client_credentials": {"token_url", "scopes", "audience", "token_params"},
+              "oauth2_jwt_bearer": {"credentials", "subject", "token_url", "scopes"},
               "aws_sigv4": {"service", "region", "payload", *AWS_KEY_FIELDS}}
 _HOP = {"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
         "upgrade", "host", "content-length"}
@@ -66,11 +70,12 @@ class TenantCredentials(Model):
     access_key_id: str | None = None
     secret_access_key: str | None = None
     session_token: str | None = None
+    credentials: str | None = None
     headers: dict[str, str] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _refs(self) -> "TenantCredentials":
-        for f in ("secret", "username", "password", "client_id", "client_secret", *AWS_KEY_FIELDS):
+        for f in (*CREDENTIAL_FIELDS, *AWS_KEY_FIELDS):
             _check_ref(f, getattr(self, f))
         for name in self.headers:
             credential_header(name)
@@ -94,7 +99,7 @@ def _check_sigv4(c: "Config") -> None:
         raise ValueError("type = \"aws_sigv4\" always replaces the client's signature: "
                          "override = false does not apply")
     _check_keys(c)
-    for f in ("secret", "username", "password", "client_id", "client_secret"):
+    for f in CREDENTIAL_FIELDS:
         if getattr(c, f) is not None:
             raise ValueError(f"{f} is not used by type = \"aws_sigv4\"")
 
@@ -115,6 +120,10 @@ class Config(Model):
     audience: str | None = None
     token_params: dict[str, str] = Field(default_factory=dict)
     client_auth: Literal["basic", "body"] = "basic"
+    # type = "oauth2_jwt_bearer" (RFC 7523): the service-account JSON (a reference),
+    # and the user to act for (Google domain-wide delegation).
+    credentials: str | None = None
+    subject: str | None = None
     refresh_before: Duration = 60.0
     token_timeout: Duration = 10.0
     # type = "aws_sigv4" (issue 15)
@@ -144,17 +153,19 @@ class Config(Model):
         t = self.type
         if t is None:
             if not self.headers:
-                raise ValueError("set type (bearer, header, basic, query, oauth2_client_credentials) "
+                raise ValueError("set type (bearer, header, basic, query, oauth2_client_credentials, "
+                                 "oauth2_jwt_bearer, aws_sigv4) "
                                  "or [auth.headers]")
             if self.tenants:
                 raise ValueError("[auth.tenants] needs a type")
             return self
+        own = _TYPE_ONLY.get(t, set())
         for other, fields in _TYPE_ONLY.items():
             if other != t:
-                for f in fields:
+                for f in fields - own:
                     if f in self.model_fields_set:
                         raise ValueError(f"{f} is for type = \"{other}\", not \"{t}\"")
-        for f in ("secret", "username", "password", "client_id", "client_secret", *AWS_KEY_FIELDS):
+        for f in (*CREDENTIAL_FIELDS, *AWS_KEY_FIELDS):
             _check_ref(f, getattr(self, f))
         if t == "aws_sigv4":
             _check_sigv4(self)
@@ -167,6 +178,8 @@ class Config(Model):
         if t == "oauth2_client_credentials":
             if not self.token_url or not self.token_url.startswith(("https://", "http://")):
                 raise ValueError("type = \"oauth2_client_credentials\" needs token_url (an https:// URL)")
+        if t == "oauth2_jwt_bearer" and self.token_url and not self.token_url.startswith(("https://", "http://")):
+            raise ValueError("token_url must be an https:// URL (default: the credentials' token_uri)")
         injected = {"header": (self.header or "").lower(), "query": ""}.get(t, "authorization")
         names = {n.lower() for n in self.headers}
         for tc in self.tenants.values():
@@ -190,7 +203,7 @@ class Config(Model):
                 for f in AWS_KEY_FIELDS:
                     if getattr(tc, f) is not None:
                         raise ValueError(f"tenants.{name}: {f} is not used by type = \"{t}\"")
-            for f in ("secret", "username", "password", "client_id", "client_secret"):
+            for f in CREDENTIAL_FIELDS:
                 if f not in needed and getattr(tc, f) is not None:
                     raise ValueError(f"tenants.{name}: {f} is not used by type = \"{t}\"")
         return self

@@ -1,4 +1,6 @@
-"""OAuth2 client credentials (RFC 6749 section 4.4): fetch once, cache, refresh single-flight.
+"""OAuth2 tokens: fetch once, cache, refresh single-flight (``CachedToken``), for
+client credentials (RFC 6749 section 4.4, ``TokenSource``) and the JWT bearer
+grant (RFC 7523, ``jwt_bearer.JwtBearerTokenSource``).
 
 A token is used until ``refresh_before`` ahead of its expiry (capped at half
 its lifetime); inside that window one background fetch replaces it while
@@ -39,23 +41,13 @@ class _TooLarge(Exception):
     pass
 
 
-class TokenSource:
-    """The access token of one client (one per tenant credential set)."""
+class CachedToken:
+    """The caching, refresh-ahead and single-flight part every token grant shares;
+    a grant says how to ask for a token (``_request``)."""
 
-    def __init__(self, *, token_url: str, client_id: SecretRef, client_secret: SecretRef,
-                 scopes: list[str], audience: str | None, params: dict[str, str], client_auth: str,
-                 refresh_before: float, timeout: float, http: "HttpClient",
+    def __init__(self, *, token_url: str, refresh_before: float, timeout: float, http: "HttpClient",
                  fetches: "Counter", label: str) -> None:
         self.token_url = token_url
-        self.client_id = client_id
-        self.client_secret = client_secret
-        form = {"grant_type": "client_credentials", **params}
-        if scopes:
-            form["scope"] = " ".join(scopes)
-        if audience:
-            form["audience"] = audience
-        self.form = form
-        self.client_auth = client_auth
         self.refresh_before = refresh_before
         self.timeout = aiohttp.ClientTimeout(total=timeout)
         self.http = http
@@ -68,6 +60,10 @@ class TokenSource:
         # After a failed refresh-ahead, wait before the next one instead of
         # trying again on every request while the current token is still valid.
         self._next_try = 0.0
+
+    def _request(self) -> tuple[str, dict[str, str], dict[str, str]]:
+        """(token URL, form, headers) of one token request; raises SidecarError."""
+        raise NotImplementedError
 
     async def get(self) -> str:
         tok = self.token
@@ -103,35 +99,27 @@ class TokenSource:
 
     async def _fetch(self) -> str:
         try:
-            cid, secret = self.client_id.get(), self.client_secret.get()
+            url, form, headers = self._request()
         except SidecarError:
             self.failed.inc()
             raise
-        form = dict(self.form)
-        headers = {"Accept": "application/json", "Content-Type": "application/x-www-form-urlencoded"}
-        if self.client_auth == "basic":
-            # RFC 6749 section 2.3.1: both parts form-urlencoded before base64.
-            pair = f"{quote(cid, safe='')}:{quote(secret, safe='')}".encode()
-            headers["Authorization"] = "Basic " + base64.b64encode(pair).decode()
-        else:
-            form["client_id"], form["client_secret"] = cid, secret
         try:
-            async with self.http.request("POST", self.token_url, data=form, headers=headers,
+            async with self.http.request("POST", url, data=form, headers=headers,
                                          timeout=self.timeout) as resp:
                 raw = await read_limited(resp.content, 256 * 1024, _TooLarge)
                 status = resp.status
         except _TooLarge:
             self.failed.inc()
-            log.warning("oauth2 token endpoint %s answered more than 256 KiB", self.token_url)
+            log.warning("oauth2 token endpoint %s answered more than 256 KiB", url)
             raise TokenUnavailable("OAuth2 token endpoint answer too large") from None
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
             self.failed.inc()
-            log.warning("oauth2 token endpoint %s unreachable (%s)", self.token_url, type(e).__name__)
+            log.warning("oauth2 token endpoint %s unreachable (%s)", url, type(e).__name__)
             raise TokenUnavailable("OAuth2 token endpoint unreachable") from None
         if status != 200:
             self.failed.inc()
             # The body may echo credentials: log the status only.
-            log.warning("oauth2 token endpoint %s answered %d", self.token_url, status)
+            log.warning("oauth2 token endpoint %s answered %d", url, status)
             raise TokenUnavailable(f"OAuth2 token endpoint answered {status}")
         try:
             data = orjson.loads(raw)
@@ -144,7 +132,7 @@ class TokenSource:
                 raise ValueError
         except (ValueError, KeyError, TypeError, orjson.JSONDecodeError):
             self.failed.inc()
-            log.warning("oauth2 token endpoint %s answered without a usable access_token", self.token_url)
+            log.warning("oauth2 token endpoint %s answered without a usable access_token", url)
             raise TokenUnavailable("OAuth2 token endpoint answered without an access token") from None
         now = time.monotonic()
         self.token = token
@@ -157,3 +145,36 @@ class TokenSource:
         now = time.monotonic()
         return {"token_url": self.token_url, "has_token": self.token is not None,
                 "expires_in_seconds": round(self.expires - now, 1) if self.token else None}
+
+
+class TokenSource(CachedToken):
+    """OAuth2 client credentials (RFC 6749 section 4.4) of one client (one per tenant credential set)."""
+
+    def __init__(self, *, token_url: str, client_id: SecretRef, client_secret: SecretRef,
+                 scopes: list[str], audience: str | None, params: dict[str, str], client_auth: str,
+                 refresh_before: float, timeout: float, http: "HttpClient",
+                 fetches: "Counter", label: str) -> None:
+        super().__init__(token_url=token_url, refresh_before=refresh_before, timeout=timeout, http=http,
+                         fetches=fetches, label=label)
+        self.client_id = client_id
+        self.client_secret = client_secret
+        form = {"grant_type": "client_credentials", **params}
+        if scopes:
+            form["scope"] = " ".join(scopes)
+        if audience:
+            form["audience"] = audience
+        self.form = form
+        self.client_auth = client_auth
+
+    def _request(self) -> tuple[str, dict[str, str], dict[str, str]]:
+        cid, secret = self.client_id.get(), self.client_secret.get()
+        form = dict(self.form)
+        headers = {"Accept": "application/json", "Content-Type": "application/x-www-form-urlencoded"}
+        if self.client_auth == "basic":
+            # RFC 6749 section 2.3.1: both parts form-urlencoded before base64.
+            pair = f"{quote(cid, safe='')}:{quote(secret, safe='')}".encode()
+            headers["Authorization"] = "Basic " + base64.b64encode(pair).decode()
+        else:
+            form["client_id"], form["client_secret"] = cid, secret
+        return self.token_url, form, headers
+

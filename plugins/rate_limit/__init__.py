@@ -26,8 +26,9 @@ from proxy.hookspecs import hookimpl
 from proxy.plugins import BuildContext, PluginSpec
 
 from .config import Config, Limit, Override
-from .filter import BACKEND_ERRORS, Group, RateLimitFilter, compile_group
+from .filter import BACKEND_ERRORS, Group, RateLimitFilter, compile_group, key_function
 from .gcra import MemoryStore, SharedStore
+from .upstream import RedisBlocks, UpstreamPacer, UpstreamQuota
 
 if TYPE_CHECKING:
     from proxy.runtime import Runtime
@@ -38,7 +39,7 @@ PRIORITY = 800  # inside authentication (jwt, forward_auth), outside retry: retr
 #: Where the supervisor of ``workers > 1`` puts files its workers share.
 RUN_DIR_ENV = "SIDECAR_RUN_DIR"
 
-__all__ = ["Config", "Limit", "Override", "PRIORITY", "build", "RateLimitFilter"]
+__all__ = ["Config", "Limit", "Override", "PRIORITY", "build", "RateLimitFilter", "UpstreamQuota"]
 
 
 class _PerRuntime:
@@ -52,7 +53,13 @@ class _PerRuntime:
         self.backend_errors = m.counter("sidecar_rate_limit_backend_errors",
                                         "Decisions the rate-limit backend could not make, by route.",
                                         ["route"])
+        self.upstream_decisions = m.counter(
+            "sidecar_rate_limit_upstream_decisions",
+            "Pacing to the provider's quota, by route and result (learned, queued, rejected, shadow_rejected).",
+            ["route", "result"])
         state = runtime.state
+        # [rate_limit.upstream] blocks: in Redis when the state is shared.
+        self.blocks = RedisBlocks(state.redis) if state.kind == "redis" else None
         run_dir = os.environ.get(RUN_DIR_ENV)
         if state.kind == "redis":
             from .redis_store import RedisStore
@@ -84,8 +91,15 @@ def build(config: Config, ctx: BuildContext) -> RateLimitFilter:
         method, path, prefix = o.parsed()
         overrides.append((method, path, prefix, compile_group(ctx.route, o.match, o.limits, key, shared.decisions,
                                                                batch)))
-    return RateLimitFilter(ctx.route, config, default, overrides, shared.store,
-                           shared.backend_errors.labels(ctx.route))
+    errors = shared.backend_errors.labels(ctx.route)
+    pacer = None
+    if config.upstream is not None:
+        pacer = UpstreamPacer(
+            ctx.route, config.upstream, key_function(config.key), config.on_limit == "queue", config.max_wait,
+            config.enforce, key("rl-upstream", ctx.route) + ":", shared.blocks,
+            {r: batch(shared.upstream_decisions.labels(ctx.route, r))
+             for r in ("learned", "queued", "rejected", "shadow_rejected")}, errors, BACKEND_ERRORS)
+    return RateLimitFilter(ctx.route, config, default, overrides, shared.store, errors, pacer)
 
 
 def _filters(runtime: "Runtime") -> dict[str, RateLimitFilter]:
@@ -110,11 +124,11 @@ async def admin_rate_limits(request: web.Request) -> web.Response:
     route = request.query.get("route")
     if route is None:
         return json_response({"backend": shared.backend if shared else None, "routes": [
-            {"route": name, **_describe(f)} for name, f in sorted(filters.items())]})
+            {"route": name, **_describe(f), **await _upstream(f)} for name, f in sorted(filters.items())]})
     f = filters.get(route)
     if f is None:
         return json_error(404, "no_such_route", f"no route named {route!r} has a rate limit")
-    out: dict[str, Any] = {"route": route, **_describe(f)}
+    out: dict[str, Any] = {"route": route, **_describe(f), **await _upstream(f)}
     key = request.query.get("key")
     if key is not None:
         out["key_value"] = key
@@ -126,6 +140,11 @@ async def admin_rate_limits(request: web.Request) -> web.Response:
         except BACKEND_ERRORS:
             return json_error(503, "rate_limit_unavailable", "the rate-limit backend is unavailable")
     return json_response(out)
+
+
+async def _upstream(f: RateLimitFilter) -> dict[str, Any]:
+    """The provider quota this route paces to, and what it learned (``upstream``)."""
+    return {} if f.pacer is None else {"upstream": await f.pacer.describe()}
 
 
 def _describe(f: RateLimitFilter) -> dict[str, Any]:

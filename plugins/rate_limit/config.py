@@ -9,6 +9,8 @@ from pydantic import Field, field_validator, model_validator
 from proxy.config import Model
 from proxy.units import Duration
 
+from .upstream import UpstreamQuota
+
 KEY_KINDS = ("tenant", "client_ip", "route", "const")
 
 
@@ -103,6 +105,8 @@ class Config(Model):
     enforce: bool = True
     # Redis unreachable: True lets traffic through (counted, logged); False answers 503.
     fail_open: bool = True
+    # [rate_limit.upstream]: pace to the quota the provider announces (upstream.py).
+    upstream: UpstreamQuota | None = None
 
     @field_validator("key")
     @classmethod
@@ -123,8 +127,9 @@ class Config(Model):
 
     @model_validator(mode="after")
     def _check(self) -> "Config":
-        if not self.limits and not self.overrides:
-            raise ValueError("set limits (or overrides): a rate limit without limits limits nothing")
+        if not self.limits and not self.overrides and self.upstream is None:
+            raise ValueError("set limits (or overrides, or [rate_limit.upstream]): "
+                             "a rate limit without limits limits nothing")
         if self.on_limit == "queue" and self.max_wait <= 0:
             raise ValueError("on_limit = \"queue\" needs max_wait (how long a request may wait), e.g. \"10s\"")
         if self.on_limit == "reject" and self.max_wait > 0:

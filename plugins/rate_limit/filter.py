@@ -96,7 +96,7 @@ def key_function(spec: str) -> Callable[[Exchange], str] | None:
 class RateLimitFilter(Filter):
     def __init__(self, route: str, config: Config, default: Group | None,
                  overrides: list[tuple[str | None, str, bool, Group]], store: Any,
-                 backend_errors: Any) -> None:
+                 backend_errors: Any, pacer: Any = None) -> None:
         self.route = route
         self.config = config
         self.default = default
@@ -112,6 +112,8 @@ class RateLimitFilter(Filter):
         self._last_warning = 0.0
         # The memory store decides a single limit without lists (_handle_one).
         self.decide_one = getattr(store, "decide_one", None) if self.sync else None
+        # [rate_limit.upstream]: runs between the local limits and the upstream.
+        self.pacer = pacer
 
     def group_for(self, method: str, path: str) -> Group | None:
         for m, p, prefix, group in self.overrides:
@@ -125,6 +127,9 @@ class RateLimitFilter(Filter):
         return [p + value for p in group.prefixes]
 
     async def handle(self, ex: Exchange, call_next: Handler) -> ProxyResponse:
+        if self.pacer is not None:
+            pacer, upstream = self.pacer, call_next
+            call_next = lambda e: pacer.handle(e, upstream)  # noqa: E731
         group = self.group_for(ex.method, ex.path) if self.overrides else self.default
         if group is None:
             return await call_next(ex)

@@ -41,7 +41,7 @@ class Config(Model):
     path: str                                  # on the inbound listener
     forward_to: str | None = None              # on the service; default: path
     scheme: Literal["stripe", "github", "slack", "shopify", "standard-webhooks", "svix",
-                    "twilio", "square", "generic"]
+                    "twilio", "square", "sendgrid", "generic"]
     secrets: list[str] = Field(min_length=1)   # references (env:, file:, vault:) or literals
     tolerance: Duration = 300.0
     max_body: Size = 1024 * 1024
