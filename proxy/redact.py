@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from urllib.parse import parse_qsl, urlencode
 
 REDACTED = "[redacted]"
 
@@ -14,14 +15,17 @@ SENSITIVE_HEADERS = frozenset({
 
 
 class Redactor:
-    """Knows which header names carry secrets. (No query string reaches a
-    log: the access log records the path only.)"""
+    """Knows which header names and query parameters carry secrets. (The
+    access log records the path only; recorded cassettes and
+    /admin/simulated keep queries, with credential parameters replaced.)"""
 
-    def __init__(self, headers: Iterable[str] = ()) -> None:
+    def __init__(self, headers: Iterable[str] = (), query_params: Iterable[str] = ()) -> None:
         self.headers = SENSITIVE_HEADERS | {h.lower() for h in headers}
+        self.query_params = frozenset(q.lower() for q in query_params)
 
-    def add(self, headers: Iterable[str] = ()) -> None:
+    def add(self, headers: Iterable[str] = (), query_params: Iterable[str] = ()) -> None:
         self.headers = self.headers | {h.lower() for h in headers}
+        self.query_params = self.query_params | {q.lower() for q in query_params}
 
     def headers_dict(self, headers: Mapping[str, str], only: Iterable[str] | None = None) -> dict[str, str]:
         """The headers as a dict, secret values replaced; ``only`` limits the names kept."""
@@ -33,3 +37,11 @@ class Redactor:
                 continue
             out[str(k)] = REDACTED if lk in self.headers else v
         return out
+
+    def query(self, query: str) -> str:
+        """The query with credential parameters (an ``[auth] type = "query"``
+        param, for instance) replaced."""
+        if not query or not self.query_params:
+            return query
+        pairs = parse_qsl(query, keep_blank_values=True)
+        return urlencode([(k, REDACTED if k.lower() in self.query_params else v) for k, v in pairs])

@@ -121,7 +121,7 @@ def build(config: Config, ctx: BuildContext) -> AuthFilter:
         secret_headers.add(config.header)
     if config.type == "aws_sigv4":
         secret_headers.add("X-Amz-Security-Token")
-    rt.redactor.add(headers=secret_headers)
+    rt.redactor.add(headers=secret_headers, query_params=[config.param] if config.param else [])
     summary = {"type": config.type, "override": config.override, "unknown_tenant": config.unknown_tenant,
                "tenants": sorted(config.tenants), "headers": sorted({**config.headers})}
     if config.type == "header":
