@@ -117,6 +117,7 @@ class InboundHandler(OutboundHandler):
 
     def __init__(self, runtime: "Runtime") -> None:
         super().__init__(runtime)
+        self.clients = None  # [outbound] allowed_clients is the outbound listener's alone
         self.endpoints: dict[str, Endpoint] = {}
         self.table = RouteTable([])
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from proxy.errors import FieldError
 from proxy.hookspecs import hookimpl
 from proxy.plugins import INJECTS_CREDENTIALS, BuildContext, PluginSpec
 
@@ -45,7 +46,7 @@ def build(config: Config, ctx: BuildContext) -> CacheFilter:
         kind = "redis" if rt.state.kind == "redis" else "memory"
     if kind == "redis":
         if rt.state.kind != "redis":
-            raise ValueError('store = "redis" needs [state] backend = "redis" in config.toml')
+            raise FieldError("store", 'store = "redis" needs [state] backend = "redis" in config.toml')
         store: MemoryStore | RedisStore = RedisStore(rt.state, ctx.route)
     else:
         store = MemoryStore(config.max_entries, config.max_memory)
