@@ -15,17 +15,20 @@ import sys
 
 import orjson
 from aiohttp import web
-from multidict import MultiDict
 
 
 async def echo(request: web.Request) -> web.Response:
     body = await request.read()
-    headers: MultiDict[str] = MultiDict(request.headers)
+    query: dict[str, str | list[str]] = {}
+    for k in dict.fromkeys(request.query.keys()):
+        values = request.query.getall(k)
+        query[str(k)] = values[0] if len(values) == 1 else values
+    headers = request.headers
     out = {
         "method": request.method,
         "path": request.path,
-        "query": {k: v if len(vs := request.query.getall(k)) == 1 else vs for k, v in request.query.items()},
-        "headers": {k: ", ".join(headers.getall(k)) for k in dict.fromkeys(headers.keys())},
+        "query": query,
+        "headers": {str(k): ", ".join(headers.getall(k)) for k in dict.fromkeys(headers.keys())},
         "body": body.decode("utf-8", "replace") if body else "",
     }
     return web.Response(body=orjson.dumps(out, option=orjson.OPT_INDENT_2) + b"\n",

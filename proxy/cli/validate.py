@@ -36,11 +36,10 @@ def _settings(config: str | None, problems: list[str]) -> tuple[Settings, Any]:
         problems += e.problems
         return Settings(base_dir=path.parent, path=path), make_plugin_manager()
     core: dict[str, Any] = {}
-    for name in _SETTINGS_TABLES:
-        if name not in raw:
+    for name, table in raw.items():   # file order: the same output every run
+        if name not in _SETTINGS_TABLES:
             continue
         model = Settings.model_fields[name].annotation
-        table = raw[name]
         try:
             core[name] = model.model_validate(table)  # type: ignore[union-attr]
         except ValidationError as e:
