@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from aiohttp import web
 
-from . import health
+from . import health as probes
 from .config import config_digest
 from .dashboard import add_dashboard
 from .errors import error_body
@@ -50,12 +50,12 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def ready(request: web.Request) -> web.Response:
-    body = await health.readiness(runtime_of(request))
+    body = await probes.readiness(runtime_of(request))
     return json_response(body, status=200 if body["ready"] else 503)
 
 
 async def health_detailed(request: web.Request) -> web.Response:
-    body = await health.detailed(runtime_of(request))
+    body = await probes.detailed(runtime_of(request))
     return json_response(body, status=503 if body["status"] == "down" else 200)
 
 
