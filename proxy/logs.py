@@ -139,7 +139,11 @@ async def log_startup(rt: "Runtime", ports: dict[str, int]) -> None:
     yet, and the state backend's reachability (its URL with the password masked)."""
     s = rt.settings
     hosts = {"outbound": s.outbound.host, "admin": s.admin.host}
-    log.info("listening", extra={"listeners": {name: f"{hosts.get(name, '')}:{port}".lstrip(":")
+    for name in ports:
+        extra = rt.extra_settings.get(name)     # a plugin's listener ([inbound])
+        if name not in hosts and extra is not None and hasattr(extra, "host"):
+            hosts[name] = extra.host
+    log.info("listening", extra={"listeners": {name: f"{hosts.get(name, '?')}:{port}"
                                                for name, port in ports.items()}})
     for r in sorted(rt.table.routes, key=lambda r: r.prefix):
         log.info("route %s -> %s", r.prefix, r.upstream.url if r.upstream is not None else "(terminal)",
