@@ -34,7 +34,7 @@ from aiohttp.web_request import BaseRequest
 from pydantic import Field, ValidationError, ValidationInfo, field_validator
 
 from .chain import Filter
-from .config import Listener, Policy, PolicyCore, Timeouts, TLS
+from .config import TLS, Listener, Policy, PolicyCore, Timeouts, known_keys, suggest
 from .errors import ConfigError
 from .hookspecs import hookimpl
 from .outbound import OutboundHandler
@@ -106,7 +106,8 @@ class InboundSettings(Listener):
                     field = ".".join(str(p) for p in first["loc"]) or "(table)"
                     msg = first["msg"].removeprefix("Value error, ")
                     if first["type"] == "extra_forbidden":
-                        msg = "unknown key"
+                        msg = "unknown key" + suggest(str(first["loc"][-1]),
+                                                      known_keys(spec.config, tuple(first["loc"][:-1])))
                     raise ValueError(f"{prefix}: {name}.{field}: {msg}") from None
             out[route] = plugins
         return out

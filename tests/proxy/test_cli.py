@@ -362,3 +362,23 @@ async def test_echo_answers_method_path_query_and_headers():
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_validate_suggests_keys_inside_inbound_route_plugins(tmp_path):
+    path = write_config(tmp_path, {}, '[inbound]\nlisten = "127.0.0.1:0"\n'
+                                      '[inbound.routes."/api".jwt]\nsecret = "env:J"\nissuerr = "x"\n')
+    r = sidecar("validate", "--config", str(path))
+    assert r.returncode == 1
+    assert "/api: jwt.issuerr: unknown key (did you mean 'issuer'?)" in r.stderr
+
+
+def test_explain_an_inbound_route(tmp_path):
+    path = write_config(tmp_path, {}, '[inbound]\nlisten = "127.0.0.1:18444"\nservice_url = "http://127.0.0.1:8000"\n'
+                                      '[inbound.routes."/api".jwt]\nsecret = "env:J"\n')
+    r = sidecar("explain", "GET", "http://127.0.0.1:18444/api/orders?id=2", "--config", str(path), "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["listener"] == "inbound" and out["route"]["prefix"] == "/api"
+    assert out["upstream"] == "http://127.0.0.1:8000/api/orders?id=2"
+    assert [s["plugin"] for s in out["chain"]] == ["jwt"]
+    assert out["chain"][0]["settings"]["secret"] == "env:J"
