@@ -282,12 +282,7 @@ def config_digest(data: Any) -> str:
 
 
 def _loc(loc: tuple[Any, ...]) -> str:
-    out = ""
-    for p in loc:
-        if p in ("function-after", "function-before"):
-            continue
-        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
-    return out or "(top level)"
+    return ".".join(str(p) for p in loc if p not in ("function-after", "function-before")) or "(top level)"
 
 
 # Values under these names are never echoed back in a problem line.

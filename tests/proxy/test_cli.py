@@ -99,10 +99,10 @@ def test_validate_lists_every_problem_of_every_file_in_one_run(tmp_path):
         f"{config}: inboud: unknown table (did you mean 'inbound'?)",
         # did-you-mean at any depth, dotted paths, list indexes
         f"{pol / 'a.toml'}: retry.attemps: unknown key (did you mean 'attempts'?)",
-        f"{pol / 'b.toml'}: rate_limit.limits[0].burts: unknown key (did you mean 'burst'?)",
+        f"{pol / 'b.toml'}: rate_limit.limits.0.burts: unknown key (did you mean 'burst'?)",
         f"{pol / 'd.toml'}: headers.request.sett: unknown key (did you mean 'set'?)",
         # the bad value echoed
-        f"{pol / 'b.toml'}: rate_limit.limits[0].requests: Input should be a valid integer, unable to parse "
+        f"{pol / 'b.toml'}: rate_limit.limits.0.requests: Input should be a valid integer, unable to parse "
         "string as an integer (got 'many')",
         f"{pol / 'b.toml'}: cache.ttl: invalid duration 'forever': use e.g. \"250ms\", \"2s\", \"1m\", \"1h\" or seconds",
         # a build problem of a policy that has other problems too, as a dotted path
