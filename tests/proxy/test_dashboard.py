@@ -7,6 +7,7 @@ webhook."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 from pathlib import Path
@@ -80,11 +81,13 @@ async def test_dashboard_end_to_end(sidecar_factory, upstream, client, monkeypat
             async with client.get(f"{sc.admin}/admin/webhooks/events/{event_id}", headers=auth) as r:
                 return (await r.json())["status"]
 
-        for _ in range(500):
-            if await event_status() == "dead":
-                break
-            await __import__("asyncio").sleep(0.02)
-        assert await event_status() == "dead"
+        async def wait_status(status: str, timeout: float = 10.0) -> None:
+            end = asyncio.get_running_loop().time() + timeout
+            while (now := await event_status()) != status:
+                assert asyncio.get_running_loop().time() < end, f"event is {now}, never {status}"
+                await asyncio.sleep(0.02)
+
+        await wait_status("dead")
 
         async with async_playwright() as pw:
             browser = await pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
@@ -127,11 +130,7 @@ async def test_dashboard_end_to_end(sidecar_factory, upstream, client, monkeypat
                 await dead_row.locator("button.retry").click()
                 await wait_for(lambda: len([s for s in upstream.seen if s.path_qs == "/hooks/stripe"])
                                == seen_before + 1)
-                for _ in range(500):
-                    if await event_status() == "delivered":
-                        break
-                    await __import__("asyncio").sleep(0.02)
-                assert await event_status() == "delivered"
+                await wait_status("delivered")
                 await expect(page.locator("#webhook-counts")).to_contain_text("dead-lettered 0", timeout=10_000)
                 await expect(page.locator("#reload")).to_contain_text("no reload since start")
                 await expect(page.locator("#status")).to_have_text("ok")
