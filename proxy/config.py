@@ -16,7 +16,8 @@ from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from .errors import ConfigError
 from .units import Duration, Size
@@ -65,28 +66,25 @@ class OutboundSettings(Listener):
     client: Literal["fast", "aiohttp"] = "fast"
     # Peers (CIDRs) allowed to use the outbound listener; None = loopback only
     # by position (the listener must then bind a loopback address).
-    allowed_clients: list[str] | None = None
+    allowed_clients: list[str] | None = Field(default=None, validate_default=True)
 
     @field_validator("allowed_clients")
     @classmethod
-    def _allowed_clients(cls, v: list[str] | None) -> list[str] | None:
-        from .clients import parse_networks
+    def _allowed_clients(cls, v: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        from .clients import is_loopback, parse_networks
 
         if v is not None:
             parse_networks(v)
-        return v
-
-    @model_validator(mode="after")
-    def _exposure(self) -> "OutboundSettings":
-        from .clients import is_loopback
-
+            return v
+        listen = info.data.get("listen")
+        host = listen.rpartition(":")[0].strip("[]") if listen else "127.0.0.1"
         # An outbound listener reachable from a network is an open proxy that
         # injects credentials: refuse it unless the operator lists who may call.
-        if self.allowed_clients is None and not is_loopback(self.host):
-            raise ValueError(f"listen {self.listen!r} is not a loopback address: an outbound listener "
-                             "open to a network injects credentials for anyone; set "
-                             "[outbound] allowed_clients = [\"10.0.0.0/8\", ...] or listen on 127.0.0.1")
-        return self
+        if not is_loopback(host):
+            raise ValueError(f"required: listen {listen!r} is not a loopback address, and an outbound "
+                             "listener open to a network injects credentials for anyone; list the peers "
+                             "allowed (allowed_clients = [\"10.0.0.0/8\"]) or listen on 127.0.0.1")
+        return v
 
 
 class AdminSettings(Listener):
