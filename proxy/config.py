@@ -284,7 +284,8 @@ def _loc(loc: tuple[Any, ...]) -> str:
 
 
 # Values under these names are never echoed back in a problem line.
-_SECRETISH = ("secret", "token", "password", "credential", "private", "api_key", "hash_key")
+_SECRETISH = ("secret", "token", "password", "credential", "private", "api_key", "api-key", "apikey",
+              "hash_key", "authorization", "cookie")
 
 
 def _members(t: Any) -> list[Any]:

@@ -381,3 +381,15 @@ def test_explain_an_inbound_route(tmp_path):
     assert out["upstream"] == "http://127.0.0.1:8000/api/orders?id=2"
     assert [s["plugin"] for s in out["chain"]] == ["jwt"]
     assert out["chain"][0]["settings"]["secret"] == "env:J"
+
+
+def test_validate_hides_values_under_credential_header_names(tmp_path):
+    from proxy.cli import check
+
+    path = write_config(tmp_path, {"p": 'route = "/p"\nupstream = "http://127.0.0.1:1"\n'
+                                        '[headers]\nrequest = { set = { "X-Api-Key" = 987654321, "X-Env" = 42 } }\n'})
+    problems = check(str(path))
+    pol = tmp_path / "policies" / "p.toml"
+    assert f"{pol}: headers.request.set.X-Api-Key: Input should be a valid string (got a value, not shown)" in problems
+    assert f"{pol}: headers.request.set.X-Env: Input should be a valid string (got 42)" in problems
+    assert "987654321" not in "\n".join(problems)
