@@ -143,8 +143,10 @@ async def log_startup(rt: "Runtime", ports: dict[str, int]) -> None:
         extra = rt.extra_settings.get(name)     # a plugin's listener ([inbound])
         if name not in hosts and extra is not None and hasattr(extra, "host"):
             hosts[name] = extra.host
-    log.info("listening", extra={"listeners": {name: f"{hosts.get(name, '?')}:{port}"
-                                               for name, port in ports.items()}})
+    log.info("listening", extra={"worker": rt.worker_id,
+                                 "listeners": {name: f"{hosts.get(name, '?')}:{port}" for name, port in ports.items()}})
+    if rt.worker_id != 0:
+        return   # with workers > 1 the rest is the same for every worker: said once
     for r in sorted(rt.table.routes, key=lambda r: r.prefix):
         log.info("route %s -> %s", r.prefix, r.upstream.url if r.upstream is not None else "(terminal)",
                  extra={"route": r.name, "prefix": r.prefix, "file": str(r.policy.file),
