@@ -116,7 +116,7 @@ def policy_schema(specs: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def config_schema(settings_models: dict[str, type[BaseModel]]) -> dict[str, Any]:
+def config_schema(settings_models: dict[str, type[BaseModel]], specs: dict[str, Any]) -> dict[str, Any]:
     defs: dict[str, Any] = {}
     props: dict[str, Any] = {}
     for name, field in Settings.model_fields.items():
@@ -129,6 +129,15 @@ def config_schema(settings_models: dict[str, type[BaseModel]]) -> dict[str, Any]
     for name, model in sorted(settings_models.items()):
         defs[f"config.{name}"] = model_schema(model, f"config.{name}", defs)
         props[name] = {"$ref": f"#/$defs/config.{name}"}
+    routes = defs.get("config.inbound", {}).get("properties", {}).get("routes")
+    if routes is not None:
+        # [inbound.routes."/api".jwt]: each prefix holds tables of inbound-capable plugins.
+        plugins = {}
+        for name, spec in sorted(specs.items()):
+            if spec.scope != "outbound":
+                defs[f"plugin.{name}"] = model_schema(spec.config, f"plugin.{name}", defs)
+                plugins[name] = {"$ref": f"#/$defs/plugin.{name}"}
+        routes["additionalProperties"] = {"type": "object", "properties": plugins, "additionalProperties": False}
     return {"$schema": DRAFT, "title": "sidecar config.toml", "type": "object",
             "properties": props, "additionalProperties": False, "$defs": defs}
 
@@ -139,7 +148,7 @@ def build(kind: str, config: str | None) -> dict[str, Any]:
     extra = load_settings(config).sidecar.plugins if config else []
     pm = make_plugin_manager(extra)
     if kind == "config":
-        return config_schema(collect_settings_models(pm))
+        return config_schema(collect_settings_models(pm), collect_specs(pm))
     return policy_schema(collect_specs(pm))
 
 

@@ -201,6 +201,10 @@ def test_schema_config_validates_the_shipped_config():
     data = tomllib.loads((REPO / "config.toml").read_text())
     assert not [e.message for e in v.iter_errors(data)]
     assert list(v.iter_errors({**data, "logging": {"levle": "info"}}))
+    inbound = {"inbound": {"routes": {"/api": {"jwt": {"secret": "env:J", "issuer": "x"}}}}}
+    assert not [e.message for e in v.iter_errors(inbound)]
+    assert list(v.iter_errors({"inbound": {"routes": {"/api": {"jwt": {"issuerr": "x"}}}}}))
+    assert list(v.iter_errors({"inbound": {"routes": {"/api": {"rate_limt": {}}}}}))
     desc = schema["$defs"]["config.outbound"]["properties"]["trusted_proxies"]["description"]
     assert "X-Forwarded" in desc      # from the comment above the field
 
