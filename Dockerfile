@@ -5,25 +5,26 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY proxy ./proxy
 COPY plugins ./plugins
-RUN pip install --no-cache-dir --prefix=/install .
+# otlp: spans to an OpenTelemetry collector (deploy/compose.yaml).
+RUN pip install --no-cache-dir --prefix=/install '.[otlp]'
 
 FROM python:3.11-slim
 COPY --from=build /install /usr/local
 RUN useradd --system --uid 10001 --home /app sidecar && mkdir -p /app/data && chown sidecar /app/data
 WORKDIR /app
-COPY config.toml ./config.toml
+# The container's config.toml (deploy/container/config.toml): the outbound
+# listener stays on loopback (the service shares the pod's network namespace;
+# an outbound listener open to a network injects credentials for anyone, and
+# the sidecar refuses it without [outbound] allowed_clients). The inbound
+# (webhooks, 8443) and admin (9901) listeners bind every interface; every
+# /admin/* endpoint needs "Authorization: Bearer $SIDECAR_ADMIN_TOKEN" (set it
+# from a secret; without it /admin/* answers 503, failing closed), while
+# /health, /ready, /metrics and the dashboard page stay open for probes and
+# scrapers.
+COPY deploy/container/config.toml ./config.toml
 COPY policies ./policies
-# Inside a container the outbound listener must bind all interfaces; the admin
-# listener stays on loopback (the HEALTHCHECK runs inside the container).
-RUN python - <<'PY'
-import re, pathlib
-p = pathlib.Path("config.toml")
-text = p.read_text()
-text = re.sub(r'(\[outbound\]\nlisten = ")127\.0\.0\.1:', r'\g<1>0.0.0.0:', text)
-p.write_text(text)
-PY
 USER sidecar
-EXPOSE 8080 9901
+EXPOSE 8443 9901
 HEALTHCHECK --interval=10s --timeout=2s --start-period=5s --retries=3 \
   CMD python -c "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:9901/health', timeout=2).status == 200 else 1)"
 STOPSIGNAL SIGTERM

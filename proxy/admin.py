@@ -1,18 +1,27 @@
-"""The admin listener: /health, /ready, /metrics, /admin/routes, /admin/reload.
+"""The admin listener: /health, /health/detailed, /ready, /metrics, /admin/*, and
+the dashboard page at /.
 
-Bound to localhost by default. Plugins add their own endpoints through the
-``sidecar_admin_routes`` hook.
+Bound to localhost by default. With ``[admin] token`` every /admin/* endpoint
+needs ``Authorization: Bearer <token>``; the probes, /metrics and the static
+dashboard page stay open (the page holds no data; it asks for the token).
+Plugins add their own endpoints through the ``sidecar_admin_routes`` hook.
 """
 
 from __future__ import annotations
 
+import hmac
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiohttp import web
 
+from . import health as probes
+from .config import config_digest
+from .dashboard import add_dashboard
 from .errors import error_body
+from .secrets import SecretUnavailable
+from .stats import route_stats
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -41,8 +50,30 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def ready(request: web.Request) -> web.Response:
-    ok, checks = await runtime_of(request).ready()
-    return json_response({"ready": ok, "checks": checks}, status=200 if ok else 503)
+    body = await probes.readiness(runtime_of(request))
+    return json_response(body, status=200 if body["ready"] else 503)
+
+
+async def health_detailed(request: web.Request) -> web.Response:
+    body = await probes.detailed(runtime_of(request))
+    return json_response(body, status=503 if body["status"] == "down" else 200)
+
+
+async def config(request: web.Request) -> web.Response:
+    """The live policy set: its version (a hash of every policy's content),
+    when it went live, and the last reload's outcome."""
+    rt = runtime_of(request)
+    version = config_digest(sorted((p.name, p.digest) for p in rt.policies))
+    return json_response({
+        "version": version[:16], "loaded_at": rt.loaded_at,
+        "policies": [{"name": p.name, "file": str(p.file), "route": p.core.route, "enabled": p.core.enabled,
+                      "digest": p.digest[:16]} for p in sorted(rt.policies, key=lambda p: p.name)],
+        "last_reload": rt.last_reload, "config_file": str(rt.settings.path) if rt.settings.path else None,
+    })
+
+
+async def stats(request: web.Request) -> web.Response:
+    return json_response(route_stats(runtime_of(request)))
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -62,6 +93,7 @@ async def routes(request: web.Request) -> web.Response:
             "limits": {"max_request_body": r.max_body, "max_header_size": r.max_header_size,
                        "max_headers": r.max_headers},
             "timeouts": r.policy.core.timeouts.model_dump(),
+            "enabled": r.policy.core.enabled,
         })
     return json_response({"routes": out, "loaded_at": rt.loaded_at})
 
@@ -87,13 +119,40 @@ async def json_errors(request: web.Request, handler):  # type: ignore[no-untyped
         return json_error(500, "internal_error", "internal error")
 
 
+def admin_token(runtime: "Runtime") -> Any:
+    """Middleware: ``Authorization: Bearer <token>`` on every /admin/* path."""
+    ref = runtime.admin_token
+
+    @web.middleware
+    async def check(request: web.Request, handler):  # type: ignore[no-untyped-def]
+        if ref is None or not request.path.startswith("/admin/"):
+            return await handler(request)
+        try:
+            token = ref.get()
+        except SecretUnavailable:
+            # Fail closed: an unresolvable token never means "no token".
+            return json_error(503, "admin_token_unavailable", f"the admin token {ref.raw} does not resolve")
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+            resp = json_error(401, "unauthorized", "admin endpoints need Authorization: Bearer <admin token>")
+            resp.headers["WWW-Authenticate"] = 'Bearer realm="sidecar-admin"'
+            return resp
+        return await handler(request)
+
+    return check
+
+
 def make_admin_app(runtime: "Runtime") -> web.Application:
-    app = web.Application(middlewares=[json_errors])
+    app = web.Application(middlewares=[json_errors, admin_token(runtime)])
     app[RUNTIME] = runtime
     app.router.add_get("/health", health)
+    app.router.add_get("/health/detailed", health_detailed)
     app.router.add_get("/ready", ready)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/admin/routes", routes)
     app.router.add_post("/admin/reload", reload)
+    app.router.add_get("/admin/config", config)
+    app.router.add_get("/admin/stats", stats)
+    add_dashboard(app)
     runtime.pm.hook.sidecar_admin_routes(runtime=runtime, app=app)
     return app

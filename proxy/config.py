@@ -11,10 +11,13 @@ import hashlib
 import os
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from collections.abc import Mapping
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from .errors import ConfigError
 from .units import Duration, Size
@@ -61,10 +64,45 @@ class OutboundSettings(Listener):
     # Upstream HTTP client: "fast" (asyncio protocol + llhttp, proxy/fastclient/)
     # or "aiohttp" (ClientSession; the reference the fast one is tested against).
     client: Literal["fast", "aiohttp"] = "fast"
+    # Peers (CIDRs) allowed to use the outbound listener; None = loopback only
+    # by position (the listener must then bind a loopback address).
+    allowed_clients: list[str] | None = Field(default=None, validate_default=True)
+
+    @field_validator("allowed_clients")
+    @classmethod
+    def _allowed_clients(cls, v: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        from .clients import is_loopback, parse_networks
+
+        if v is not None:
+            parse_networks(v)
+            return v
+        listen = info.data.get("listen")
+        host = listen.rpartition(":")[0].strip("[]") if listen else "127.0.0.1"
+        # An outbound listener reachable from a network is an open proxy that
+        # injects credentials: refuse it unless the operator lists who may call.
+        if not is_loopback(host):
+            raise ValueError(f"required: listen {listen!r} is not a loopback address, and an outbound "
+                             "listener open to a network injects credentials for anyone; list the peers "
+                             "allowed (allowed_clients = [\"10.0.0.0/8\"]) or listen on 127.0.0.1")
+        return v
 
 
 class AdminSettings(Listener):
     listen: str = "127.0.0.1:9901"
+    # A secret reference ("env:SIDECAR_ADMIN_TOKEN"): when set, every /admin/*
+    # endpoint needs "Authorization: Bearer <token>"; /health*, /ready,
+    # /metrics and the dashboard page stay open.
+    token: str | None = None
+
+    @field_validator("token")
+    @classmethod
+    def _token(cls, v: str | None) -> str | None:
+        from .secrets import is_reference
+
+        if v is not None and not is_reference(v):
+            raise ValueError("must be a secret reference (\"env:SIDECAR_ADMIN_TOKEN\", file:/path or "
+                             "vault:path#key), never the token itself")
+        return v
 
 
 class SidecarSection(Model):
@@ -99,6 +137,23 @@ class LoggingSettings(Model):
     redact_headers: list[str] = Field(default_factory=list)
     # Request headers copied (redacted) into each access-log line.
     log_headers: list[str] = Field(default_factory=list)
+    # Application log lines (not the access log): one JSON object per line,
+    # or "text" for humans at a terminal.
+    format: Literal["json", "text"] = "json"
+    # Replace the client IP and the tenant in access-log lines with
+    # HMAC-SHA256(hash_key, value) hex truncated to 16 characters.
+    hash_identifiers: bool = False
+    hash_key: str | None = None
+
+    @model_validator(mode="after")
+    def _hash(self) -> "LoggingSettings":
+        from .secrets import is_reference
+
+        if self.hash_identifiers and not self.hash_key:
+            raise ValueError('hash_identifiers = true needs hash_key (e.g. "env:SIDECAR_LOG_HASH_KEY")')
+        if self.hash_key is not None and not is_reference(self.hash_key):
+            raise ValueError("hash_key must be a secret reference (env:NAME, file:/path or vault:path#key)")
+        return self
 
 
 class Settings(Model):
@@ -140,15 +195,19 @@ class TLS(Model):
 
 
 CORE_POLICY_KEYS = {"route", "upstream", "timeouts", "limits", "tls", "tenant_header", "description",
-                    "mode", "fixtures", "match_body"}
+                    "mode", "fixtures", "match_body", "enabled"}
 
 
 class PolicyCore(Model):
     """The core keys of one policy file; plugin tables are validated by their plugins."""
 
-    route: str | None = None
-    upstream: str | None = None
+    route: str | None = Field(default=None, description="Path prefix on the outbound listener, "
+                              "stripped before forwarding (\"/openai\").")
+    upstream: str | None = Field(default=None, description="Base URL requests are sent to; may carry a path.")
     description: str = ""
+    # false: the route stays in the table and answers 503 route_disabled.
+    enabled: bool = Field(default=True, description="false turns the route off: it answers "
+                          "503 route_disabled until set back to true.")
     timeouts: Timeouts = Timeouts()
     limits: Limits = Limits()
     tls: TLS = TLS()
@@ -231,11 +290,67 @@ def _loc(loc: tuple[Any, ...]) -> str:
     return ".".join(str(p) for p in loc if p not in ("function-after", "function-before")) or "(top level)"
 
 
-def pydantic_problems(file: Path | str, err: ValidationError, prefix: str = "") -> list[str]:
-    """One ``file: field: reason`` line per pydantic error."""
+# Values under these names are never echoed back in a problem line.
+_SECRETISH = ("secret", "token", "password", "credential", "private", "api_key", "api-key", "apikey",
+              "hash_key", "authorization", "cookie")
+
+
+def _members(t: Any) -> list[Any]:
+    """The annotations an annotation stands for (Annotated, Optional, unions unwrapped)."""
+    origin = get_origin(t)
+    if origin is Annotated:
+        return _members(get_args(t)[0])
+    if origin in (Union, UnionType):
+        return [m for a in get_args(t) for m in _members(a)]
+    return [t]
+
+
+def known_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> set[str]:
+    """The keys allowed in the table at ``loc`` of ``model`` (for did-you-mean)."""
+    current: list[Any] = [model]
+    for part in loc:
+        nxt: list[Any] = []
+        for t in (m for c in current for m in _members(c)):
+            origin = get_origin(t)
+            if isinstance(t, type) and issubclass(t, BaseModel):
+                f = t.model_fields.get(part) if isinstance(part, str) else None
+                if f is not None:
+                    nxt.append(f.annotation)
+            elif origin in (dict, Mapping) and isinstance(part, str):
+                nxt.append(get_args(t)[1] if get_args(t) else Any)
+            elif origin in (list, tuple, set, frozenset) and isinstance(part, int):
+                args = [a for a in get_args(t) if a is not Ellipsis]
+                nxt.extend(args[:1])
+        # A tag of a tagged union or a validator step: stay where we are.
+        current = nxt or current
+    keys: set[str] = set()
+    for t in (m for c in current for m in _members(c)):
+        if isinstance(t, type) and issubclass(t, BaseModel):
+            for name, f in t.model_fields.items():
+                keys.add(f.alias or name)
+    return keys
+
+
+def _echo(loc: tuple[Any, ...], value: Any) -> str:
+    if not isinstance(value, (str, int, float, bool)):
+        return ""
+    if any(isinstance(p, str) and any(w in p.lower() for w in _SECRETISH) for p in loc):
+        return " (got a value, not shown)"
+    text = repr(value)
+    if len(text) > 80:
+        text = text[:77] + "..."
+    return f" (got {text})"
+
+
+def pydantic_problems(file: Path | str, err: ValidationError, prefix: str = "",
+                      model: type[BaseModel] | None = None) -> list[str]:
+    """One ``file: field: reason`` line per pydantic error: dotted field paths,
+    the bad value echoed (never under a secret-like name), and a did-you-mean
+    for an unknown key when ``model`` is given."""
     out = []
     for e in err.errors(include_url=False):
-        field = _loc(e["loc"])
+        loc = e["loc"]
+        field = _loc(loc)
         if prefix:
             field = f"{prefix}.{field}" if field != "(top level)" else prefix
         msg = e["msg"]
@@ -243,6 +358,12 @@ def pydantic_problems(file: Path | str, err: ValidationError, prefix: str = "") 
             msg = msg[len("Value error, "):]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
+            if model is not None and loc:
+                msg += suggest(str(loc[-1]), known_keys(model, tuple(loc[:-1])))
+        elif e["type"] != "missing" and loc:
+            value = e.get("input")
+            if not (isinstance(value, str) and repr(value) in msg):
+                msg += _echo(tuple(loc), value)
         out.append(f"{file}: {field}: {msg}")
     return out
 
@@ -270,7 +391,7 @@ def load_settings(path: str | os.PathLike[str] | None) -> Settings:
     try:
         return Settings(**core, base_dir=p.parent, path=p, extra_tables=extra)
     except ValidationError as e:
-        raise ConfigError(pydantic_problems(p, e)) from None
+        raise ConfigError(pydantic_problems(p, e, model=Settings)) from None
 
 
 _SETTINGS_TABLES = {"sidecar", "outbound", "admin", "state", "limits", "logging"}
@@ -285,7 +406,7 @@ def validate_table(where: Path | str, name: str, table: Any, model: type[BaseMod
     try:
         return model.model_validate(table, context=context)
     except ValidationError as e:
-        problems += pydantic_problems(where, e, prefix=name)
+        problems += pydantic_problems(where, e, prefix=name, model=model)
         return None
 
 
@@ -318,8 +439,12 @@ def suggest(name: str, options: list[str] | set[str]) -> str:
 
 
 def parse_policy(path: Path, raw: dict[str, Any], settings: Settings,
-                 plugin_configs: dict[str, type[BaseModel]]) -> tuple[Policy | None, list[str]]:
-    """Validate one policy's tables; returns the policy or the problems found."""
+                 plugin_configs: dict[str, type[BaseModel]], partial: bool = False) -> tuple[Policy | None, list[str]]:
+    """Validate one policy's tables; returns the policy or the problems found.
+
+    ``partial``: with problems, still return the policy made of its valid
+    tables (when its core keys are valid), so ``sidecar validate`` can build
+    and set-check it too and report every problem in one run."""
     problems: list[str] = []
     core_raw = {k: v for k, v in raw.items() if k in CORE_POLICY_KEYS}
     # A policy's [limits] overrides config.toml's per key.
@@ -331,7 +456,7 @@ def parse_policy(path: Path, raw: dict[str, Any], settings: Settings,
     try:
         core = PolicyCore(**core_raw)
     except ValidationError as e:
-        problems += pydantic_problems(path, e)
+        problems += pydantic_problems(path, e, model=PolicyCore)
     plugins: dict[str, BaseModel] = {}
     for key, table in raw.items():
         if key in CORE_POLICY_KEYS:
@@ -345,16 +470,28 @@ def parse_policy(path: Path, raw: dict[str, Any], settings: Settings,
         value = validate_table(path, key, table, model, problems)
         if value is not None:
             plugins[key] = value
-    if problems or core is None:
+    if core is None or (problems and not partial):
         return None, problems
-    return Policy(path.stem, path, core, plugins, raw), []
+    if problems:
+        raw = {k: v for k, v in raw.items() if k in CORE_POLICY_KEYS or k in plugins}
+    return Policy(path.stem, path, core, plugins, raw), problems
 
 
 def load_policies(settings: Settings, plugin_configs: dict[str, type[BaseModel]]) -> list[Policy]:
     """Read every policies/*.toml; raise ConfigError listing every problem in every file."""
+    policies, problems = read_policies(settings, plugin_configs)
+    if problems:
+        raise ConfigError(problems)
+    return policies
+
+
+def read_policies(settings: Settings, plugin_configs: dict[str, type[BaseModel]],
+                  partial: bool = False) -> tuple[list[Policy], list[str]]:
+    """Every valid policy of policies/*.toml and every problem of the others
+    (``partial``: see parse_policy)."""
     folder = settings.policies_dir
     if not folder.is_dir():
-        raise ConfigError([f"{folder}: (folder): policies folder not found"])
+        return [], [f"{folder}: (folder): policies folder not found"]
     problems: list[str] = []
     policies: list[Policy] = []
     for path in sorted(folder.glob("*.toml")):
@@ -363,11 +500,9 @@ def load_policies(settings: Settings, plugin_configs: dict[str, type[BaseModel]]
         except ConfigError as e:
             problems += e.problems
             continue
-        policy, found = parse_policy(path, raw, settings, plugin_configs)
+        policy, found = parse_policy(path, raw, settings, plugin_configs, partial)
         problems += found
         if policy is None:
             continue
         policies.append(policy)
-    if problems:
-        raise ConfigError(problems)
-    return policies
+    return policies, problems

@@ -82,6 +82,19 @@ class ConfigError(Exception):
         super().__init__("\n".join(problems))
 
 
+class FieldError(ValueError):
+    """A plugin's build() refusing one field of its table: reported as
+    ``file: <table>.<field>: reason`` (a plain ValueError names only the table)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        super().__init__(message)
+
+
+class RouteDisabled(SidecarError):
+    status, code, message = 503, "route_disabled", "this route is turned off (enabled = false in its policy)"
+
+
 def error_body(code: str, message: str, request_id: str | None) -> bytes:
     # "type" at the top and in "error" (= the code): the shape the OpenAI and
     # Anthropic SDKs read, so they show the message instead of a raw dict.

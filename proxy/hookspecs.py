@@ -117,3 +117,12 @@ def sidecar_listeners_start(runtime: "Runtime", sidecar: Any) -> Any:
     listener shares the worker's SO_REUSEPORT setting and SIGTERM drain. May
     return an awaitable, which is awaited.
     """
+
+
+@hookspec
+def sidecar_health_checks(runtime: "Runtime") -> "dict[str, Any]":
+    """Return the dependencies this plugin adds to ``/health/detailed``, as
+    ``{name: async callable}``; each call returns ``{"status": "ok" | "degraded"
+    | "down", "latency_ms": float | None, "error": str | None, ...}`` (Vault,
+    for instance). Called per /health/detailed request, never on the data plane.
+    """

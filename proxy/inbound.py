@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from pydantic import Field, ValidationError, ValidationInfo, field_validator
 
-from .config import Listener, Policy, PolicyCore, Timeouts, TLS
+from .config import TLS, Listener, Policy, PolicyCore, Timeouts, known_keys, suggest
 from .hookspecs import hookimpl
 from .outbound import OutboundHandler
 from .routes import Route
@@ -100,7 +100,8 @@ class InboundSettings(Listener):
                     field = ".".join(str(p) for p in first["loc"]) or "(table)"
                     msg = first["msg"].removeprefix("Value error, ")
                     if first["type"] == "extra_forbidden":
-                        msg = "unknown key"
+                        msg = "unknown key" + suggest(str(first["loc"][-1]),
+                                                      known_keys(spec.config, tuple(first["loc"][:-1])))
                     raise ValueError(f"{prefix}: {name}.{field}: {msg}") from None
             out[route] = plugins
         return out

@@ -18,6 +18,7 @@ from aiohttp import web
 from aiohttp.web_request import BaseRequest
 
 from .chain import Exchange, ProxyResponse
+from .clients import ClientAllowList
 from .errors import BadRequest, HeadersTooLarge, NoRoute, RequestBodyTooLarge, SidecarError
 from .http import has_dot_segment, new_request_id, strip_hop_by_hop
 from .response_id import set_response_request_id
@@ -100,6 +101,9 @@ class OutboundHandler:
         self.keep_path = keep_path
         self.trusted = TrustedProxies(runtime.settings.outbound.trusted_proxies)
         self.scheme = "http"
+        # [outbound] allowed_clients is the outbound listener's alone.
+        self.clients: ClientAllowList | None = (
+            ClientAllowList(runtime.settings.outbound.allowed_clients) if listener == "outbound" else None)
 
     async def __call__(self, request: BaseRequest) -> web.StreamResponse:
         rt = self.rt
@@ -158,6 +162,8 @@ class OutboundHandler:
         return self.rt.tables[self.listener].match(path)
 
     def _admit(self, request: BaseRequest, hin, rid: str, started: float) -> "tuple[Route, Exchange]":
+        if self.clients is not None:
+            self.clients.check(request.remote)
         raw = request.raw_path
         path, _, query = raw.partition("?")
         if not path.startswith("/"):

@@ -21,8 +21,9 @@ from .accesslog import AccessLog
 from .chain import Exchange, Filter, Handler, ProxyResponse, compile_chain
 from .client import TABLE as CLIENT_TABLE, ClientSettings, HttpClient
 from .config import (Policy, Settings, config_digest, load_policies, validate_extra_settings)
-from .errors import ConfigError
+from .errors import ConfigError, RouteDisabled
 from .fixtures import terminal_for
+from .logs import hashed_identities, plain_identities
 from .metrics import Metrics
 from .plugins import (MAKES_ROUTE, BuildContext, PluginSpec, collect_settings_models, collect_specs,
                       make_plugin_manager, ordered)
@@ -34,6 +35,10 @@ from .upstream import Upstream, UpstreamPools
 
 log = logging.getLogger("sidecar.runtime")
 T = TypeVar("T")
+
+
+async def _disabled(ex: Exchange) -> ProxyResponse:
+    raise RouteDisabled()
 
 
 class Runtime:
@@ -79,6 +84,13 @@ class Runtime:
         self._count_children: dict[tuple[str, str, int], Callable[[], None]] = {}
         self._duration_children: dict[str, Callable[[float], None]] = {}
         self.pm.hook.sidecar_secrets_register(runtime=self)
+        admin_token = settings.admin.token
+        self.admin_token = self.secrets.ref(admin_token) if admin_token else None
+        # (client, tenant) as access-log lines show them; keyed hashes once
+        # start() resolved [logging] hash_key.
+        self.identities: Callable[[Exchange], tuple[str | None, str | None]] = plain_identities
+        # The last reload's outcome, for /admin/config and the dashboard.
+        self.last_reload: dict[str, Any] | None = None
 
     # ---- control plane -------------------------------------------------
 
@@ -89,6 +101,14 @@ class Runtime:
     def load_policies(self) -> list[Policy]:
         """Read and validate policies/*.toml (raises ConfigError with every problem)."""
         policies = load_policies(self.settings, self.plugin_configs)
+        problems = self.set_problems(policies)
+        if problems:
+            raise ConfigError(problems)
+        return policies
+
+    def set_problems(self, policies: list[Policy]) -> list[str]:
+        """What is wrong with a set of individually valid policies: plugins
+        outside their scope, and the whole-set checks."""
         problems = []
         for p in policies:
             outbound = p.core.route is not None
@@ -106,10 +126,7 @@ class Runtime:
                 elif spec.scope == "both" and not (outbound or inbound):
                     problems.append(f"{p.file}: {name}: this policy has no route to wrap "
                                     "(set route and upstream, or add [webhook])")
-        problems += self.check_set(policies)
-        if problems:
-            raise ConfigError(problems)
-        return policies
+        return problems + self.check_set(policies)
 
     def check_set(self, policies: list[Policy]) -> list[str]:
         """Whole-set checks every plugin contributes (``sidecar_policies_check``)."""
@@ -134,13 +151,18 @@ class Runtime:
             if core.route is None or core.upstream is None:
                 continue
             upstream = self.pools.get(core.upstream, core.tls, core.timeouts)
-            try:   # mode = "simulate" | "record": its own terminal (proxy/fixtures.py)
-                terminal = terminal_for(self, policy, upstream)
-            except ConfigError as e:
-                problems += e.problems
-                continue
+            # A disabled route keeps its place in the table (no other route
+            # catches its paths) and answers 503 route_disabled, no plugin run.
+            if core.enabled:
+                try:   # mode = "simulate" | "record": its own terminal (proxy/fixtures.py)
+                    terminal = terminal_for(self, policy, upstream)
+                except ConfigError as e:
+                    problems += e.problems
+                    continue
+            else:
+                terminal = _disabled
             routes.append(self.build_route(
-                policy, policy.plugins, prefix=core.route, scope="outbound",
+                policy, policy.plugins if core.enabled else {}, prefix=core.route, scope="outbound",
                 upstream=upstream, terminal=terminal, where=str(policy.file),
                 filters_now=filters_now, problems=problems))
         by_listener: dict[str, list[Route]] = {"outbound": routes}
@@ -180,7 +202,8 @@ class Runtime:
                 try:
                     f = spec.build(plugins[spec.name], BuildContext(policy.name, policy, self, scope))
                 except (ConfigError, ValueError) as e:
-                    problems.append(f"{where}: {field_prefix}{spec.name}: {e}")
+                    field = getattr(e, "field", None)
+                    problems.append(f"{where}: {field_prefix}{spec.name}{'.' + field if field else ''}: {e}")
                     continue
             if f is None:
                 continue
@@ -258,16 +281,20 @@ class Runtime:
             try:
                 self.apply(self.load_policies())
             except ConfigError as e:
+                self.last_reload = {"ok": False, "at": time.time(), "problems": e.problems}
                 self.metrics.reloads.labels("rejected").inc()
                 log.error("policy reload rejected; the previous policy set keeps serving:\n%s",
                           "\n".join(e.problems))
                 return e.problems
+            self.last_reload = {"ok": True, "at": time.time(), "problems": []}
             self.metrics.reloads.labels("ok").inc()
             log.info("policies reloaded: %d routes", len(self.table.routes))
             return []
 
     async def start(self) -> None:
         """Load policies, run start-up hooks. Raises ConfigError on a bad set."""
+        if self.settings.logging.hash_identifiers:
+            self.identities = hashed_identities(self.secrets, self.settings)
         self.apply(self.load_policies())
         for result in self.pm.hook.sidecar_runtime_startup(runtime=self):
             if inspect.isawaitable(result):
@@ -313,11 +340,6 @@ class Runtime:
         await self.state.close()
         self.accesslog.close()
 
-    async def ready(self) -> tuple[bool, dict[str, Any]]:
-        checks = {"policies_loaded": self.loaded_at is not None,
-                  "state_backend": await self.state.ping()}
-        return all(checks.values()), checks
-
     # ---- data plane: one call per request -------------------------------
 
     def access(self, method: str, path: str, route_name: str, ex: Exchange | None, rid: str,
@@ -346,9 +368,10 @@ class Runtime:
             observe(took)
         if not self.accesslog.enabled:
             return
+        client, tenant = self.identities(ex) if ex is not None else (None, None)
         record: dict[str, Any] = {
             "ts": round(time.time(), 3), "request_id": rid, "route": name,
-            "tenant": ex.tenant if ex is not None else None,
+            "tenant": tenant, "client": client,
             "method": method, "path": path,
             "status": status, "duration_ms": round(took * 1000, 3), "worker": self.worker_id,
         }

@@ -30,6 +30,7 @@ from aiohttp.web_request import BaseRequest
 from .admin import make_admin_app
 from .config import Settings, load_settings
 from .errors import error_body
+from .logs import log_startup, setup_logging
 from .outbound import OutboundHandler
 from .runtime import Runtime
 
@@ -167,11 +168,6 @@ class Sidecar:
             await self.runtime.stop()
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
-                        format='{"ts":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","msg":%(message)r}')
-
-
 def install_uvloop() -> None:
     try:
         import uvloop
@@ -189,7 +185,7 @@ async def _run_worker(settings: Settings, worker_id: int, admin: bool, reuse_por
     loop.add_signal_handler(signal.SIGTERM, sidecar.request_stop)
     loop.add_signal_handler(signal.SIGINT, sidecar.request_stop)
     loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(rt.reload()))
-    log.info("worker %d listening: %s", worker_id, sidecar.ports)
+    await log_startup(rt, sidecar.ports)
     await sidecar.wait()
     log.info("worker %d draining (up to %.1fs)", worker_id, settings.sidecar.drain_timeout)
     await sidecar.stop()
@@ -197,7 +193,7 @@ async def _run_worker(settings: Settings, worker_id: int, admin: bool, reuse_por
 
 def worker_main(config_path: str | None, worker_id: int, admin: bool, reuse_port: bool) -> None:
     settings = load_settings(config_path)
-    setup_logging(settings.logging.level)
+    setup_logging(settings.logging)
     install_uvloop()
     asyncio.run(_run_worker(settings, worker_id, admin, reuse_port))
 
@@ -205,7 +201,7 @@ def worker_main(config_path: str | None, worker_id: int, admin: bool, reuse_port
 def run(config_path: str | None) -> int:
     """``sidecar run``: one worker in-process, or a supervisor of N workers."""
     settings = load_settings(config_path)
-    setup_logging(settings.logging.level)
+    setup_logging(settings.logging)
     workers = settings.sidecar.workers or os.cpu_count() or 1
     if workers == 1:
         install_uvloop()

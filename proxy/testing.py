@@ -147,13 +147,13 @@ def session() -> aiohttp.ClientSession:
 
 def write_config(tmp: Path, policies: dict[str, str] | str, config: str = "", *,
                  outbound_port: int = 0, admin_port: int = 0, workers: int = 1,
-                 outbound: str = "", sidecar: str = "") -> Path:
+                 outbound: str = "", sidecar: str = "", admin: str = "", logging: str = "") -> Path:
     """Write config.toml and policies/<name>.toml under ``tmp``; returns config.toml's path.
 
     ``policies`` maps names to policy TOML (one string: a single policy named
     "policy"). ``config`` is extra TOML appended to config.toml (tables other
-    than the ones written here); ``outbound`` and ``sidecar`` are extra lines
-    for those tables. Port 0 picks a free port.
+    than the ones written here); ``outbound``, ``sidecar``, ``admin`` and
+    ``logging`` are extra lines for those tables. Port 0 picks a free port.
     """
     if isinstance(policies, str):
         policies = {"policy": policies}
@@ -175,11 +175,14 @@ def write_config(tmp: Path, policies: dict[str, str] | str, config: str = "", *,
 
         [admin]
         listen = "127.0.0.1:{admin_port}"
+        {{admin}}
 
         [logging]
         access_log = "{(tmp / 'access.log').as_posix()}"
+        {{logging}}
         """)
-    base = base.replace("{sidecar}", sidecar).replace("{outbound}", outbound)
+    base = (base.replace("{sidecar}", sidecar).replace("{outbound}", outbound)
+            .replace("{admin}", admin).replace("{logging}", logging))
     extra = textwrap.dedent(config)
     if "[sidecar]" in extra or "[outbound]" in extra or "[admin]" in extra or "[logging]" in extra:
         raise ValueError("pass those tables through the keyword arguments")

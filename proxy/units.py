@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Annotated
 
-from pydantic import BeforeValidator
+from pydantic import BeforeValidator, WithJsonSchema
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -46,5 +46,12 @@ def parse_size(value: object) -> int:
     raise ValueError(f"invalid size {value!r}: use e.g. \"512KB\", \"10MB\" or a number of bytes")
 
 
-Duration = Annotated[float, BeforeValidator(parse_duration)]
-Size = Annotated[int, BeforeValidator(parse_size)]
+# The JSON Schema says what TOML may hold ("2s" or seconds), not the parsed float.
+Duration = Annotated[float, BeforeValidator(parse_duration), WithJsonSchema({
+    "anyOf": [{"type": "number", "minimum": 0},
+              {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*(ms|s|m|h|d)?\s*$"}],
+    "description": 'a duration: "250ms", "2s", "1m", "1h", "1d" or seconds'})]
+Size = Annotated[int, BeforeValidator(parse_size), WithJsonSchema({
+    "anyOf": [{"type": "integer", "minimum": 0},
+              {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*([KkMmGg][Ii]?[Bb]|[Bb])?\s*$"}],
+    "description": 'a size: "512KB", "10MB", "1GB" (binary multiples) or bytes'})]

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from proxy.admin import json_response, runtime_of
+from proxy.errors import FieldError
 from proxy.hookspecs import hookimpl
 from proxy.plugins import INJECTS_CREDENTIALS, BuildContext, PluginSpec
 
@@ -48,7 +49,7 @@ def _credentials(label: str, config: Config, over: dict[str, Any], state: AuthSt
         ref = store.ref(raw)
         if ref.source == "literal" and field not in LITERAL_OK:
             where = "" if label == "default" else f"tenants.{label}."
-            raise ValueError(f"{where}{field} {LITERAL_CREDENTIAL}")
+            raise FieldError(f"{where}{field}", LITERAL_CREDENTIAL)
         return Secret(ref, state)
 
     slots: list[Slot] = []
@@ -185,3 +186,22 @@ async def sidecar_runtime_startup(runtime: "Runtime") -> None:
 def sidecar_admin_routes(runtime: "Runtime", app: web.Application) -> None:
     app.router.add_get("/admin/secrets", admin_secrets)
     app.router.add_post("/admin/secrets/refresh", admin_secrets_refresh)
+
+
+@hookimpl
+def sidecar_health_checks(runtime: "Runtime") -> dict[str, Any]:
+    vault = auth_state(runtime).vault
+    if vault is None:
+        return {}
+
+    async def check() -> dict[str, Any]:
+        # The refresh loop's own outcome: a health probe must not add Vault calls.
+        d = vault.describe()
+        if d["last_error"] is None and d["authenticated"]:
+            return {"status": "ok", "latency_ms": None, "error": None, "address": d["address"],
+                    "last_success_age_seconds": d["last_success_age_seconds"]}
+        # Cached secrets keep serving (up to max_stale): degraded, not down.
+        return {"status": "degraded", "latency_ms": None, "error": d["last_error"] or "not authenticated",
+                "address": d["address"], "last_success_age_seconds": d["last_success_age_seconds"]}
+
+    return {"vault": check}

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from proxy.errors import FieldError
 from proxy.hookspecs import hookimpl
 from proxy.plugins import INJECTS_CREDENTIALS, BuildContext, PluginSpec
 
@@ -47,7 +48,7 @@ def build(config: Config, ctx: BuildContext) -> CacheFilter:
         kind = "redis" if rt.state.kind == "redis" else "memory"
     if kind == "redis":
         if rt.state.kind != "redis":
-            raise ValueError('store = "redis" needs [state] backend = "redis" in config.toml')
+            raise FieldError("store", 'store = "redis" needs [state] backend = "redis" in config.toml')
         store: MemoryStore | RedisStore = RedisStore(rt.state, ctx.route)
     else:
         store = MemoryStore(config.max_entries, config.max_memory)
@@ -69,11 +70,31 @@ def sidecar_plugins_register() -> list[PluginSpec]:
                        description="HTTP response cache (RFC 9111, stale-if-error, stale-while-revalidate)")]
 
 
+def tenant_stats(runtime: Any, tenant: str) -> dict[str, Any]:
+    """One tenant's hits, misses and hit rate per route and overall; only the
+    busiest 1,000 tenants of a route are counted (proxy/tenants.py)."""
+    routes: dict[str, Any] = {}
+    hits = misses = 0
+    for name, f in sorted(cache_filters(runtime).items()):
+        c = f.tenants.get(tenant)
+        if c is None:
+            continue
+        h, m = c["hit"] + c["revalidated"] + c["stale"], c["miss"]
+        hits, misses = hits + h, misses + m
+        routes[name] = {"hits": h, "misses": m, "bypass": c["bypass"], "stale": c["stale"],
+                        "hit_rate": round(h / (h + m), 4) if h + m else None}
+    return {"tenant": tenant, "tracked": bool(routes), "hits": hits, "misses": misses,
+            "hit_rate": round(hits / (hits + misses), 4) if hits + misses else None, "routes": routes}
+
+
 @hookimpl
 def sidecar_admin_routes(runtime: Any, app: Any) -> None:
     from proxy.admin import json_error, json_response
 
     async def show(request: Any) -> Any:
+        tenant = request.query.get("tenant")
+        if tenant is not None:
+            return json_response(tenant_stats(runtime, tenant))
         return json_response({"routes": {name: await f.stats()
                                          for name, f in sorted(cache_filters(runtime).items())}})
 

@@ -12,6 +12,7 @@ from multidict import CIMultiDict
 
 from proxy.chain import Exchange, Filter, Handler, ProxyResponse
 from proxy.errors import SidecarError
+from proxy.tenants import TopCounts
 
 from .config import Config
 from .rules import (ERROR_STATUSES, credential_scope, delta, etag_matches, explicit_lifetime,
@@ -63,6 +64,7 @@ class CacheFilter(Filter):
         self._inc = {r: counter.labels(route, r).inc
                      for r in ("hit", "miss", "stale", "bypass", "revalidated")}
         self.counts = dict.fromkeys(self._inc, 0)
+        self.tenants = TopCounts(tuple(self._inc))   # /admin/cache?tenant=T
         self.flights: dict[str, asyncio.Future[None]] = {}
         self.refreshing: dict[str, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -156,13 +158,13 @@ class CacheFilter(Filter):
         decision = self._decide(ex.method, ex.path, req_cc, resp, credentialed, t_req, t_resp)
         if isinstance(decision, str):
             self._land(key, flight)
-            self._count("miss")
+            self._count("miss", ex.tenant)
             ex.log[NAME] = f"miss (not stored: {decision})"
             resp.headers["X-Cache"] = "MISS"
             return resp
         stored, vary = decision
         store_key = variant_key(primary, vary, seen) if vary else primary
-        self._count("miss")
+        self._count("miss", ex.tenant)
         ex.log[NAME] = "miss"
         resp.headers["X-Cache"] = "MISS"
         body = resp.body
@@ -195,7 +197,7 @@ class CacheFilter(Filter):
         return resp
 
     async def _bypass(self, ex: Exchange, call_next: Handler, why: str) -> ProxyResponse:
-        self._count("bypass")
+        self._count("bypass", ex.tenant)
         ex.log[NAME] = f"bypass ({why})"
         resp = await call_next(ex)
         resp.headers["X-Cache"] = "BYPASS"
@@ -203,7 +205,7 @@ class CacheFilter(Filter):
 
     def _serve(self, ex: Exchange, entry: Entry, age: float, xcache: str, result: str,
                note: str | None = None, request_headers: Any = None) -> ProxyResponse:
-        self._count(result)
+        self._count(result, ex.tenant)
         ex.log[NAME] = note or result
         # The client's own If-None-Match, not the one the cache added to revalidate.
         inm = (request_headers if request_headers is not None else ex.headers).get("If-None-Match")
@@ -431,9 +433,10 @@ class CacheFilter(Filter):
         task.add_done_callback(self._tasks.discard)
         return task
 
-    def _count(self, result: str) -> None:
+    def _count(self, result: str, tenant: str | None = None) -> None:
         self.counts[result] += 1
         self._inc[result]()
+        self.tenants.add(tenant, result)
 
     async def stats(self) -> dict[str, Any]:
         c = self.counts

@@ -75,7 +75,7 @@ def test_literal_credential_is_refused_with_file_and_field(tmp_path, auth, field
     from proxy.cli import check
 
     problems = check(str(path))
-    assert problems == [f"{tmp_path / 'policies' / 'p.toml'}: auth: {field} must be a secret reference "
+    assert problems == [f"{tmp_path / 'policies' / 'p.toml'}: auth.{field}: must be a secret reference "
                         "(env:NAME, file:/path, vault:path#key or aws-sm:id#key), never the credential itself"]
 
 

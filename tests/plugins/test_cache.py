@@ -54,7 +54,7 @@ def test_config_defaults_and_units():
 async def test_redis_store_needs_redis_backend(sidecar_factory, upstream):
     with pytest.raises(ConfigError) as e:
         await sidecar_factory({"p": f'route = "/p"\nupstream = "{upstream.url}"\n[cache]\nstore = "redis"\n'})
-    assert 'p.toml: cache: store = "redis" needs [state] backend = "redis"' in str(e.value)
+    assert 'p.toml: cache.store: store = "redis" needs [state] backend = "redis"' in str(e.value)
 
 
 # ---- rules ----------------------------------------------------------------------

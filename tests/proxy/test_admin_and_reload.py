@@ -21,7 +21,10 @@ async def test_health_ready_routes(sidecar_factory, upstream, client):
     async with client.get(f"{sc.admin}/ready") as r:
         body = await r.json()
         assert r.status == 200 and body["ready"] is True
-        assert body["checks"] == {"policies_loaded": True, "state_backend": True}
+        assert body["status"] == "ok"
+        assert body["checks"]["policies"]["status"] == "ok"
+        assert body["checks"]["state_backend"] == {"status": "ok", "latency_ms": 0.0, "error": None,
+                                                   "backend": "memory"}
     async with client.get(f"{sc.admin}/admin/routes") as r:
         (route,) = (await r.json())["routes"]
         assert route["name"] == "p" and route["route"] == "/p" and route["upstream"] == upstream.url
@@ -34,11 +37,18 @@ async def test_health_ready_routes(sidecar_factory, upstream, client):
 async def test_ready_fails_when_redis_is_unreachable(sidecar_factory, upstream, client):
     from tests.support.sidecar import free_port
 
+    port = free_port()
     sc = await sidecar_factory({"p": policy(upstream.url)},
-                               f'[state]\nbackend = "redis"\nurl = "redis://127.0.0.1:{free_port()}/0"\n')
+                               f'[state]\nbackend = "redis"\nurl = "redis://:hunter2pw@127.0.0.1:{port}/0"\n')
     async with client.get(f"{sc.admin}/ready") as r:
         assert r.status == 503
-        assert (await r.json())["checks"]["state_backend"] is False
+        body = await r.json()
+    # /ready says why, with the URL's password masked
+    assert body["ready"] is False and body["status"] == "down"
+    state = body["checks"]["state_backend"]
+    assert state["status"] == "down" and state["latency_ms"] >= 0
+    assert state["error"].startswith(f"redis at redis://:***@127.0.0.1:{port}/0: ")
+    assert "hunter2pw" not in str(body)
 
 
 async def test_ready_with_real_redis(sidecar_factory, upstream, client, redis_url):
