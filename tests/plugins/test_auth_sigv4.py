@@ -69,7 +69,7 @@ async def test_literal_secret_key_is_refused(tmp_path, aws_env):
                                                'region = "us-east-1"\naccess_key_id = "AKID"\n'
                                                'secret_access_key = "wJalrLITERAL"')})
     problems = await asyncio.to_thread(check, str(path))
-    assert len(problems) == 1 and "secret_access_key must be a secret reference" in problems[0]
+    assert len(problems) == 1 and "auth.secret_access_key: must be a secret reference" in problems[0]
     assert "wJalrLITERAL" not in problems[0]
 
 

@@ -106,7 +106,7 @@ def test_validate_lists_every_problem_of_every_file_in_one_run(tmp_path):
         "string as an integer (got 'many')",
         f"{pol / 'b.toml'}: cache.ttl: invalid duration 'forever': use e.g. \"250ms\", \"2s\", \"1m\", \"1h\" or seconds",
         # a build problem of a policy that has other problems too, as a dotted path
-        f"{pol / 'a.toml'}: auth.secret: must be a secret reference (env:NAME, file:/path or vault:path#key), "
+        f"{pol / 'a.toml'}: auth.secret: must be a secret reference (env:NAME, file:/path, vault:path#key or aws-sm:id#key), "
         "never the credential itself",
         # whole-set checks over the files that had problems of their own
         f"{pol / 'b.toml'}: route: '/a' is already the route of {pol / 'a.toml'}",

@@ -184,6 +184,7 @@ async def test_admin_token_guards_every_admin_endpoint(sidecar_factory, upstream
         async with client.get(sc.admin + path) as r:
             assert r.status == 200, path
     monkeypatch.delenv("TEST_SIDECAR_ADMIN_TOKEN")
+    await sc.runtime.reload()       # env: values are read at load and reload, not per request
     async with client.get(sc.admin + "/admin/routes", headers={"Authorization": "Bearer admintok-123"}) as r:
         assert r.status == 503      # fail closed, never "no token"
         assert r.headers["X-Sidecar-Error"] == "admin_token_unavailable"
