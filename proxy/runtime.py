@@ -51,8 +51,7 @@ class Runtime:
         # Objects plugins share across their routes for this runtime (a tracer
         # provider, a Vault client...), by plugin name. Never module globals.
         self.services: dict[str, Any] = {}
-        self.state = make_state(settings.state.backend, settings.sidecar.service, settings.state.url,
-                                settings.state.max_connections)
+        self.state = make_state(settings.state, settings.sidecar.service)
         self.pools = UpstreamPools(settings.outbound.pool_size, settings.outbound.pool_idle_timeout,
                                    client=settings.outbound.client)
         self.accesslog = AccessLog(settings.logging.access_log)
