@@ -35,14 +35,19 @@ class Registry:
         self.gauge = runtime.metrics.gauge(
             "sidecar_circuit_state", "Circuit breaker state by route: 0 closed, 1 open, 2 half-open.",
             ["route"], multiprocess_mode="liveall")  # a state per worker, not a sum of states
-        self.channel = runtime.state.key("breakers")
+        # One hash tag for every breaker key and the channel: the resync
+        # MGET reads them all at once (one slot in a cluster).
+        self.channel = runtime.state.tagged("breakers", "events")
         self._tasks: set[asyncio.Task[Any]] = set()
         self._follower: asyncio.Task[None] | None = None
         self.synced = asyncio.Event()
 
     @property
     def shared(self) -> bool:
-        return self.state_backend.kind == "redis"
+        return self.state_backend.redis is not None
+
+    def _key(self, route: str) -> str:
+        return self.state_backend.tagged("breakers", "breaker", route)
 
     def add(self, breaker: Breaker) -> None:
         self.breakers[breaker.route] = breaker
@@ -71,10 +76,11 @@ class Registry:
         task.add_done_callback(self._tasks.discard)
 
     async def _publish(self, route: str, msg: bytes) -> None:
-        redis = self.state_backend.redis  # type: ignore[union-attr]
+        redis = self.state_backend.redis
+        assert redis is not None
         try:
             async with redis.pipeline(transaction=False) as pipe:
-                pipe.set(self.state_backend.key("breaker", route), msg, ex=86400)
+                pipe.set(self._key(route), msg, ex=86400)
                 pipe.publish(self.channel, msg)
                 await pipe.execute()
         except Exception as e:
@@ -96,9 +102,10 @@ class Registry:
         """Catch up with transitions published while we were not listening."""
         if not breakers:
             return
-        redis = self.state_backend.redis  # type: ignore[union-attr]
+        redis = self.state_backend.redis
+        assert redis is not None
         try:
-            values = await redis.mget([self.state_backend.key("breaker", b.route) for b in breakers])
+            values = await redis.mget([self._key(b.route) for b in breakers])
         except Exception as e:
             log.warning("circuit breakers: could not read shared state from Redis: %s", type(e).__name__)
             return
@@ -108,7 +115,8 @@ class Registry:
 
     async def follow(self) -> None:
         """Apply peers' transitions as they are published (reconnects with backoff)."""
-        redis = self.state_backend.redis  # type: ignore[union-attr]
+        redis = self.state_backend.redis
+        assert redis is not None
         delay = 0.1
         while True:
             pubsub = redis.pubsub(ignore_subscribe_messages=True)

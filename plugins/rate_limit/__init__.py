@@ -28,6 +28,7 @@ from proxy.plugins import BuildContext, PluginSpec
 from .config import Config, Limit, Override
 from .filter import BACKEND_ERRORS, Group, RateLimitFilter, compile_group
 from .gcra import MemoryStore, SharedStore
+from .stores import Store
 
 if TYPE_CHECKING:
     from proxy.runtime import Runtime
@@ -54,11 +55,12 @@ class _PerRuntime:
                                         ["route"])
         state = runtime.state
         run_dir = os.environ.get(RUN_DIR_ENV)
-        if state.kind == "redis":
+        self.store: Store
+        if state.redis is not None:
             from .redis_store import RedisStore
 
-            self.store: Any = RedisStore(state.redis)
-            self.backend = "redis"
+            self.store = RedisStore(state)
+            self.backend = state.kind
         elif run_dir:
             # workers > 1: one table for the whole sidecar (docs/rate_limit.md).
             self.store = SharedStore(os.path.join(run_dir, "rate_limit.table"))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import inspect
 import logging
 import math
 import time
@@ -17,6 +16,7 @@ from proxy.errors import SidecarError
 
 from .config import Config, Limit
 from .gcra import Decision, LimitSpec
+from .stores import Store
 
 log = logging.getLogger("sidecar.rate_limit")
 
@@ -95,14 +95,14 @@ def key_function(spec: str) -> Callable[[Exchange], str] | None:
 
 class RateLimitFilter(Filter):
     def __init__(self, route: str, config: Config, default: Group | None,
-                 overrides: list[tuple[str | None, str, bool, Group]], store: Any,
+                 overrides: list[tuple[str | None, str, bool, Group]], store: Store,
                  backend_errors: Any) -> None:
         self.route = route
         self.config = config
         self.default = default
         self.overrides = overrides
         self.store = store
-        self.sync = not inspect.iscoroutinefunction(store.decide)
+        self.sync = store.sync
         self.key_of = key_function(config.key)
         self.enforce = config.enforce
         # Shadow mode never makes a request wait.

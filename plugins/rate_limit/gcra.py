@@ -120,6 +120,7 @@ class MemoryStore:
 
     kind = "memory"
     shared = False
+    sync = True
 
     def __init__(self, max_keys: int = MAX_MEMORY_KEYS) -> None:
         self._tats: dict[str, float] = {}
@@ -214,6 +215,7 @@ class SharedStore:
 
     kind = "memory"
     shared = True
+    sync = True
 
     def __init__(self, path: str, slots: int = DEFAULT_SLOTS) -> None:
         self.path = path

@@ -158,12 +158,11 @@ class WebhookEndpoint:
             try:
                 fresh = await svc.rt.state.set_nx(dedupe_key, _PENDING + event.id,
                                                   min(self.config.dedupe_ttl, _PENDING_TTL))
-                seen = None if fresh else await svc.rt.state.get(dedupe_key)
+                raw = None if fresh else await svc.rt.state.get(dedupe_key)
             except Exception as e:
                 log.error("webhook %s: de-duplication check failed: %s", self.source, type(e).__name__)
                 raise QueueUnavailable("the state backend is unavailable; retry later") from None
-            if isinstance(seen, bytes):  # RedisState answers bytes
-                seen = seen.decode("utf-8", "replace")
+            seen = None if raw is None else raw.decode("utf-8", "replace")
             if not fresh and (seen is None or seen.startswith(_PENDING)):
                 # The first delivery may still fail: acknowledging this one
                 # would make the provider stop retrying a lost event. (None:

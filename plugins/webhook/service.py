@@ -126,7 +126,7 @@ class WebhookService:
                 log.error("%s: webhook.path: %r is already the webhook path of policy %s; ignored",
                           p.file, path, paths[path])
                 continue
-            if config.publish and self.rt.state.kind != "redis":
+            if config.publish and self.rt.state.redis is None:
                 log.error("%s: webhook.publish: needs the redis state backend; not publishing", p.file)
             paths[path] = p.name
             digest = config_digest(p.raw.get(NAME))
@@ -151,7 +151,7 @@ class WebhookService:
             if self.queue is not None:
                 return
             rt = self.rt
-            if rt.state.kind == "redis":
+            if rt.state.redis is not None:
                 consumer = f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
                 queue: SqliteQueue | RedisQueue = RedisQueue(rt.state, consumer)
             else:
@@ -289,7 +289,7 @@ class WebhookService:
             log.error("webhook %s event %s dead after %d attempt(s): %s", ev.source, ev.id, attempt, error)
 
     async def _publish(self, ev: Event) -> None:
-        redis = getattr(self.rt.state, "redis", None)
+        redis = self.rt.state.redis
         if redis is None:
             return
         try:
