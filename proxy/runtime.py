@@ -213,9 +213,21 @@ class Runtime:
     async def start(self) -> None:
         """Load policies, run start-up hooks. Raises ConfigError on a bad set."""
         self.apply(self.load_policies())
+        await self._connect_state()
         for result in self.pm.hook.sidecar_runtime_startup(runtime=self):
             if inspect.isawaitable(result):
                 await result
+
+    async def _connect_state(self) -> None:
+        """Reach the state backend before traffic: a cluster client that maps its
+        slots under the first burst drops connections in use (redis-py 8.1).
+        A backend that is down must not stop the sidecar: plugins answer per
+        their fail-open setting until it is back."""
+        try:
+            await self.state.connect()
+        except Exception as e:
+            log.warning("state backend %s unreachable at start (%s); plugins answer per their fail-open "
+                        "setting until it is back", self.state.kind, type(e).__name__)
 
     def service(self, name: str, factory: Callable[[], T]) -> T:
         """The object a plugin shares across its routes in this runtime (a

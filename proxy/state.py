@@ -26,6 +26,7 @@ errors with their own fail-open/closed setting.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import time
@@ -78,6 +79,10 @@ class StateBackend(Protocol):
     def key(self, *parts: str) -> str: ...
 
     def tagged(self, tag: str, *parts: str) -> str: ...
+
+    async def connect(self) -> None:
+        """Reach the backend now (a cluster client learns its slot map); raises when it cannot."""
+        ...
 
     async def ping(self) -> bool: ...
 
@@ -135,6 +140,9 @@ class MemoryState(_Keys):
 
     @property
     def redis(self) -> None:
+        return None
+
+    async def connect(self) -> None:
         return None
 
     async def ping(self) -> bool:
@@ -343,6 +351,9 @@ class RedisState(_Keys):
     def redis(self) -> "Redis | RedisCluster":
         return self._client
 
+    async def connect(self) -> None:
+        await self._client.initialize()
+
     async def ping(self) -> bool:
         try:
             return bool(await self._client.ping())
@@ -380,7 +391,17 @@ def _cluster_client(url: str, common: dict[str, Any], max_connections: int, guar
         # a frozen node that would double the wait.
         ERRORS_ALLOW_RETRY = (RedisConnectionError, ClusterDownError, SlotNotCoveredError)
 
-    client = Cluster.from_url(url, max_connections=max_connections, retry=Retry(NoBackoff(), 1), **common)
+        async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+            # redis-py's cluster nodes fail a command at once past
+            # max_connections (MaxConnectionsError) where the one-Redis pool
+            # waits: queue here instead, as many commands as connections.
+            async with slots:
+                return await super().execute_command(*args, **kwargs)
+
+    slots = asyncio.Semaphore(max_connections)
+    # Twice as many per node as may be in use: a connection marked for
+    # reconnect after an error still counts until its background close ends.
+    client = Cluster.from_url(url, max_connections=2 * max_connections, retry=Retry(NoBackoff(), 1), **common)
     # redis-py's cluster client builds each node's connections from its
     # connection_kwargs (no constructor argument for the class): the nodes it
     # discovers later read the same dict, the start-up nodes have their own.

@@ -23,6 +23,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sidecar.circuit_breaker")
 
+# Store the transition for late joiners and publish it, in one round trip
+# (a cluster pipeline refuses PUBLISH; a script may publish). KEYS[1]: the
+# breaker's key; ARGV: message, channel.
+_SHARE = """
+redis.call('SET', KEYS[1], ARGV[1], 'EX', 86400)
+return redis.call('PUBLISH', ARGV[2], ARGV[1])
+"""
+
 
 class Registry:
     """The breakers of one runtime, their metric, and the Redis sync (one per runtime)."""
@@ -40,6 +48,7 @@ class Registry:
         self.channel = runtime.state.tagged("breakers", "events")
         self._tasks: set[asyncio.Task[Any]] = set()
         self._follower: asyncio.Task[None] | None = None
+        self._share: Any = None
         self.synced = asyncio.Event()
 
     @property
@@ -79,10 +88,9 @@ class Registry:
         redis = self.state_backend.redis
         assert redis is not None
         try:
-            async with redis.pipeline(transaction=False) as pipe:
-                pipe.set(self._key(route), msg, ex=86400)
-                pipe.publish(self.channel, msg)
-                await pipe.execute()
+            if self._share is None:
+                self._share = redis.register_script(_SHARE)
+            await self._share(keys=[self._key(route)], args=[msg, self.channel])
         except Exception as e:
             log.warning("circuit breaker %s: could not share the transition through Redis: %s",
                         route, type(e).__name__)
@@ -119,8 +127,11 @@ class Registry:
         assert redis is not None
         delay = 0.1
         while True:
-            pubsub = redis.pubsub(ignore_subscribe_messages=True)
+            pubsub = None
             try:
+                # A cluster client's pub/sub needs the slot map its first command loads.
+                await self.state_backend.connect()
+                pubsub = redis.pubsub(ignore_subscribe_messages=True)
                 await pubsub.subscribe(self.channel)
                 await self._resync(list(self.breakers.values()))
                 self.synced.set()
@@ -139,7 +150,8 @@ class Registry:
                 delay = min(delay * 2, 5.0)
             finally:
                 try:
-                    await asyncio.shield(pubsub.aclose())
+                    if pubsub is not None:
+                        await asyncio.shield(pubsub.aclose())
                 except Exception:
                     pass
 

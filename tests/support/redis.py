@@ -114,7 +114,10 @@ class LocalCluster:
             d = self.dir / str(port)
             d.mkdir()
             self.nodes.append(ThrowawayRedis(port, extra=(
-                "--cluster-enabled", "yes", "--cluster-config-file", str(d / "nodes.conf"),
+                # The bus port explicitly: the default (port + 10000) may be
+                # taken, or past 65535 for a high free port.
+                "--cluster-enabled", "yes", "--cluster-port", str(free_port()),
+                "--cluster-config-file", str(d / "nodes.conf"),
                 "--cluster-node-timeout", "1000", "--cluster-require-full-coverage", "no")))
 
     @property
