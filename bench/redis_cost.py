@@ -190,8 +190,8 @@ async def main(n: int) -> None:
     for row in rows:
         cmds = ", ".join(f"{k.upper()} {v / row['n']:.2g}" for k, v in sorted(row["commands"].items()))
         total = sum(row["commands"].values()) / row["n"]
-        print(f"| {row['name']} | {row['sent']:.2g} | {total:.2g}: {cmds or '-'} | {max(0.0, row["in"]):.0f} | "
-              f"{max(0.0, row["out"]):.0f} | {row['keys']:.2g} | {row['per_key']:.0f} B |")
+        print(f"| {row['name']} | {row['sent']:.2g} | {total:.2g}: {cmds or '-'} | {max(0.0, row['in']):.0f} | "
+              f"{max(0.0, row['out']):.0f} | {row['keys']:.2g} | {row['per_key']:.0f} B |")
 
 
 async def server_version() -> str:

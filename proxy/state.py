@@ -352,7 +352,10 @@ class RedisState(_Keys):
         return self._client
 
     async def connect(self) -> None:
-        await self._client.initialize()
+        if self.cluster:
+            await self._client.initialize()  # the slot map, from any node
+        else:
+            await self._client.ping()
 
     async def ping(self) -> bool:
         try:
@@ -361,7 +364,9 @@ class RedisState(_Keys):
             return False
 
     async def get(self, key: str) -> bytes | None:
-        return await self._client.get(key)  # type: ignore[no-any-return]
+        value = await self._client.get(key)
+        # Never str: the client does not decode (decode_responses=False).
+        return value.encode() if isinstance(value, str) else value
 
     async def set(self, key: str, value: bytes | str, ttl: float | None = None) -> None:
         await self._client.set(key, value, px=int(ttl * 1000) if ttl else None)
@@ -389,7 +394,7 @@ def _cluster_client(url: str, common: dict[str, Any], max_connections: int, guar
         # After a connection error the client re-reads the slot map and tries
         # once more (a restarted or moved node); a timeout is not retried: on
         # a frozen node that would double the wait.
-        ERRORS_ALLOW_RETRY = (RedisConnectionError, ClusterDownError, SlotNotCoveredError)
+        ERRORS_ALLOW_RETRY = (RedisConnectionError, ClusterDownError, SlotNotCoveredError)  # type: ignore[assignment]
 
         async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
             # redis-py's cluster nodes fail a command at once past
@@ -412,8 +417,6 @@ def _cluster_client(url: str, common: dict[str, Any], max_connections: int, guar
         node.connection_class = conn_cls
     return client
 
-
-State = StateBackend
 
 
 def make_state(settings: "StateSettings", service: str) -> StateBackend:

@@ -198,7 +198,8 @@ class RedisStore:
         except Exception as e:  # redis.exceptions.RedisError, OSError, timeouts
             self._failed("read", e)
             return None
-        return decode(data) if data else None
+        # bytes: the client does not decode (decode_responses=False)
+        return decode(data) if isinstance(data, bytes) and data else None
 
     async def put(self, key: str, item: Item) -> None:
         await self.put_many([(key, item)])

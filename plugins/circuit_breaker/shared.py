@@ -95,7 +95,7 @@ class Registry:
             log.warning("circuit breaker %s: could not share the transition through Redis: %s",
                         route, type(e).__name__)
 
-    def _apply(self, data: bytes) -> None:
+    def _apply(self, data: bytes | str) -> None:
         try:
             m = orjson.loads(data)
         except orjson.JSONDecodeError:

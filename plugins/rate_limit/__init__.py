@@ -96,10 +96,11 @@ def _filters(runtime: "Runtime") -> dict[str, RateLimitFilter]:
 
 async def _remaining(f: RateLimitFilter, group: Group, key: str) -> list[dict[str, Any]]:
     keys = f.keys_for(group, None if f.key_of is None else key)
-    if f.sync:
-        quota = f.store.peek(keys, group.limits)
+    store = f.store
+    if store.sync is True:
+        quota = store.peek(keys, group.limits)
     else:
-        quota = await f.store.peek(keys, group.limits)
+        quota = await store.peek(keys, group.limits)
     return [{**d, "remaining": left, "reset": round(reset, 3)}
             for d, (left, reset) in zip(group.describe(), quota)]
 

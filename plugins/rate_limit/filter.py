@@ -16,7 +16,6 @@ from proxy.errors import SidecarError
 
 from .config import Config, Limit
 from .gcra import Decision, LimitSpec
-from .stores import Store
 
 log = logging.getLogger("sidecar.rate_limit")
 
@@ -95,14 +94,14 @@ def key_function(spec: str) -> Callable[[Exchange], str] | None:
 
 class RateLimitFilter(Filter):
     def __init__(self, route: str, config: Config, default: Group | None,
-                 overrides: list[tuple[str | None, str, bool, Group]], store: Store,
+                 overrides: list[tuple[str | None, str, bool, Group]], store: Any,
                  backend_errors: Any) -> None:
         self.route = route
         self.config = config
         self.default = default
         self.overrides = overrides
         self.store = store
-        self.sync = store.sync
+        self.sync = store.sync  # a Store (stores.py): memory decides without a coroutine
         self.key_of = key_function(config.key)
         self.enforce = config.enforce
         # Shadow mode never makes a request wait.

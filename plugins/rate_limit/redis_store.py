@@ -13,6 +13,7 @@ restarted or flushed Redis).
 from __future__ import annotations
 
 import hashlib
+from typing import Literal
 
 from proxy.state import StateBackend
 
@@ -80,7 +81,7 @@ class RedisStore:
     """
 
     shared = True
-    sync = False
+    sync: Literal[False] = False
 
     def __init__(self, state: StateBackend) -> None:
         client = state.redis
@@ -98,8 +99,8 @@ class RedisStore:
         return [self._tagged(tag, k[cut:]) for k in keys]
 
     @staticmethod
-    def _args(limits: tuple[LimitSpec, ...], max_wait: float, mode: str) -> list[object]:
-        args: list[object] = [int(max_wait * 1_000_000), mode]
+    def _args(limits: tuple[LimitSpec, ...], max_wait: float, mode: str) -> list[int | str]:
+        args: list[int | str] = [int(max_wait * 1_000_000), mode]
         for lim in limits:
             us = lim.interval_us
             args += [us, us * lim.burst]

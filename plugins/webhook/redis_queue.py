@@ -59,7 +59,9 @@ class RedisQueue:
     def __init__(self, state: "StateBackend", consumer: str, lease_ttl: float = 5.0,
                  retention: float = 7 * 86400) -> None:
         assert state.redis is not None
-        self.r = state.redis
+        # Any: redis-py types replies as bytes | str | ... for either client
+        # mode; this client never decodes (decode_responses=False): bytes.
+        self.r: Any = state.redis
         self.prefix = state.tagged("webhooks", "webhooks")
         self.consumer = consumer
         self.lease_ms = int(lease_ttl * 1000)
