@@ -154,7 +154,8 @@ class WebhookEndpoint:
                       body=body, received_at=time.time())
         dedupe_key = None
         if event.provider_id and self.config.dedupe_ttl:
-            dedupe_key = svc.rt.state.key("webhooks", "seen", self.source, event.provider_id)
+            # The queue's hash tag: a service's webhooks live on one Redis Cluster master.
+            dedupe_key = svc.rt.state.tagged("webhooks", "webhooks", "seen", self.source, event.provider_id)
             try:
                 fresh = await svc.rt.state.set_nx(dedupe_key, _PENDING + event.id,
                                                   min(self.config.dedupe_ttl, _PENDING_TTL))

@@ -218,6 +218,7 @@ async def test_webhook_queue_delivers_each_event_exactly_once(sidecar_factory, u
     async with client.post(inbound_url(b) + "/webhooks/stripe", data=body, headers=headers) as r:
         assert r.status == 200 and r.headers["X-Sidecar-Duplicate"] == "1"
     keys = await cluster_keys(cluster, "sidecar:test:{test/webhooks}:*")
+    assert any(":stream:" in k for k in keys) and any(":seen:" in k for k in keys)
     assert len(masters_holding(cluster, keys)) == 1  # one slot: MULTI over hash, index and stream
 
 
