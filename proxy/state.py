@@ -243,7 +243,8 @@ def _guarded_connection(base: type, guards: dict[str, Backoff], timeout: float, 
         def guard(self) -> Backoff:
             g = self._guard
             if g is None:
-                node = f"{self.host}:{self.port}"
+                path = getattr(self, "path", None)  # a unix socket has no host and port
+                node = path if isinstance(path, str) and path else f"{self.host}:{self.port}"
                 g = guards.get(node)
                 if g is None:
                     g = guards[node] = Backoff(node, timeout, pause)
@@ -331,20 +332,22 @@ class RedisState(_Keys):
             self._client = _cluster_client(url, common, max_connections, self.guards, timeout, backoff)
         else:
             import redis.asyncio as aioredis
+            from redis.asyncio.connection import parse_url
 
-            conn_cls = _guarded_connection(aioredis.Connection, self.guards, timeout, backoff)
-            if url.startswith("rediss://"):
-                conn_cls = _guarded_connection(aioredis.SSLConnection, self.guards, timeout, backoff)
+            # The URL picks the connection class (TCP, TLS, unix socket): guard that one.
+            options = {**common, **parse_url(url)}
+            base = options.pop("connection_class", aioredis.Connection)
+            conn_cls = _guarded_connection(base, self.guards, timeout, backoff)
             # A blocking pool: past max_connections a caller waits for a free
             # connection instead of failing at once. Not only ``timeout``: a
             # burst on a busy loop can queue longer than one command may
             # take, and on a frozen Redis the waits end with the back-off.
-            pool = aioredis.BlockingConnectionPool.from_url(
-                url, max_connections=max_connections, timeout=max(1.0, 4 * timeout), connection_class=conn_cls,
+            pool = aioredis.BlockingConnectionPool(
+                max_connections=max_connections, timeout=max(1.0, 4 * timeout), connection_class=conn_cls,
                 # Once, on a fresh connection, when a pooled one turns out
                 # dead (a restarted Redis closed it): not on a timeout, which
                 # would double the wait on a frozen Redis.
-                retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)), **common)
+                retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)), **options)
             self._client = aioredis.Redis(connection_pool=pool)
 
     @property
