@@ -169,6 +169,11 @@ async def test_state_settings():
     st = make_state(s, "svc")
     assert st.kind == "redis-cluster"
     await st.close()
+    st = make_state(StateSettings(backend="redis", url="redis://10.0.0.1:7000", cluster=True), "svc")
+    assert st.kind == "redis-cluster" and st.redis is not None
+    await st.close()
+    st = make_state(StateSettings(url="redis+cluster://10.0.0.1:7000"), "svc")  # backend memory: url ignored
+    assert st.kind == "memory" and st.redis is None
     with pytest.raises(Exception, match="url must start with"):
         StateSettings(url="http://redis:6379")
     with pytest.raises(Exception):
