@@ -222,26 +222,84 @@ async def test_webhook_queue_delivers_each_event_exactly_once(sidecar_factory, u
     assert len(masters_holding(cluster, keys)) == 1  # one slot: MULTI over hash, index and stream
 
 
-# ---- a master killed mid-run (last: it restarts the master) -----------------------
+# ---- a master restarted, frozen, killed (last: they stop and restart masters) --------
+
+def split_tenants(cluster: LocalCluster, filters: dict, route: str, victim) -> tuple[list[str], list[str]]:
+    """Tenants whose bucket on ``route`` lives on ``victim``, and some that do not."""
+    flt = filters[route]
+
+    def owner(t: str):
+        return cluster.slot_owner(flt.store.redis_keys(flt.keys_for(flt.default, t))[0])
+
+    tenants = [f"t{i}" for i in range(60)]
+    return [t for t in tenants if owner(t) is victim][:3], [t for t in tenants if owner(t) is not victim][:3]
+
+
+ONE_LIMIT = '[rate_limit]\nkey = "header:X-Tenant-ID"\nlimits = [{ requests = 1000, per = "1m" }]\n'
+
+
+async def decided(client, sc, route: str, tenants: list[str]) -> list[tuple[int, bool, float]]:
+    out = []
+    for t in tenants:
+        t0 = time.monotonic()
+        status, h, _ = await get(client, f"{sc.url}/{route}/x", headers={"X-Tenant-ID": t})
+        out.append((status, "X-RateLimit-Remaining" in h, time.monotonic() - t0))
+    return out
+
+
+async def test_a_master_restarted_while_idle_costs_no_request(sidecar_factory, upstream, client, cluster):
+    pol = f'route = "/closed"\nupstream = "{upstream.url}"\n{ONE_LIMIT}fail_open = false\n'
+    sc = await sidecar_factory({"closed": pol}, state_config(cluster))
+    filters = sc.runtime.route_filters("rate_limit")
+    victim = cluster.nodes[1]
+    doomed, spared = split_tenants(cluster, filters, "closed", victim)
+    assert {(s, d) for s, d, _ in await decided(client, sc, "closed", doomed + spared)} == {(200, True)}
+    victim.stop()
+    victim.start()  # back on its port with its nodes.conf, before the others call it failed
+    cluster.wait_ok()
+    # The pooled connections to it are dead: each command is sent again once, on a fresh one.
+    assert {(s, d) for s, d, _ in await decided(client, sc, "closed", doomed + spared)} == {(200, True)}
+
+
+async def test_a_frozen_master_costs_the_timeout_for_its_keys_only(sidecar_factory, upstream, client, cluster):
+    pol = f'route = "/closed"\nupstream = "{upstream.url}"\n{ONE_LIMIT}fail_open = false\n'
+    sc = await sidecar_factory({"closed": pol}, state_config(cluster, 'timeout = "400ms"\nbackoff = "3s"\n'))
+    filters = sc.runtime.route_filters("rate_limit")
+    victim = cluster.nodes[2]
+    doomed, spared = split_tenants(cluster, filters, "closed", victim)
+    assert {(s, d) for s, d, _ in await decided(client, sc, "closed", doomed + spared)} == {(200, True)}
+    victim.freeze()
+    try:
+        paid = await decided(client, sc, "closed", doomed)   # three timeouts: the node backs off
+        assert [s for s, _, _ in paid] == [503] * len(doomed)
+        assert all(t < 1.5 for _, _, t in paid), paid
+        quick = await decided(client, sc, "closed", doomed * 3)
+        assert [s for s, _, _ in quick] == [503] * len(quick)
+        assert sorted(t for _, _, t in quick)[len(quick) // 2] < 0.1, quick
+        assert sc.runtime.state.guards[f"127.0.0.1:{victim.port}"].refused >= len(quick)
+        # The other masters' keys are decided as ever.
+        assert {(s, d) for s, d, _ in await decided(client, sc, "closed", spared)} == {(200, True)}
+    finally:
+        victim.thaw()
+    cluster.wait_ok()
+    deadline = time.monotonic() + 15
+    while (await decided(client, sc, "closed", doomed[:1]))[0][:2] != (200, True):
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.1)
+    assert {(s, d) for s, d, _ in await decided(client, sc, "closed", doomed + spared)} == {(200, True)}
+
+
 
 async def test_a_killed_master_fails_its_keys_per_fail_open_then_recovers(
         sidecar_factory, upstream, client, cluster):
-    one = '[rate_limit]\nkey = "header:X-Tenant-ID"\nlimits = [{ requests = 1000, per = "1m" }]\n'
-    closed = f'route = "/closed"\nupstream = "{upstream.url}"\n{one}fail_open = false\n'
-    opened = f'route = "/open"\nupstream = "{upstream.url}"\n{one}fail_open = true\n'
+    closed = f'route = "/closed"\nupstream = "{upstream.url}"\n{ONE_LIMIT}fail_open = false\n'
+    opened = f'route = "/open"\nupstream = "{upstream.url}"\n{ONE_LIMIT}fail_open = true\n'
     sc = await sidecar_factory({"closed": closed, "open": opened}, state_config(cluster, 'timeout = "300ms"\n'))
     filters = sc.runtime.route_filters("rate_limit")
-
-    def owner(route: str, tenant: str):
-        flt = filters[route]
-        return cluster.slot_owner(flt.store.redis_keys(flt.keys_for(flt.default, tenant))[0])
-
-    victim = owner("closed", "t0")
-    tenants = [f"t{i}" for i in range(60)]
+    victim = cluster.nodes[0]
+    doomed, spared = split_tenants(cluster, filters, "closed", victim)
     # Each route's bucket has its own tag: which tenants live on the victim differs per route.
-    doomed = [t for t in tenants if owner("closed", t) is victim][:3]
-    doomed_open = [t for t in tenants if owner("open", t) is victim][:3]
-    spared = [t for t in tenants if owner("closed", t) is not victim][:3]
+    doomed_open, _ = split_tenants(cluster, filters, "open", victim)
     assert doomed and doomed_open and spared
     for t in doomed + spared:
         status, h, _ = await get(client, f"{sc.url}/closed/x", headers={"X-Tenant-ID": t})
