@@ -57,16 +57,19 @@ async def main(redis_url: str) -> None:
         sh.close()
     out = [f"| {name} | {us:.2f} |" for name, us in rows]
     try:
-        import redis.asyncio as aioredis
+        from proxy.state import RedisState
 
-        client = aioredis.from_url(redis_url)
+        state = RedisState("bench", redis_url, timeout=2.0)
+        client = state.redis
         await client.ping()
-        store = RedisStore(client)
+        store = RedisStore(state)
         ping = await async_per_call_us(lambda i: client.ping(), 2000)
         one = await async_per_call_us(lambda i: store.decide([keys[i % 1000]], ONE, 0.0), 2000)
         two = await async_per_call_us(lambda i: store.decide([keys[i % 1000], keys[i % 1000] + "d"], TWO, 0.0), 2000)
-        await client.delete(*set(keys), *{k + "d" for k in keys})
-        await client.aclose()
+        left = [k async for k in client.scan_iter(match="sidecar:bench:*")]
+        if left:
+            await client.delete(*left)
+        await state.close()
         out += [f"| redis PING round trip (baseline), median / p99 | {ping[0]:.1f} / {ping[1]:.1f} |",
                 f"| redis EVALSHA decision, 1 limit, median / p99 | {one[0]:.1f} / {one[1]:.1f} |",
                 f"| redis EVALSHA decision, 2 limits, median / p99 | {two[0]:.1f} / {two[1]:.1f} |"]

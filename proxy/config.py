@@ -118,9 +118,28 @@ class SidecarSection(Model):
 
 class StateSettings(Model):
     backend: Literal["memory", "redis"] = "memory"
+    # redis:// or rediss:// for one Redis; redis+cluster:// (or cluster = true)
+    # for a Redis Cluster, given any one of its nodes (docs/scaling.md).
     url: str = "redis://127.0.0.1:6379/0"
-    # Redis connections per worker; past it, commands wait for a free one.
+    cluster: bool = False
+    # Redis connections per worker (per node in a cluster); past it, commands
+    # wait for a free one (one Redis) or fail at once (cluster).
     max_connections: int = Field(default=64, ge=1)
+    # Connecting to Redis and each reply wait at most this long (a free pooled
+    # connection up to 4 times it). Issue 11: a frozen Redis put 2 s on every
+    # request.
+    timeout: Duration = Field(default=0.25, gt=0)
+    # After 3 consecutive failures to reach a Redis node, commands to it fail
+    # at once for this long (each plugin answers per its fail-open setting).
+    backoff: Duration = Field(default=1.0, ge=0)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not v.startswith(("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")):
+            raise ValueError(f"url must start with redis://, rediss://, unix://, redis+cluster:// or "
+                             f"rediss+cluster://, got {v.split('://')[0]!r}")
+        return v
 
 
 class Limits(Model):

@@ -58,8 +58,7 @@ class Runtime:
         # Objects plugins share across their routes for this runtime (a tracer
         # provider, a Vault client...), by plugin name. Never module globals.
         self.services: dict[str, Any] = {}
-        self.state = make_state(settings.state.backend, settings.sidecar.service, settings.state.url,
-                                settings.state.max_connections)
+        self.state = make_state(settings.state, settings.sidecar.service)
         self.pools = UpstreamPools(settings.outbound.pool_size, settings.outbound.pool_idle_timeout,
                                    client=settings.outbound.client)
         self.accesslog = AccessLog(settings.logging.access_log)
@@ -296,9 +295,21 @@ class Runtime:
         if self.settings.logging.hash_identifiers:
             self.identities = hashed_identities(self.secrets, self.settings)
         self.apply(self.load_policies())
+        await self._connect_state()
         for result in self.pm.hook.sidecar_runtime_startup(runtime=self):
             if inspect.isawaitable(result):
                 await result
+
+    async def _connect_state(self) -> None:
+        """Reach the state backend before traffic: a cluster client that maps its
+        slots under the first burst drops connections in use (redis-py 8.1).
+        A backend that is down must not stop the sidecar: plugins answer per
+        their fail-open setting until it is back."""
+        try:
+            await self.state.connect()
+        except Exception as e:
+            log.warning("state backend %s unreachable at start (%s); plugins answer per their fail-open "
+                        "setting until it is back", self.state.kind, type(e).__name__)
 
     def service(self, name: str, factory: Callable[[], T]) -> T:
         """The object a plugin shares across its routes in this runtime (a

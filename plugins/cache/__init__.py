@@ -45,9 +45,9 @@ def build(config: Config, ctx: BuildContext) -> CacheFilter:
     rt = ctx.runtime
     kind = config.store
     if kind == "auto":
-        kind = "redis" if rt.state.kind == "redis" else "memory"
+        kind = "redis" if rt.state.redis is not None else "memory"
     if kind == "redis":
-        if rt.state.kind != "redis":
+        if rt.state.redis is None:
             raise FieldError("store", 'store = "redis" needs [state] backend = "redis" in config.toml')
         store: MemoryStore | RedisStore = RedisStore(rt.state, ctx.route)
     else:

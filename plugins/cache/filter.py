@@ -279,9 +279,9 @@ class CacheFilter(Filter):
         return entry, vary or []
 
     async def _put(self, primary: str, store_key: str, entry: Entry, vary: list[str]) -> None:
-        if vary:
-            await self.store.put(primary, VaryMarker(vary, entry.expires_at()))
-        await self.store.put(store_key, entry)
+        # The Vary marker and its variant land together (one MULTI in Redis).
+        await self.store.put_many([(primary, VaryMarker(vary, entry.expires_at())), (store_key, entry)]
+                                  if vary else [(store_key, entry)])
 
     async def _tee(self, body: AsyncIterator[bytes], primary: str, store_key: str, entry: Entry,
                    vary: list[str], expected: int | None, key: str,

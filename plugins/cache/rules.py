@@ -112,12 +112,14 @@ def primary_key(path: str, query: str, headers: Any, key_headers: list[str], sco
 
 
 def variant_key(primary: str, names: list[str], headers: Any) -> str:
-    """The key of one variant of ``primary`` selected by the request's Vary headers."""
+    """The key of one variant of ``primary`` selected by the request's Vary headers:
+    ``<primary>.<digest>``, so a store can keep a URL's variants with its Vary
+    marker (one Redis Cluster slot)."""
     parts = [primary]
     for name in names:
         values = headers.getall(name, None)
         parts.append(f"{name}:" if values is None else f"{name}={_norm(values)}")
-    return _digest(parts)
+    return primary + "." + _digest(parts)
 
 
 def credential_scope(tenant: str | None, authorization: str | None) -> str:

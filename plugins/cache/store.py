@@ -23,6 +23,8 @@ from typing import Any
 
 import orjson
 
+from proxy.state import StateBackend
+
 log = logging.getLogger("sidecar.cache")
 
 
@@ -131,6 +133,10 @@ class MemoryStore:
             self._drop(oldest)
             self.evictions += 1
 
+    async def put_many(self, items: list[tuple[str, Item]]) -> None:
+        for key, item in items:
+            await self.put(key, item)
+
     async def delete(self, key: str) -> None:
         if key in self._items:
             self._drop(key)
@@ -160,7 +166,12 @@ def _glob_escape(s: str) -> str:
 
 
 class RedisStore:
-    """Entries in Redis with a TTL per key, under ``runtime.state.key("cache", route, ...)``.
+    """Entries in Redis (one or a cluster) with a TTL per key.
+
+    A URL's entry or Vary marker and all its variants share the hash tag of
+    the URL's primary key, ``sidecar:<service>:{<service>/<primary>}:cache:<route>:<variant or ->``:
+    one slot, so the marker and a variant are written in one MULTI, while
+    different URLs spread over a cluster's masters.
 
     A Redis failure never fails a request: a read error is a miss, a write
     error leaves the response unstored (both logged).
@@ -169,32 +180,50 @@ class RedisStore:
     kind = "redis"
     shared = True
 
-    def __init__(self, state: Any, route: str) -> None:
+    def __init__(self, state: StateBackend, route: str) -> None:
+        assert state.redis is not None
         self.redis = state.redis
-        self.prefix = state.key("cache", route, "")
-        self._match = _glob_escape(self.prefix) + "*"
+        self.route = route
+        self._tagged = state.tagged
+        self._match = _glob_escape(state.namespace) + "{*}:cache:" + _glob_escape(route) + ":*"
         self.errors = 0
+
+    def _key(self, key: str) -> str:
+        primary, _, variant = key.partition(".")
+        return self._tagged(primary, "cache", self.route, variant or "-")
 
     async def get(self, key: str) -> Item | None:
         try:
-            data = await self.redis.get(self.prefix + key)
+            data = await self.redis.get(self._key(key))
         except Exception as e:  # redis.exceptions.RedisError, OSError, timeouts
             self._failed("read", e)
             return None
-        return decode(data) if data else None
+        # bytes: the client does not decode (decode_responses=False)
+        return decode(data) if isinstance(data, bytes) and data else None
 
     async def put(self, key: str, item: Item) -> None:
-        ttl_ms = int((item.expires_at() - time.time()) * 1000)
-        if ttl_ms <= 0:
+        await self.put_many([(key, item)])
+
+    async def put_many(self, items: list[tuple[str, Item]]) -> None:
+        now = time.time()
+        sets = [(self._key(k), item.encode(), int((item.expires_at() - now) * 1000)) for k, item in items]
+        sets = [s for s in sets if s[2] > 0]
+        if not sets:
             return
         try:
-            await self.redis.set(self.prefix + key, item.encode(), px=ttl_ms)
+            if len(sets) == 1:
+                await self.redis.set(sets[0][0], sets[0][1], px=sets[0][2])
+                return
+            async with self.redis.pipeline(transaction=True) as p:
+                for k, v, ttl_ms in sets:
+                    p.set(k, v, px=ttl_ms)
+                await p.execute()
         except Exception as e:
             self._failed("write", e)
 
     async def delete(self, key: str) -> None:
         try:
-            await self.redis.delete(self.prefix + key)
+            await self.redis.delete(self._key(key))
         except Exception as e:
             self._failed("delete", e)
 

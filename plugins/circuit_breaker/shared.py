@@ -23,6 +23,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sidecar.circuit_breaker")
 
+# Store the transition for late joiners and publish it, in one round trip
+# (a cluster pipeline refuses PUBLISH; a script may publish). KEYS[1]: the
+# breaker's key; ARGV: message, channel.
+_SHARE = """
+redis.call('SET', KEYS[1], ARGV[1], 'EX', 86400)
+return redis.call('PUBLISH', ARGV[2], ARGV[1])
+"""
+
 
 class Registry:
     """The breakers of one runtime, their metric, and the Redis sync (one per runtime)."""
@@ -35,14 +43,20 @@ class Registry:
         self.gauge = runtime.metrics.gauge(
             "sidecar_circuit_state", "Circuit breaker state by route: 0 closed, 1 open, 2 half-open.",
             ["route"], multiprocess_mode="liveall")  # a state per worker, not a sum of states
-        self.channel = runtime.state.key("breakers")
+        # One hash tag for every breaker key and the channel: the resync
+        # MGET reads them all at once (one slot in a cluster).
+        self.channel = runtime.state.tagged("breakers", "events")
         self._tasks: set[asyncio.Task[Any]] = set()
         self._follower: asyncio.Task[None] | None = None
+        self._share: Any = None
         self.synced = asyncio.Event()
 
     @property
     def shared(self) -> bool:
-        return self.state_backend.kind == "redis"
+        return self.state_backend.redis is not None
+
+    def _key(self, route: str) -> str:
+        return self.state_backend.tagged("breakers", "breaker", route)
 
     def add(self, breaker: Breaker) -> None:
         self.breakers[breaker.route] = breaker
@@ -71,17 +85,17 @@ class Registry:
         task.add_done_callback(self._tasks.discard)
 
     async def _publish(self, route: str, msg: bytes) -> None:
-        redis = self.state_backend.redis  # type: ignore[union-attr]
+        redis = self.state_backend.redis
+        assert redis is not None
         try:
-            async with redis.pipeline(transaction=False) as pipe:
-                pipe.set(self.state_backend.key("breaker", route), msg, ex=86400)
-                pipe.publish(self.channel, msg)
-                await pipe.execute()
+            if self._share is None:
+                self._share = redis.register_script(_SHARE)
+            await self._share(keys=[self._key(route)], args=[msg, self.channel])
         except Exception as e:
             log.warning("circuit breaker %s: could not share the transition through Redis: %s",
                         route, type(e).__name__)
 
-    def _apply(self, data: bytes) -> None:
+    def _apply(self, data: bytes | str) -> None:
         try:
             m = orjson.loads(data)
         except orjson.JSONDecodeError:
@@ -96,9 +110,10 @@ class Registry:
         """Catch up with transitions published while we were not listening."""
         if not breakers:
             return
-        redis = self.state_backend.redis  # type: ignore[union-attr]
+        redis = self.state_backend.redis
+        assert redis is not None
         try:
-            values = await redis.mget([self.state_backend.key("breaker", b.route) for b in breakers])
+            values = await redis.mget([self._key(b.route) for b in breakers])
         except Exception as e:
             log.warning("circuit breakers: could not read shared state from Redis: %s", type(e).__name__)
             return
@@ -108,11 +123,15 @@ class Registry:
 
     async def follow(self) -> None:
         """Apply peers' transitions as they are published (reconnects with backoff)."""
-        redis = self.state_backend.redis  # type: ignore[union-attr]
+        redis = self.state_backend.redis
+        assert redis is not None
         delay = 0.1
         while True:
-            pubsub = redis.pubsub(ignore_subscribe_messages=True)
+            pubsub = None
             try:
+                # A cluster client's pub/sub needs the slot map its first command loads.
+                await self.state_backend.connect()
+                pubsub = redis.pubsub(ignore_subscribe_messages=True)
                 await pubsub.subscribe(self.channel)
                 await self._resync(list(self.breakers.values()))
                 self.synced.set()
@@ -131,7 +150,8 @@ class Registry:
                 delay = min(delay * 2, 5.0)
             finally:
                 try:
-                    await asyncio.shield(pubsub.aclose())
+                    if pubsub is not None:
+                        await asyncio.shield(pubsub.aclose())
                 except Exception:
                     pass
 

@@ -29,6 +29,7 @@ from .config import Config, Limit, Override
 from .filter import BACKEND_ERRORS, Group, RateLimitFilter, compile_group, key_function
 from .gcra import MemoryStore, SharedStore
 from .upstream import RedisBlocks, UpstreamPacer, UpstreamQuota
+from .stores import Store
 
 if TYPE_CHECKING:
     from proxy.runtime import Runtime
@@ -59,13 +60,14 @@ class _PerRuntime:
             ["route", "result"])
         state = runtime.state
         # [rate_limit.upstream] blocks: in Redis when the state is shared.
-        self.blocks = RedisBlocks(state.redis) if state.kind == "redis" else None
+        self.blocks = RedisBlocks(state.redis) if state.redis is not None else None
         run_dir = os.environ.get(RUN_DIR_ENV)
-        if state.kind == "redis":
+        self.store: Store
+        if state.redis is not None:
             from .redis_store import RedisStore
 
-            self.store: Any = RedisStore(state.redis)
-            self.backend = "redis"
+            self.store = RedisStore(state)
+            self.backend = state.kind
         elif run_dir:
             # workers > 1: one table for the whole sidecar (docs/rate_limit.md).
             self.store = SharedStore(os.path.join(run_dir, "rate_limit.table"))
@@ -108,10 +110,11 @@ def _filters(runtime: "Runtime") -> dict[str, RateLimitFilter]:
 
 async def _remaining(f: RateLimitFilter, group: Group, key: str) -> list[dict[str, Any]]:
     keys = f.keys_for(group, None if f.key_of is None else key)
-    if f.sync:
-        quota = f.store.peek(keys, group.limits)
+    store = f.store
+    if store.sync is True:
+        quota = store.peek(keys, group.limits)
     else:
-        quota = await f.store.peek(keys, group.limits)
+        quota = await store.peek(keys, group.limits)
     return [{**d, "remaining": left, "reset": round(reset, 3)}
             for d, (left, reset) in zip(group.describe(), quota)]
 

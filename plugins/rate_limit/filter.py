@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import inspect
 import logging
 import math
 import time
@@ -102,7 +101,7 @@ class RateLimitFilter(Filter):
         self.default = default
         self.overrides = overrides
         self.store = store
-        self.sync = not inspect.iscoroutinefunction(store.decide)
+        self.sync = store.sync  # a Store (stores.py): memory decides without a coroutine
         self.key_of = key_function(config.key)
         self.enforce = config.enforce
         # Shadow mode never makes a request wait.

@@ -28,6 +28,7 @@ import mmap
 import os
 import struct
 import time
+from typing import Literal
 from dataclasses import dataclass
 
 log = logging.getLogger("sidecar.rate_limit")
@@ -120,6 +121,7 @@ class MemoryStore:
 
     kind = "memory"
     shared = False
+    sync: Literal[True] = True
 
     def __init__(self, max_keys: int = MAX_MEMORY_KEYS) -> None:
         self._tats: dict[str, float] = {}
@@ -214,6 +216,7 @@ class SharedStore:
 
     kind = "memory"
     shared = True
+    sync: Literal[True] = True
 
     def __init__(self, path: str, slots: int = DEFAULT_SLOTS) -> None:
         self.path = path

@@ -12,6 +12,11 @@ restarted or flushed Redis).
 
 from __future__ import annotations
 
+import hashlib
+from typing import Literal
+
+from proxy.state import StateBackend
+
 from .gcra import Decision, LimitSpec
 
 # KEYS: one per limit. ARGV[1]: max wait (us); ARGV[2]: "1" decide, "0" peek;
@@ -65,18 +70,37 @@ return out
 
 
 class RedisStore:
-    """Decisions in a shared Redis (``runtime.state.redis``)."""
+    """Decisions in a shared Redis or Redis Cluster (``runtime.state.redis``).
 
-    kind = "redis"
+    The filter names buckets (``sidecar:<service>:rl:<route>:<scope>:<shape>:<key>``);
+    this store maps them to Redis keys. The keys of one decision (one per
+    limit of the group, same client key) go to the script together, so in a
+    cluster they must share a slot: each gets the hash tag of its group's
+    first bucket, ``sidecar:<service>:{<service>/<digest>}:rl:...``. Different
+    clients' buckets hash apart, spreading them over the masters.
+    """
+
     shared = True
+    sync: Literal[False] = False
 
-    def __init__(self, client) -> None:  # noqa: ANN001 - redis.asyncio.Redis
+    def __init__(self, state: StateBackend) -> None:
+        client = state.redis
+        assert client is not None
+        self.kind = state.kind
         self.client = client
         self.script = client.register_script(LUA)
+        self._tagged = state.tagged
+        self._cut = len(state.namespace)
+
+    def redis_keys(self, keys: list[str]) -> list[str]:
+        """The Redis keys of one decision's buckets (same hash tag, so one slot)."""
+        cut = self._cut
+        tag = hashlib.blake2b(keys[0].encode("utf-8", "surrogateescape"), digest_size=8).hexdigest()
+        return [self._tagged(tag, k[cut:]) for k in keys]
 
     @staticmethod
-    def _args(limits: tuple[LimitSpec, ...], max_wait: float, mode: str) -> list[object]:
-        args: list[object] = [int(max_wait * 1_000_000), mode]
+    def _args(limits: tuple[LimitSpec, ...], max_wait: float, mode: str) -> list[int | str]:
+        args: list[int | str] = [int(max_wait * 1_000_000), mode]
         for lim in limits:
             us = lim.interval_us
             args += [us, us * lim.burst]
@@ -90,11 +114,11 @@ class RedisStore:
         return Decision(bool(admitted), wait / 1_000_000, worst - 1, remaining, reset)
 
     async def decide(self, keys: list[str], limits: tuple[LimitSpec, ...], max_wait: float) -> Decision:
-        raw = await self.script(keys=keys, args=self._args(limits, max_wait, "1"))
+        raw = await self.script(keys=self.redis_keys(keys), args=self._args(limits, max_wait, "1"))
         return self._parse(raw, len(limits))
 
     async def peek(self, keys: list[str], limits: tuple[LimitSpec, ...]) -> list[tuple[int, float]]:
-        raw = await self.script(keys=keys, args=self._args(limits, 0, "0"))
+        raw = await self.script(keys=self.redis_keys(keys), args=self._args(limits, 0, "0"))
         d = self._parse(raw, len(limits))
         return list(zip(d.remaining, d.reset))
 

@@ -130,16 +130,16 @@ class WebhookEndpoint:
                       body=body, received_at=time.time())
         dedupe_key = None
         if event.provider_id and self.config.dedupe_ttl:
-            dedupe_key = svc.rt.state.key("webhooks", "seen", self.source, event.provider_id)
+            # The queue's hash tag: a service's webhooks live on one Redis Cluster master.
+            dedupe_key = svc.rt.state.tagged("webhooks", "webhooks", "seen", self.source, event.provider_id)
             try:
                 fresh = await svc.rt.state.set_nx(dedupe_key, _PENDING + event.id,
                                                   min(self.config.dedupe_ttl, _PENDING_TTL))
-                seen = None if fresh else await svc.rt.state.get(dedupe_key)
+                raw = None if fresh else await svc.rt.state.get(dedupe_key)
             except Exception as e:
                 log.error("webhook %s: de-duplication check failed: %s", self.source, type(e).__name__)
                 raise QueueUnavailable("the state backend is unavailable; retry later") from None
-            if isinstance(seen, bytes):  # RedisState answers bytes
-                seen = seen.decode("utf-8", "replace")
+            seen = None if raw is None else raw.decode("utf-8", "replace")
             if not fresh and (seen is None or seen.startswith(_PENDING)):
                 # The first delivery may still fail: acknowledging this one
                 # would make the provider stop retrying a lost event. (None:

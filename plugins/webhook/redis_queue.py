@@ -1,12 +1,22 @@
-"""The shared durable queue: Redis Streams with a consumer group and a per-source lease."""
+"""The shared durable queue: Redis Streams with a consumer group and a per-source lease.
+
+Every key of a service's queue (event hashes, the index, each source's
+stream and lease) carries one hash tag, ``{<service>/webhooks}``: add, save
+and retry are MULTI transactions over an event hash, the index and a stream,
+which a Redis Cluster only runs within one slot. The queue of one service
+thus lives on one master; webhook rates are far below what one serves.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from .queue import Event
+
+if TYPE_CHECKING:
+    from proxy.state import StateBackend
 
 _LEASE = """
 local v = redis.call('GET', KEYS[1])
@@ -46,9 +56,13 @@ class RedisQueue:
     kind = "redis"
     deliver = True
 
-    def __init__(self, state: Any, consumer: str, lease_ttl: float = 5.0, retention: float = 7 * 86400) -> None:
-        self.r = state.redis
-        self.prefix = state.key("webhooks")
+    def __init__(self, state: "StateBackend", consumer: str, lease_ttl: float = 5.0,
+                 retention: float = 7 * 86400) -> None:
+        assert state.redis is not None
+        # Any: redis-py types replies as bytes | str | ... for either client
+        # mode; this client never decodes (decode_responses=False): bytes.
+        self.r: Any = state.redis
+        self.prefix = state.tagged("webhooks", "webhooks")
         self.consumer = consumer
         self.lease_ms = int(lease_ttl * 1000)
         self.retention = retention

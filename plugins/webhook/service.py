@@ -174,7 +174,7 @@ class WebhookService:
         self._candidate = None
         for p in policies:
             config = _config(p)
-            if config is not None and config.publish and self.rt.state.kind != "redis":
+            if config is not None and config.publish and self.rt.state.redis is None:
                 log.error("%s: webhook.publish: needs the redis state backend; not publishing", p.file)
         self.endpoints = now
         if self.started:
@@ -193,7 +193,7 @@ class WebhookService:
             if self.queue is not None:
                 return
             rt = self.rt
-            if rt.state.kind == "redis":
+            if rt.state.redis is not None:
                 consumer = f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
                 queue: SqliteQueue | RedisQueue = RedisQueue(rt.state, consumer)
             else:
@@ -330,7 +330,7 @@ class WebhookService:
             log.error("webhook %s event %s dead after %d attempt(s): %s", ev.source, ev.id, attempt, error)
 
     async def _publish(self, ev: Event) -> None:
-        redis = getattr(self.rt.state, "redis", None)
+        redis = self.rt.state.redis
         if redis is None:
             return
         try:

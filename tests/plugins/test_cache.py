@@ -608,7 +608,7 @@ async def test_redis_store_is_shared_by_two_sidecars(sidecar_factory, client, or
     import redis.asyncio as aioredis
     r = aioredis.from_url(redis_url)
     try:
-        keys = [k async for k in r.scan_iter(match="sidecar:test:cache:p:*")]
+        keys = [k async for k in r.scan_iter(match="sidecar:test:{*}:cache:p:*")]
         assert keys and all([await r.pttl(k) > 0 for k in keys])  # every entry carries a TTL
         raw = await r.get(keys[0])
         assert raw[:1] in (b"E", b"V") and b"pickle" not in raw
