@@ -55,7 +55,7 @@ class Runtime:
                                 settings.state.max_connections)
         self.pools = UpstreamPools(settings.outbound.pool_size, settings.outbound.pool_idle_timeout,
                                    client=settings.outbound.client)
-        self.accesslog = AccessLog(settings.logging.access_log)
+        self.accesslog = AccessLog(settings.logging.access_log, worker=worker_id)
         self.table = RouteTable([])
         self.policies: list[Policy] = []
         self.loaded_at: float | None = None
@@ -287,23 +287,17 @@ class Runtime:
                 observe = self._duration_children[name] = self.metrics.batched_histogram(
                     self.metrics.duration.labels(name)).observe
             observe(took)
-        if not self.accesslog.enabled:
+        al = self.accesslog
+        if not al.enabled:
             return
-        record: dict[str, Any] = {
-            "ts": round(time.time(), 3), "request_id": rid, "route": name,
-            "tenant": ex.tenant if ex is not None else None,
-            "method": method, "path": path,
-            "status": status, "duration_ms": round(took * 1000, 3), "worker": self.worker_id,
-        }
+        # A tuple of raw values; the JSON is made at flush (proxy/accesslog.py).
+        hdrs = (self.redactor.headers_dict(headers, self._log_headers)
+                if self._log_headers and headers is not None else None)
+        caps = al.captures
+        extra = tuple([c(ex) for c in caps]) if caps else None
         if ex is not None:
-            if "upstream_ms" in ex.vars:
-                record["upstream_ms"] = ex.vars["upstream_ms"]
-            if ex.attempt > 1:
-                record["attempts"] = ex.attempt
-            if ex.log:
-                record["decisions"] = ex.log
-        if error:
-            record["error"] = error
-        if self._log_headers and headers is not None:
-            record["headers"] = self.redactor.headers_dict(headers, self._log_headers)
-        self.accesslog.write(record)
+            al.append((time.time(), rid, name, ex.tenant, method, path, status, took,
+                       ex.vars.get("upstream_ms"), ex.attempt, ex.log or None, error, hdrs, extra))
+        else:
+            al.append((time.time(), rid, name, None, method, path, status, took, None, 1, None, error, hdrs,
+                       extra))
