@@ -214,6 +214,7 @@ class Runtime:
     async def start(self) -> None:
         """Load policies, run start-up hooks. Raises ConfigError on a bad set."""
         self.apply(self.load_policies())
+        self.metrics.start_flushing()
         for result in self.pm.hook.sidecar_runtime_startup(runtime=self):
             if inspect.isawaitable(result):
                 await result
@@ -254,6 +255,7 @@ class Runtime:
         self._filters.clear()
         await self.pools.close()
         await self.state.close()
+        self.metrics.stop_flushing()
         self.accesslog.close()
 
     async def ready(self) -> tuple[bool, dict[str, Any]]:
