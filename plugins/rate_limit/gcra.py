@@ -114,6 +114,25 @@ def peek(tats: list[float], now: float, limits: tuple[LimitSpec, ...]) -> list[t
     return out
 
 
+def decide_one(tat: float, now: float, lim: LimitSpec, max_wait: float) -> tuple[bool, float, int, float, float]:
+    """``decide`` for one limit, without the lists and the Decision:
+    (admitted, wait, remaining, reset, new TAT) -- the same numbers; the new
+    TAT is ``tat`` itself when refused (nothing to store)."""
+    interval = lim.interval
+    w = (tat if tat > now else now) + interval - lim.tolerance - now
+    wait = w if w > EPS else 0.0
+    if wait <= max_wait + EPS:
+        at = now + wait
+        nt = (tat if tat > at else at) + interval
+        admitted = True
+    else:
+        at = now
+        nt = tat if tat > at else at
+        admitted = False
+    left = math.floor((at + lim.tolerance - nt) / interval + EPS)
+    return admitted, wait, left if left > 0 else 0, nt - at if nt > at else 0.0, nt if admitted else tat
+
+
 class MemoryStore:
     """One process: a dict of key -> TAT. A key whose TAT has passed is the
     same as an absent one, so sweeping them changes no decision."""
@@ -145,24 +164,13 @@ class MemoryStore:
         Decision: (admitted, wait, remaining, reset), the same numbers."""
         now = time.monotonic()
         tats = self._tats
-        tat = tats.get(key, 0.0)
-        interval = lim.interval
-        w = (tat if tat > now else now) + interval - lim.tolerance - now
-        wait = w if w > EPS else 0.0
-        if wait <= max_wait + EPS:
-            at = now + wait
-            nt = (tat if tat > at else at) + interval
+        admitted, wait, rem, reset, nt = decide_one(tats.get(key, 0.0), now, lim, max_wait)
+        if admitted:
             tats[key] = nt
             self._writes += 1
             if self._writes >= 4096:
                 self._sweep(now)
-            admitted = True
-        else:
-            at = now
-            nt = tat if tat > at else at
-            admitted = False
-        left = math.floor((at + lim.tolerance - nt) / interval + EPS)
-        return admitted, wait, left if left > 0 else 0, nt - at if nt > at else 0.0
+        return admitted, wait, rem, reset
 
     def peek(self, keys: list[str], limits: tuple[LimitSpec, ...]) -> list[tuple[int, float]]:
         return peek([self._tats.get(k, 0.0) for k in keys], time.monotonic(), limits)
@@ -187,6 +195,10 @@ class MemoryStore:
 
 
 _SLOT = struct.Struct("<Qd")        # 64-bit key hash, TAT (CLOCK_MONOTONIC seconds)
+_SLOT_SIZE = _SLOT.size
+_unpack, _pack = _SLOT.unpack_from, _SLOT.pack_into
+lockf, LOCK_EX, LOCK_UN = fcntl.lockf, fcntl.LOCK_EX, fcntl.LOCK_UN
+_KNOWN_MAX = 1 << 16                # key -> slot offsets a process remembers
 _HEADER = struct.Struct("<8sQ")     # magic, slot count
 _MAGIC = b"SCRL0001"
 DEFAULT_SLOTS = 1 << 18             # 4 MiB sparse file; ~262k live keys
@@ -201,8 +213,17 @@ def _hash(key: str) -> int:
 
 class SharedStore:
     """Several worker processes of one sidecar: an open-addressing table of
-    (key hash, TAT) slots in a memory-mapped file, with every decision made
-    under ``flock`` so it reads and writes all of a request's limits atomically.
+    (key hash, TAT) slots in a memory-mapped file.
+
+    Locking (fcntl record locks: released by the kernel if a worker dies
+    holding one, unlike a semaphore in shared memory): a decision on a key
+    whose slot this process already knows locks that slot's 16 bytes only,
+    checks the slot still holds the key's hash and updates it in place
+    (``decide_one``: one limit, the common case; workers deciding other keys
+    are not held up). Everything that may claim or evict slots (a new key, a
+    slot taken over, several limits at once, ``peek``) locks the whole file,
+    which excludes every slot lock. Issue 10: with ``flock`` on the table and
+    the general path, a decision cost ~17 us against ~1.4 us in one process.
 
     CLOCK_MONOTONIC is system-wide on Linux, so every worker's ``now`` agrees.
     A slot whose TAT has passed is free for reuse (an expired key equals a
@@ -236,6 +257,8 @@ class SharedStore:
         self.slots = slots
         self.mm = mmap.mmap(fd, size)
         self._warned = 0.0
+        # key -> (hash, slot offset) as last found; checked under the slot's lock.
+        self._known: dict[str, tuple[int, int]] = {}
 
     def _find(self, h: int, now: float, claim: bool = True) -> int:
         """Offset of ``h``'s slot, claiming one if absent (call under the lock);
@@ -271,9 +294,43 @@ class SharedStore:
         _SLOT.pack_into(mm, free, h, 0.0)
         return free
 
+    def decide_one(self, key: str, lim: LimitSpec, max_wait: float) -> tuple[bool, float, int, float]:
+        """``decide`` for one key and one limit (MemoryStore.decide_one's
+        contract), under the slot's own lock when the slot is known."""
+        fd, mm = self.fd, self.mm
+        known = self._known.get(key)
+        if known is not None:
+            h, off = known
+            lockf(fd, LOCK_EX, _SLOT_SIZE, off)
+            try:
+                kh, tat = _unpack(mm, off)
+                if kh == h:
+                    admitted, wait, rem, reset, nt = decide_one(tat, time.monotonic(), lim, max_wait)
+                    if admitted:
+                        _pack(mm, off, h, nt)
+                    return admitted, wait, rem, reset
+            finally:
+                lockf(fd, LOCK_UN, _SLOT_SIZE, off)
+        # Unknown here, or the slot went to another key meanwhile: find or
+        # claim it with the whole table locked.
+        h = _hash(key)
+        lockf(fd, LOCK_EX)
+        try:
+            now = time.monotonic()
+            off = self._find(h, now)
+            admitted, wait, rem, reset, nt = decide_one(_unpack(mm, off)[1], now, lim, max_wait)
+            if admitted:
+                _pack(mm, off, h, nt)
+        finally:
+            lockf(fd, LOCK_UN)
+        if len(self._known) >= _KNOWN_MAX:
+            self._known.clear()   # client-chosen key values: bounded, refilled on use
+        self._known[key] = (h, off)
+        return admitted, wait, rem, reset
+
     def decide(self, keys: list[str], limits: tuple[LimitSpec, ...], max_wait: float) -> Decision:
         hashes = [_hash(k) for k in keys]
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        lockf(self.fd, LOCK_EX)
         try:
             now = time.monotonic()
             offs = [self._find(h, now) for h in hashes]
@@ -285,18 +342,18 @@ class SharedStore:
                     _SLOT.pack_into(mm, o, h, t)
             return d
         finally:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            lockf(self.fd, LOCK_UN)
 
     def peek(self, keys: list[str], limits: tuple[LimitSpec, ...]) -> list[tuple[int, float]]:
         hashes = [_hash(k) for k in keys]
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        lockf(self.fd, LOCK_EX)
         try:
             now = time.monotonic()
             offs = [self._find(h, now, claim=False) for h in hashes]
             tats = [_SLOT.unpack_from(self.mm, o)[1] if o >= 0 else 0.0 for o in offs]
             return peek(tats, now, limits)
         finally:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            lockf(self.fd, LOCK_UN)
 
     def close(self) -> None:
         try:
