@@ -375,6 +375,26 @@ def _fuse(group: list[Filter], nxt: Handler) -> Handler:
                     raise
                 raise exc from None
 
+    # The common case, every filter passed: the afters inner to outer.
+    afters_rev = tuple((j, a) for j, a in reversed(list(enumerate(afters))) if a is not None)
+
+    async def around_all(ex: Exchange) -> ProxyResponse:
+        try:
+            resp = await nxt(ex)
+        except BaseException as e:
+            exc = errored(n, ex, e)
+            if exc is e:
+                raise
+            raise exc from None
+        j = n
+        try:
+            for j, a in afters_rev:
+                a(ex, resp)
+        except BaseException as e:
+            resp.close()
+            raise errored(j, ex, e) from None
+        return resp
+
     def call(ex: Exchange) -> Awaitable[ProxyResponse]:
         i = 0
         try:
@@ -387,7 +407,7 @@ def _fuse(group: list[Filter], nxt: Handler) -> Handler:
         except BaseException as e:
             return _raise(errored(i, ex, e))
         if unwinds:
-            return around(n, ex, nxt)
+            return around_all(ex)
         return nxt(ex)
 
     return call

@@ -201,7 +201,10 @@ class RateLimitFilter(Filter):
         """``_decided`` for one limit on the memory store: the same decision,
         headers, counters and log, without the per-request lists."""
         key = group.prefixes[0] if self.key_of is None else group.prefixes[0] + self.key_of(ex)
-        admitted, wait, rem, reset = self.decide_one(key, group.limits[0], self._max_wait(ex))  # type: ignore[misc]
+        max_wait = self.max_wait
+        if max_wait and ex.deadline is not None:
+            max_wait = self._max_wait(ex)
+        admitted, wait, rem, reset = self.decide_one(key, group.limits[0], max_wait)  # type: ignore[misc]
         reset_s = str(math.ceil(reset - 1e-6)) if reset > 0 else "0"
         if not admitted:
             rem = 0
