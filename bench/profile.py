@@ -6,7 +6,8 @@ Layers (first match from the innermost frame outwards):
 
 - chain: proxy/chain.py and plugins/ (the filters)
 - client: the upstream client (proxy/fastclient/, proxy/upstream.py, aiohttp's client)
-- handler: the per-request core (proxy/outbound.py, runtime, access log, metrics...)
+- handler: the per-request core (proxy/outbound.py or the fast server's exchange/drive,
+  runtime, access log, metrics...)
 - server: the listener (proxy/fastserver/, proxy/server.py, aiohttp's server side)
 - loop/other: what none of them is in (event loop, GC, ...)
 """
@@ -25,7 +26,8 @@ import psutil
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("chain", ("proxy/chain.py", "plugins/")),
     ("client", ("proxy/fastclient/", "proxy/upstream.py", "aiohttp/client", "aiohttp/connector")),
-    ("handler", ("proxy/outbound.py", "proxy/runtime.py", "proxy/accesslog.py", "proxy/metrics.py",
+    ("handler", ("proxy/outbound.py", "proxy/fastserver/exchange.py", "proxy/fastserver/drive.py",
+                 "proxy/runtime.py", "proxy/accesslog.py", "proxy/metrics.py",
                  "prometheus_client/", "proxy/http.py", "proxy/routes.py", "proxy/errors.py",
                  "proxy/secrets.py", "proxy/redact.py", "orjson")),
     ("server", ("proxy/fastserver/", "proxy/server.py", "aiohttp/web", "aiohttp/http_", "aiohttp/base_protocol",

@@ -452,13 +452,14 @@ def main(argv: list[str] | None = None) -> int:
     core4, core4_used, core4_skipped, core4_config = production_chain(CORE4)
     has_server_key = server_supported()
     server = args.server if has_server_key else None
-    other_server = None
+    other_server = default_server = None
     if has_server_key:
         from proxy.config import OutboundSettings
 
         default_server = OutboundSettings.model_fields["server"].default
         other_server = "aiohttp" if (server or default_server) != "aiohttp" else "fast"
-    server_note = (f"sidecar listener: [outbound] server = {server or 'the default'}" if has_server_key else
+    server_note = (f"sidecar listener: [outbound] server = {server or default_server + ' (the default)'}"
+                   f"; the other one ({other_server}) is measured on the passthrough row" if has_server_key else
                    "sidecar listener: this checkout has no [outbound] server key (aiohttp server)"
                    + (f"; --server {args.server} ignored" if args.server else ""))
     notes = [
