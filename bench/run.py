@@ -398,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     ap.add_argument("--name", default=None, help="results file name (default: date + git commit)")
     ap.add_argument("--quick", action="store_true",
-                    help="short rounds (~5-8 minutes in all): a smoke run, not a measurement")
+                    help="short rounds (~3 minutes in all): a smoke run, not a measurement")
     ap.add_argument("--duration", type=float, default=None, help="seconds per throughput run (8; quick 2)")
     ap.add_argument("--connections", type=int, default=32, help="closed-loop connections (wrk -c)")
     ap.add_argument("--rate", type=float, default=1000.0, help="requests/s of the fixed-rate latency run")
