@@ -10,6 +10,9 @@ RUN pip install --no-cache-dir --prefix=/install '.[otlp]'
 
 FROM python:3.11-slim
 COPY --from=build /install /usr/local
+# libatomic1: the lock-free update of the rate-limit table shared by workers
+# (plugins/rate_limit/gcra.py); without it a per-slot lock is used instead.
+RUN apt-get update && apt-get install -y --no-install-recommends libatomic1 && rm -rf /var/lib/apt/lists/*
 RUN useradd --system --uid 10001 --home /app sidecar && mkdir -p /app/data && chown sidecar /app/data
 WORKDIR /app
 # The container's config.toml (deploy/container/config.toml): the outbound

@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from proxy.chain import Exchange, Filter, Handler, ProxyResponse
+from proxy.chain import Exchange, Filter, ProxyResponse
 from proxy.config import Model
 from proxy.hookspecs import hookimpl
 from proxy.http import check_header_name, check_header_value
@@ -81,18 +81,24 @@ def _apply(ops: _Ops, headers: Any) -> None:
 
 
 class HeadersFilter(Filter):
+    # Never awaits: a sync layer (proxy/chain.py), fused with its sync neighbours.
+    sync = True
+
     def __init__(self, config: Config) -> None:
         self.req = None if config.request.empty else _Ops(config.request)
         self.resp = None if config.response.empty else _Ops(config.response)
         self.config = config
+        # A direction with nothing to do is no step at all in the chain.
+        if self.req is None:
+            self.before = None  # type: ignore[assignment]
+        if self.resp is None:
+            self.after = None  # type: ignore[assignment]
 
-    async def handle(self, ex: Exchange, call_next: Handler) -> ProxyResponse:
-        if self.req is not None:
-            _apply(self.req, ex.headers)
-        resp = await call_next(ex)
-        if self.resp is not None:
-            _apply(self.resp, resp.headers)
-        return resp
+    def before(self, ex: Exchange) -> None:  # type: ignore[override]
+        _apply(self.req, ex.headers)  # type: ignore[arg-type]
+
+    def after(self, ex: Exchange, resp: ProxyResponse) -> None:
+        _apply(self.resp, resp.headers)  # type: ignore[arg-type]
 
     def describe(self) -> dict[str, Any]:
         return self.config.model_dump()

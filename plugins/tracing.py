@@ -22,6 +22,7 @@ written to the access-log line (``decisions.tracing``) for correlation.
 from __future__ import annotations
 
 from collections import deque
+from functools import partial
 from typing import Any, Literal
 
 from opentelemetry.sdk.resources import Resource
@@ -34,7 +35,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode, TraceFlags, get_cu
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from pydantic import Field
 
-from proxy.chain import Exchange, Filter, Handler, ProxyResponse
+from proxy.chain import Defer, Exchange, Filter, Handler, ProxyResponse
 from proxy.config import Model
 from proxy.errors import SidecarError
 from proxy.hookspecs import hookimpl
@@ -147,7 +148,11 @@ class TracingFilter(Filter):
         self.propagate = config.propagate
         self.attributes = {"sidecar.route": route, **config.attributes}
 
-    async def handle(self, ex: Exchange, call_next: Handler) -> ProxyResponse:
+    # An unsampled request (the common case at a low ratio) only rewrites the
+    # traceparent: a sync layer (proxy/chain.py). A sampled one defers to _span.
+    sync = True
+
+    def before(self, ex: Exchange) -> Defer | None:  # type: ignore[override]
         headers = ex.headers
         parent = None
         if "traceparent" in headers:
@@ -155,22 +160,22 @@ class TracingFilter(Filter):
             pctx = get_current_span(parent).get_span_context()
             if pctx.is_valid:
                 if pctx.trace_flags.sampled or not self.tracer._is_enabled():
-                    return await self._span(ex, call_next, parent)
+                    return Defer(partial(self._span, parent=parent))
                 # ParentBased: a remote parent that is not sampled is followed.
                 flags = _RANDOM if pctx.trace_flags.random_trace_id else 0
-                return await self._unsampled(ex, call_next, pctx.trace_id, flags,
-                                             pctx.trace_state.to_header() if pctx.trace_state else None)
+                self._unsampled(ex, pctx.trace_id, flags,
+                                pctx.trace_state.to_header() if pctx.trace_state else None)
+                return None
         if not self.tracer._is_enabled():
-            return await self._span(ex, call_next, parent)
+            return Defer(partial(self._span, parent=parent))
         # A new trace: TraceIdRatioBased looks at the id's low 64 bits.
         trace_id = self.ids.generate_trace_id()
         if trace_id & _LOW64 < self.bound:
-            self.ids.preset = trace_id
-            return await self._span(ex, call_next, parent)
-        return await self._unsampled(ex, call_next, trace_id, _RANDOM if self.random_ids else 0, None)
+            return Defer(partial(self._span, parent=parent, preset=trace_id))
+        self._unsampled(ex, trace_id, _RANDOM if self.random_ids else 0, None)
+        return None
 
-    async def _unsampled(self, ex: Exchange, call_next: Handler, trace_id: int, flags: int,
-                         tracestate: str | None) -> ProxyResponse:
+    def _unsampled(self, ex: Exchange, trace_id: int, flags: int, tracestate: str | None) -> None:
         if self.propagate:
             headers = ex.headers
             headers.popall("traceparent", None)
@@ -178,9 +183,11 @@ class TracingFilter(Filter):
             headers["traceparent"] = f"00-{trace_id:032x}-{self.ids.generate_span_id():016x}-{flags:02x}"
             if tracestate:
                 headers["tracestate"] = tracestate
-        return await call_next(ex)
 
-    async def _span(self, ex: Exchange, call_next: Handler, parent: Any) -> ProxyResponse:
+    async def _span(self, ex: Exchange, call_next: Handler, parent: Any, preset: int | None = None) -> ProxyResponse:
+        if preset is not None:
+            # The id the sampling rule rolled, so the SDK reaches the same decision.
+            self.ids.preset = preset
         with self.tracer.start_as_current_span(
                 f"{ex.method} {self.route}", context=parent, kind=self.kind,
                 attributes=self.attributes, record_exception=False, set_status_on_exception=False) as span:

@@ -14,6 +14,20 @@ A filter is an onion layer::
 
 ``call_next`` raises SidecarError subclasses (UpstreamUnavailable,
 UpstreamTimeout...) when the upstream fails; a filter may catch them.
+
+A filter whose common path never awaits says so with ``sync = True`` and
+the synchronous form instead (docs/performance.md, "Synchronous filters")::
+
+    def before(self, ex):        # None: go on; a ProxyResponse: answer it;
+        ...                      # Defer(fn): run fn(ex, call_next) for this request
+    def after(self, ex, resp):   # on the response (headers arrived), inner to outer
+        ...
+    def after_error(self, ex, exc):   # an inner layer raised exc (re-raised after)
+        ...
+
+``compile_chain`` fuses consecutive sync filters into one layer, so a route
+whose filters are all sync and have no ``after`` costs no coroutine of its
+own (the terminal's only), and one for the whole group otherwise.
 """
 
 from __future__ import annotations
@@ -177,19 +191,49 @@ class Exchange:
 Handler = Callable[[Exchange], Awaitable[ProxyResponse]]
 
 
+class Defer:
+    """What a sync filter's ``before`` returns when this request needs the
+    asynchronous path (a queue wait, a sampled span, a half-open trial):
+    the fused layer then awaits ``run(ex, call_next)``, where ``call_next``
+    is the rest of the chain after this filter. ``run`` owns the request
+    from there, as ``handle`` would (the filter's ``after`` hooks are not
+    called for it)."""
+
+    __slots__ = ("run",)
+
+    def __init__(self, run: Callable[[Exchange, Handler], Awaitable[ProxyResponse]]) -> None:
+        self.run = run
+
+
 class Filter:
-    """Base class for a route's filter. Subclasses override ``handle``.
+    """Base class for a route's filter. Subclasses override ``handle``, or
+    set ``sync = True`` and override ``before`` / ``after`` / ``after_error``.
 
     A filter instance belongs to one route and lives until that route's
     config for this plugin changes (state such as buckets or a breaker lives
     on it, and survives reloads that leave its config unchanged).
+    An instance may set ``before``, ``after`` or ``after_error`` to None when
+    its config needs no such step (the chain then skips it entirely).
     """
 
     #: Set by the chain compiler to the plugin's name.
     name: str = ""
+    #: The common path is before/after: no coroutine layer of its own.
+    sync: bool = False
+
+    def before(self, ex: Exchange) -> "ProxyResponse | Defer | None":
+        return None
+
+    def after(self, ex: Exchange, resp: ProxyResponse) -> None:
+        return None
+
+    def after_error(self, ex: Exchange, exc: BaseException) -> None:
+        return None
 
     async def handle(self, ex: Exchange, call_next: Handler) -> ProxyResponse:
-        return await call_next(ex)
+        # The sync form as one onion layer (a filter used outside a compiled
+        # chain, or a test calling it directly): same semantics as the fused layer.
+        return await _fuse([self], call_next)(ex)
 
     async def close(self) -> None:
         """Release what the filter holds; called when a reload drops it."""
@@ -200,11 +244,18 @@ class Filter:
 
 
 def compile_chain(filters: list[Filter], terminal: Handler) -> Handler:
-    """Nest the filters (first = outermost) around the terminal handler, once."""
+    """Nest the filters (first = outermost) around the terminal handler, once.
+
+    Runs of consecutive ``sync`` filters become one fused layer each."""
     handler = terminal
+    group: list[Filter] = []
     for f in reversed(filters):
-        handler = _bind(f.handle, handler)
-    return handler
+        if f.sync:
+            group.insert(0, f)
+            continue
+        handler = _bind(f.handle, _fuse(group, handler))
+        group = []
+    return _fuse(group, handler)
 
 
 def _bind(handle: Callable[[Exchange, Handler], Awaitable[ProxyResponse]], nxt: Handler) -> Handler:
@@ -213,5 +264,138 @@ def _bind(handle: Callable[[Exchange, Handler], Awaitable[ProxyResponse]], nxt: 
     # frame for every resumption to pass through (docs/performance.md).
     def call(ex: Exchange) -> Awaitable[ProxyResponse]:
         return handle(ex, nxt)
+
+    return call
+
+
+def _hook(f: Filter, name: str) -> Callable[..., Any] | None:
+    """The filter's ``name`` step, or None when it has none (not overridden,
+    or set to None on the instance)."""
+    m = getattr(f, name, None)
+    if m is None or getattr(m, "__func__", None) is getattr(Filter, name):
+        return None
+    return m
+
+
+async def _answer(resp: ProxyResponse) -> ProxyResponse:
+    return resp
+
+
+async def _raise(exc: BaseException) -> ProxyResponse:
+    raise exc
+
+
+def _fuse(group: list[Filter], nxt: Handler) -> Handler:
+    """One layer for a run of sync filters around ``nxt``.
+
+    Semantics are those of nesting each filter's ``handle`` (the onion):
+    befores run outer to inner; a filter answering early (ProxyResponse or
+    an exception) skips the inner filters and ``nxt``, and only the filters
+    outside it see the response (``after``) or the exception
+    (``after_error``); afters run inner to outer; an ``after`` that raises
+    closes the response and the filters outside it see that exception.
+    """
+    if not group:
+        return nxt
+    n = len(group)
+    befores = [_hook(f, "before") for f in group]
+    afters = [_hook(f, "after") for f in group]
+    errors = [_hook(f, "after_error") for f in group]
+    steps = tuple((i, b) for i, b in enumerate(befores) if b is not None)
+    unwinds = any(afters) or any(errors)
+    # What a Defer at position i continues with: the rest of the group, then nxt.
+    rests = [_fuse(group[i + 1:], nxt) for i in range(n)]
+    names = [f.name or type(f).__name__ for f in group]
+
+    def errored(entered: int, ex: Exchange, exc: BaseException) -> BaseException:
+        # The filters 0..entered-1 passed their before: they see the error,
+        # inner to outer; a handler that raises replaces it (as in the onion).
+        for j in range(entered - 1, -1, -1):
+            h = errors[j]
+            if h is not None:
+                try:
+                    h(ex, exc)
+                except BaseException as e:  # noqa: BLE001 - re-raised by the caller
+                    exc = e
+        return exc
+
+    def unwind(entered: int, ex: Exchange, resp: ProxyResponse) -> ProxyResponse:
+        for j in range(entered - 1, -1, -1):
+            a = afters[j]
+            if a is not None:
+                try:
+                    a(ex, resp)
+                except BaseException as e:
+                    resp.close()
+                    raise errored(j, ex, e) from None
+        return resp
+
+    async def around(entered: int, ex: Exchange, run: Handler) -> ProxyResponse:
+        try:
+            resp = await run(ex)
+        except BaseException as e:
+            exc = errored(entered, ex, e)
+            if exc is e:
+                raise
+            raise exc from None
+        return unwind(entered, ex, resp)
+
+    async def slow(ex: Exchange, i: int, r: Any) -> ProxyResponse:
+        # Position i's before answered r (not None); 0..i-1 passed.
+        while True:
+            if isinstance(r, ProxyResponse):
+                return unwind(i, ex, r)
+            if isinstance(r, Defer):
+                return await around(i, ex, lambda x: r.run(x, rests[i]))
+            if r is not None:
+                raise TypeError(f"filter {names[i]}: before() returned {type(r).__name__}, "
+                                "not None, a ProxyResponse or a Defer")
+            i += 1
+            while i < n and befores[i] is None:
+                i += 1
+            if i == n:
+                return await around(n, ex, nxt)
+            try:
+                r = befores[i](ex)  # type: ignore[misc]
+            except BaseException as e:
+                exc = errored(i, ex, e)
+                if exc is e:
+                    raise
+                raise exc from None
+
+    # The common case, every filter passed: the afters inner to outer.
+    afters_rev = tuple((j, a) for j, a in reversed(list(enumerate(afters))) if a is not None)
+
+    async def around_all(ex: Exchange) -> ProxyResponse:
+        try:
+            resp = await nxt(ex)
+        except BaseException as e:
+            exc = errored(n, ex, e)
+            if exc is e:
+                raise
+            raise exc from None
+        j = n
+        try:
+            for j, a in afters_rev:
+                a(ex, resp)
+        except BaseException as e:
+            resp.close()
+            raise errored(j, ex, e) from None
+        return resp
+
+    def call(ex: Exchange) -> Awaitable[ProxyResponse]:
+        i = 0
+        try:
+            for i, b in steps:
+                r = b(ex)
+                if r is not None:
+                    if r.__class__ is ProxyResponse and not unwinds:
+                        return _answer(r)
+                    return slow(ex, i, r)
+        except BaseException as e:
+            return _raise(errored(i, ex, e))
+        if unwinds:
+            return around_all(ex)
+        return nxt(ex)
 
     return call

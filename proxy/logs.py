@@ -12,6 +12,7 @@ import hmac
 import logging
 import sys
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -21,7 +22,6 @@ from .errors import ConfigError
 from .secrets import SecretUnavailable
 
 if TYPE_CHECKING:
-    from .chain import Exchange
     from .config import LoggingSettings, Settings
     from .runtime import Runtime
     from .secrets import SecretStore
@@ -95,15 +95,12 @@ def mask_url(url: str) -> str:
 
 # ---- identities in access-log lines ---------------------------------------
 
-def plain_identities(ex: "Exchange") -> tuple[str | None, str | None]:
-    return ex.client_ip, ex.tenant
-
-
-def hashed_identities(secrets: "SecretStore", settings: "Settings") -> Any:
-    """(client, tenant) as HMAC-SHA256(hash_key, value) hex truncated to 16
-    characters: stable across restarts and sidecars sharing the key, so an
-    audit trail correlates a client without holding its identity (a plain
-    hash of an IPv4 address is reversed by trying all 2^32)."""
+def identifier_hasher(secrets: "SecretStore", settings: "Settings") -> Callable[[str | None], str | None]:
+    """A client address or tenant as HMAC-SHA256(hash_key, value) hex truncated
+    to 16 characters: stable across restarts and sidecars sharing the key, so
+    an audit trail correlates a client without holding its identity (a plain
+    hash of an IPv4 address is reversed by trying all 2^32). Applied when the
+    access log is flushed (its ``render``), not on the request path."""
     ref_text = settings.logging.hash_key
     assert ref_text is not None
     ref = secrets.ref(ref_text)
@@ -126,10 +123,7 @@ def hashed_identities(secrets: "SecretStore", settings: "Settings") -> Any:
             memo[value] = got
         return got
 
-    def identities(ex: "Exchange") -> tuple[str | None, str | None]:
-        return h(ex.client_ip), h(ex.tenant)
-
-    return identities
+    return h
 
 
 # ---- start-up summary ------------------------------------------------------

@@ -23,7 +23,7 @@ from .client import TABLE as CLIENT_TABLE, ClientSettings, HttpClient
 from .config import (Policy, Settings, config_digest, load_policies, validate_extra_settings)
 from .errors import ConfigError, RouteDisabled
 from .fixtures import terminal_for
-from .logs import hashed_identities, plain_identities
+from .logs import identifier_hasher
 from .metrics import Metrics
 from .plugins import (MAKES_ROUTE, BuildContext, PluginSpec, collect_settings_models, collect_specs,
                       make_plugin_manager, ordered)
@@ -61,7 +61,7 @@ class Runtime:
         self.state = make_state(settings.state, settings.sidecar.service)
         self.pools = UpstreamPools(settings.outbound.pool_size, settings.outbound.pool_idle_timeout,
                                    client=settings.outbound.client)
-        self.accesslog = AccessLog(settings.logging.access_log)
+        self.accesslog = AccessLog(settings.logging.access_log, worker=worker_id)
         # The HTTP client plugins share for their own requests (tokens, JWKS,
         # forward_auth, webhook delivery); closed at stop().
         client_settings = self.extra_settings.get(CLIENT_TABLE)
@@ -87,7 +87,6 @@ class Runtime:
         self.admin_token = self.secrets.ref(admin_token) if admin_token else None
         # (client, tenant) as access-log lines show them; keyed hashes once
         # start() resolved [logging] hash_key.
-        self.identities: Callable[[Exchange], tuple[str | None, str | None]] = plain_identities
         # The last reload's outcome, for /admin/config and the dashboard.
         self.last_reload: dict[str, Any] | None = None
 
@@ -292,10 +291,20 @@ class Runtime:
 
     async def start(self) -> None:
         """Load policies, run start-up hooks. Raises ConfigError on a bad set."""
+        # Access-log fields other plugins of the core add (proxy/accesslog.py
+        # add_field): the client address, hashed with the tenant under
+        # [logging] hash_identifiers; the provider's own request id.
+        al = self.accesslog
         if self.settings.logging.hash_identifiers:
-            self.identities = hashed_identities(self.secrets, self.settings)
+            h = identifier_hasher(self.secrets, self.settings)
+            al.add_field("tenant", render=h)
+            al.add_field("client", _client_ip, render=h)
+        else:
+            al.add_field("client", _client_ip)
+        al.add_field("upstream_request_id", _upstream_request_id)
         self.apply(self.load_policies())
         await self._connect_state()
+        self.metrics.start_flushing()
         for result in self.pm.hook.sidecar_runtime_startup(runtime=self):
             if inspect.isawaitable(result):
                 await result
@@ -349,6 +358,7 @@ class Runtime:
         await self.pools.close()
         await self.http.close()
         await self.state.close()
+        self.metrics.stop_flushing()
         self.accesslog.close()
 
     # ---- data plane: one call per request -------------------------------
@@ -377,27 +387,25 @@ class Runtime:
                 observe = self._duration_children[name] = self.metrics.batched_histogram(
                     self.metrics.duration.labels(name)).observe
             observe(took)
-        if not self.accesslog.enabled:
+        al = self.accesslog
+        if not al.enabled:
             return
-        client, tenant = self.identities(ex) if ex is not None else (None, None)
-        record: dict[str, Any] = {
-            "ts": round(time.time(), 3), "request_id": rid, "route": name,
-            "tenant": tenant, "client": client,
-            "method": method, "path": path,
-            "status": status, "duration_ms": round(took * 1000, 3), "worker": self.worker_id,
-        }
+        # A tuple of raw values; the JSON is made at flush (proxy/accesslog.py).
+        hdrs = (self.redactor.headers_dict(headers, self._log_headers)
+                if self._log_headers and headers is not None else None)
+        caps = al.captures
+        extra = tuple([c(ex) for c in caps]) if caps else None
         if ex is not None:
-            ev = ex.vars
-            if "upstream_ms" in ev:
-                record["upstream_ms"] = ev["upstream_ms"]
-            if "upstream_request_id" in ev:
-                record["upstream_request_id"] = ev["upstream_request_id"]
-            if ex.attempt > 1:
-                record["attempts"] = ex.attempt
-            if ex.log:
-                record["decisions"] = ex.log
-        if error:
-            record["error"] = error
-        if self._log_headers and headers is not None:
-            record["headers"] = self.redactor.headers_dict(headers, self._log_headers)
-        self.accesslog.write(record)
+            al.append((time.time(), rid, name, ex.tenant, method, path, status, took,
+                       ex.vars.get("upstream_ms"), ex.attempt, ex.log or None, error, hdrs, extra))
+        else:
+            al.append((time.time(), rid, name, None, method, path, status, took, None, 1, None, error, hdrs,
+                       extra))
+
+
+def _client_ip(ex: Exchange | None) -> str | None:
+    return ex.client_ip if ex is not None else None
+
+
+def _upstream_request_id(ex: Exchange | None) -> str | None:
+    return ex.vars.get("upstream_request_id") if ex is not None else None

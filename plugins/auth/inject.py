@@ -156,6 +156,24 @@ class AuthFilter(Filter):
         self.override = override
         self.replay_limit = replay_limit
         self.summary = summary
+        # Static credentials (env, file, Vault, literal headers) never await:
+        # a sync layer (proxy/chain.py). An OAuth2 token may need a fetch and
+        # a 401 retry around the call, and SigV4 may hash the body off the
+        # loop, so such a route keeps handle().
+        sets = [default, *tenants.values()]
+        self.sync = all(c is None or (c.token is None and c.signer is None) for c in sets)
+
+    def before(self, ex: Exchange) -> None:  # type: ignore[override]
+        self._inject(ex)
+
+    def _inject(self, ex: Exchange) -> Credentials:
+        creds = self._select(ex)
+        override = self.override
+        for slot in creds.slots:
+            slot.apply(ex, override)
+        if creds.label != "default":
+            ex.log["auth_tenant"] = creds.label
+        return creds
 
     def _select(self, ex: Exchange) -> Credentials:
         t = ex.tenant
@@ -170,18 +188,13 @@ class AuthFilter(Filter):
         return self.default
 
     async def handle(self, ex: Exchange, call_next: Handler) -> ProxyResponse:
-        creds = self._select(ex)
-        override = self.override
-        for slot in creds.slots:
-            slot.apply(ex, override)
-        if creds.label != "default":
-            ex.log["auth_tenant"] = creds.label
+        creds = self._inject(ex)
         if creds.signer is not None:
             # After the slots: a header they add (x-amz-*) is signed too.
             await creds.signer.sign(ex)
             return await call_next(ex)
         source = creds.token
-        if source is None or (not override and "Authorization" in ex.headers):
+        if source is None or (not self.override and "Authorization" in ex.headers):
             return await call_next(ex)
         return await self._oauth2(ex, call_next, source)
 

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from pybreaker import STATE_CLOSED, STATE_OPEN, CircuitBreakerError
 
 from proxy.admin import json_error, json_response, runtime_of
-from proxy.chain import Exchange, Filter, Handler, ProxyResponse
+from proxy.chain import Defer, Exchange, Filter, Handler, ProxyResponse
 from proxy.errors import CircuitOpen, SidecarError, UpstreamError
 from proxy.hookspecs import hookimpl
 from proxy.plugins import BuildContext, PluginSpec
@@ -63,6 +63,29 @@ class CircuitBreakerFilter(Filter):
         self.half_open_max = c.half_open_max
         self.ratio = c.failure_ratio
         self.min_requests = c.min_requests
+        self._defer = Defer(self.handle)
+
+    # Closed with no failure streak (the common case) is a sync layer
+    # (proxy/chain.py): before() lets the request through, after() and
+    # after_error() record the outcome. Every other state takes handle().
+    sync = True
+
+    def before(self, ex: Exchange) -> Defer | None:  # type: ignore[override]
+        storage = self.breaker.storage
+        if storage.state == STATE_CLOSED and storage.counter == 0:
+            return None
+        return self._defer
+
+    def after(self, ex: Exchange, resp: ProxyResponse) -> None:
+        b = self.breaker
+        if resp.status in self.statuses:
+            self._record_failure(b, _FailedStatus(resp))
+        elif b.window is not None:
+            self._count(b, False)
+
+    def after_error(self, ex: Exchange, exc: BaseException) -> None:
+        if isinstance(exc, UpstreamError):
+            self._record_failure(self.breaker, exc)
 
     def _refuse(self, b: Breaker) -> CircuitOpen:
         return CircuitOpen(headers={"Retry-After": str(max(1, math.ceil(b.retry_in())))})
@@ -72,7 +95,7 @@ class CircuitBreakerFilter(Filter):
         storage = b.storage
         state = storage.state
         if state == STATE_CLOSED and storage.counter == 0:
-            return await self._healthy(b, ex, call_next)
+            return await self._healthy(ex, call_next)
         trial = False
         if state != STATE_CLOSED:
             # pybreaker moves open -> half-open on the first call after the
@@ -116,20 +139,17 @@ class CircuitBreakerFilter(Filter):
                 self._count(b, outcome == "failed")
         return resp
 
-    async def _healthy(self, b: Breaker, ex: Exchange, call_next: Handler) -> ProxyResponse:
+    async def _healthy(self, ex: Exchange, call_next: Handler) -> ProxyResponse:
         """Closed with no failure streak: the common case, without pybreaker's
         ~10 µs ``calling()`` per request (measured). A success there would
         record nothing (the streak is already 0), so only a failure is handed
         to pybreaker, after the fact, with the same effect on its counters."""
         try:
             resp = await call_next(ex)
-        except UpstreamError as e:
-            self._record_failure(b, e)
+        except BaseException as e:
+            self.after_error(ex, e)
             raise
-        if resp.status in self.statuses:
-            self._record_failure(b, _FailedStatus(resp))
-        elif b.window is not None:
-            self._count(b, False)
+        self.after(ex, resp)
         return resp
 
     def _record_failure(self, b: Breaker, exc: Exception) -> None:

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from proxy.chain import Exchange, Filter, Handler, ProxyResponse
+from proxy.chain import Defer, Exchange, Filter, Handler, ProxyResponse
 from proxy.errors import SidecarError
 
 from .config import Config, Limit
@@ -101,7 +101,14 @@ class RateLimitFilter(Filter):
         self.default = default
         self.overrides = overrides
         self.store = store
-        self.sync = store.sync  # a Store (stores.py): memory decides without a coroutine
+        # A Store (stores.py) says whether it decides without a coroutine
+        # (memory, the shared table) or awaits (Redis).
+        self.store_sync = store.sync
+        # [rate_limit.upstream]: runs between the local limits and the upstream,
+        # around the call, so a paced route keeps handle().
+        self.pacer = pacer
+        # A sync layer (proxy/chain.py): an in-process store and no pacing.
+        self.sync = self.store_sync and pacer is None
         self.key_of = key_function(config.key)
         self.enforce = config.enforce
         # Shadow mode never makes a request wait.
@@ -110,9 +117,7 @@ class RateLimitFilter(Filter):
         self.backend_errors = backend_errors
         self._last_warning = 0.0
         # The memory store decides a single limit without lists (_handle_one).
-        self.decide_one = getattr(store, "decide_one", None) if self.sync else None
-        # [rate_limit.upstream]: runs between the local limits and the upstream.
-        self.pacer = pacer
+        self.decide_one = getattr(store, "decide_one", None) if self.store_sync else None
 
     def group_for(self, method: str, path: str) -> Group | None:
         for m, p, prefix, group in self.overrides:
@@ -125,63 +130,90 @@ class RateLimitFilter(Filter):
             return list(group.prefixes)
         return [p + value for p in group.prefixes]
 
-    async def handle(self, ex: Exchange, call_next: Handler) -> ProxyResponse:
-        if self.pacer is not None:
-            pacer, upstream = self.pacer, call_next
-            call_next = lambda e: pacer.handle(e, upstream)  # noqa: E731
-        group = self.group_for(ex.method, ex.path) if self.overrides else self.default
-        if group is None:
-            return await call_next(ex)
-        if self.decide_one is not None and len(group.limits) == 1:
-            return await self._handle_one(ex, call_next, group)
-        keys = self.keys_for(group, None if self.key_of is None else self.key_of(ex))
+    def _max_wait(self, ex: Exchange) -> float:
         max_wait = self.max_wait
         if max_wait and ex.deadline is not None:
             # No point queueing past the route's own deadline.
             max_wait = min(max_wait, max(ex.deadline - time.monotonic(), 0.0))
+        return max_wait
+
+    def before(self, ex: Exchange) -> Defer | None:  # type: ignore[override]
+        """The in-process stores (memory, and the shared table of several
+        workers) decide without awaiting: a sync layer (proxy/chain.py); only
+        a queued request takes the asynchronous path, to wait."""
+        group = self.group_for(ex.method, ex.path) if self.overrides else self.default
+        if group is None:
+            return None
         try:
-            if self.sync:
-                d: Decision = self.store.decide(keys, group.limits, max_wait)
+            if self.decide_one is not None and len(group.limits) == 1:
+                wait = self._one(ex, group)
             else:
-                d = await self.store.decide(keys, group.limits, max_wait)
+                keys = self.keys_for(group, None if self.key_of is None else self.key_of(ex))
+                wait = self._decided(ex, group, self.store.decide(keys, group.limits, self._max_wait(ex)))
         except BACKEND_ERRORS as e:
-            return await self._backend_down(ex, call_next, e)
+            self._backend_down(ex, e)
+            return None
+        if wait:
+            return Defer(_after_sleep(wait))
+        return None
+
+    async def handle(self, ex: Exchange, call_next: Handler) -> ProxyResponse:
+        if self.pacer is not None:
+            pacer, upstream = self.pacer, call_next
+            call_next = lambda e: pacer.handle(e, upstream)  # noqa: E731
+        if self.store_sync:
+            d = self.before(ex)
+            if d is not None:
+                return await d.run(ex, call_next)
+            return await call_next(ex)
+        group = self.group_for(ex.method, ex.path) if self.overrides else self.default
+        if group is None:
+            return await call_next(ex)
+        keys = self.keys_for(group, None if self.key_of is None else self.key_of(ex))
+        try:
+            d = await self.store.decide(keys, group.limits, self._max_wait(ex))
+        except BACKEND_ERRORS as e:
+            self._backend_down(ex, e)
+            return await call_next(ex)
+        wait = self._decided(ex, group, d)
+        if wait:
+            await asyncio.sleep(wait)
+        return await call_next(ex)
+
+    def _decided(self, ex: Exchange, group: Group, d: Decision) -> float:
+        """Headers, counters and log for a decision; the seconds to wait
+        before going on (0: now). Raises RateLimited when refused."""
         if d.admitted:
             bound = _tightest(d)
+            _headers(ex.response_headers, group, d, bound)
             if d.wait > 0:
                 for c in group.counters["queued"]:
                     c.inc()
                 ex.log["rate_limit"] = {"result": "queued", "wait_ms": round(d.wait * 1000, 1)}
-                _headers(ex.response_headers, group, d, bound)
-                await asyncio.sleep(d.wait)
-            else:
-                for c in group.counters["allowed"]:
-                    c.inc()
-                ex.log["rate_limit"] = {"result": "allowed"}
-                _headers(ex.response_headers, group, d, bound)
-            return await call_next(ex)
+                return d.wait
+            for c in group.counters["allowed"]:
+                c.inc()
+            ex.log["rate_limit"] = {"result": "allowed"}
+            return 0.0
         i = d.refused_by
         name = group.limits[i].name
         _headers(ex.response_headers, group, d, i)
         if not self.enforce:
             group.counters["shadow_rejected"][i].inc()
             ex.log["rate_limit"] = {"result": "shadow_rejected", "limit": name}
-            return await call_next(ex)
+            return 0.0
         group.counters["rejected"][i].inc()
         ex.log["rate_limit"] = {"result": "rejected", "limit": name}
         raise RateLimited(f"rate limit {name!r} exceeded", headers={"Retry-After": str(max(1, math.ceil(d.wait)))})
 
-    async def _handle_one(self, ex: Exchange, call_next: Handler, group: Group) -> ProxyResponse:
-        """``handle`` for one limit on the memory store: the same decision,
+    def _one(self, ex: Exchange, group: Group) -> float:
+        """``_decided`` for one limit on the memory store: the same decision,
         headers, counters and log, without the per-request lists."""
         key = group.prefixes[0] if self.key_of is None else group.prefixes[0] + self.key_of(ex)
         max_wait = self.max_wait
         if max_wait and ex.deadline is not None:
-            max_wait = min(max_wait, max(ex.deadline - time.monotonic(), 0.0))
-        try:
-            admitted, wait, rem, reset = self.decide_one(key, group.limits[0], max_wait)  # type: ignore[misc]
-        except BACKEND_ERRORS as e:
-            return await self._backend_down(ex, call_next, e)
+            max_wait = self._max_wait(ex)
+        admitted, wait, rem, reset = self.decide_one(key, group.limits[0], max_wait)  # type: ignore[misc]
         reset_s = str(math.ceil(reset - 1e-6)) if reset > 0 else "0"
         if not admitted:
             rem = 0
@@ -196,21 +228,21 @@ class RateLimitFilter(Filter):
             if wait > 0:
                 group.counters["queued"][0].inc()
                 ex.log["rate_limit"] = {"result": "queued", "wait_ms": round(wait * 1000, 1)}
-                await asyncio.sleep(wait)
-            else:
-                group.counters["allowed"][0].inc()
-                ex.log["rate_limit"] = {"result": "allowed"}
-            return await call_next(ex)
+                return wait
+            group.counters["allowed"][0].inc()
+            ex.log["rate_limit"] = {"result": "allowed"}
+            return 0.0
         name = group.limits[0].name
         if not self.enforce:
             group.counters["shadow_rejected"][0].inc()
             ex.log["rate_limit"] = {"result": "shadow_rejected", "limit": name}
-            return await call_next(ex)
+            return 0.0
         group.counters["rejected"][0].inc()
         ex.log["rate_limit"] = {"result": "rejected", "limit": name}
         raise RateLimited(f"rate limit {name!r} exceeded", headers={"Retry-After": str(max(1, math.ceil(wait)))})
 
-    async def _backend_down(self, ex: Exchange, call_next: Handler, err: BaseException) -> ProxyResponse:
+    def _backend_down(self, ex: Exchange, err: BaseException) -> None:
+        """Fail open (return: the request goes on) or raise RateLimitUnavailable."""
         self.backend_errors.inc()
         now = time.monotonic()
         if now - self._last_warning > 10:
@@ -219,12 +251,21 @@ class RateLimitFilter(Filter):
                         type(err).__name__, "letting traffic through" if self.fail_open else "answering 503")
         if self.fail_open:
             ex.log["rate_limit"] = {"result": "backend_error", "fail_open": True}
-            return await call_next(ex)
+            return
         ex.log["rate_limit"] = {"result": "backend_error", "fail_open": False}
         raise RateLimitUnavailable()
 
     def describe(self) -> dict[str, Any]:
         return self.config.model_dump()
+
+
+def _after_sleep(wait: float) -> Callable[[Exchange, Handler], Any]:
+    """A queued request's asynchronous path: wait its reserved turn, go on."""
+    async def run(ex: Exchange, call_next: Handler) -> ProxyResponse:
+        await asyncio.sleep(wait)
+        return await call_next(ex)
+
+    return run
 
 
 def _tightest(d: Decision) -> int:

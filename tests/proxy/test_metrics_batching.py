@@ -50,11 +50,59 @@ def test_inflight_is_read_when_collected():
     assert "sidecar_inflight_requests 1.0" in m.exposition().decode()
 
 
-def test_multiprocess_updates_go_straight_to_the_metric(tmp_path, monkeypatch):
-    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
-    m = Metrics()
-    child = m.requests.labels("p", "GET", "200")
-    assert m.batched(child) is child
-    hchild = m.duration.labels("p")
-    assert m.batched_histogram(hchild) is hchild
-    assert m.enter == m.inflight.inc
+def test_multiprocess_updates_are_batched_and_written_when_flushed(tmp_path):
+    """workers > 1: prometheus-client's multiprocess values (one mmap'ed file
+    per process) get the batched updates at a flush, not one write each.
+    prometheus-client picks its value class at import, so this runs in a
+    fresh interpreter with PROMETHEUS_MULTIPROC_DIR set, as a worker does."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import asyncio
+        from prometheus_client import CollectorRegistry, generate_latest
+        from prometheus_client.multiprocess import MultiProcessCollector
+        from proxy.metrics import Metrics
+
+        def shared(path):
+            agg = CollectorRegistry()
+            MultiProcessCollector(agg, path=path)
+            return generate_latest(agg).decode()
+
+        async def main(path):
+            m = Metrics()
+            inc = m.batched(m.requests.labels("p", "GET", "200")).inc
+            obs = m.batched_histogram(m.duration.labels("p")).observe
+            for _ in range(5):
+                inc()
+                obs(0.002)
+            m.enter()
+            line = 'sidecar_requests_total{method="GET",route="p",status="200"}'
+            before = shared(path)
+            assert line + " 0.0" in before, before          # nothing written per request
+            m.start_flushing(0.05)
+            for _ in range(200):                            # the timer writes them (poll, deadline 10 s)
+                await asyncio.sleep(0.05)
+                after = shared(path)
+                if line + " 5.0" in after:
+                    break
+            assert line + " 5.0" in after, after
+            assert 'sidecar_request_duration_seconds_bucket{le="0.0025",route="p"} 5.0' in after, after
+            assert "sidecar_inflight_requests 1.0" in after, after
+            inc()
+            m.leave()
+            m.stop_flushing()                                # shutdown writes what is pending
+            final = shared(path)
+            assert line + " 6.0" in final and "sidecar_inflight_requests 0.0" in final, final
+            print("ok")
+
+        import os
+        asyncio.run(main(os.environ["PROMETHEUS_MULTIPROC_DIR"]))
+    """)
+    from pathlib import Path
+    repo = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=repo,
+                         env={**__import__("os").environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path),
+                              "PYTHONPATH": str(repo)})
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
