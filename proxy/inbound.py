@@ -129,11 +129,11 @@ class InboundHandler(OutboundHandler):
             return await ep(request)
         return await super().__call__(request)
 
-    def _admit(self, request: BaseRequest, hin, rid: str, started: float) -> "tuple[Route, Exchange]":
-        route, ex = super()._admit(request, hin, rid, started)
+    def _admit(self, request: BaseRequest, head, rid: str, started: float) -> "tuple[Route, Exchange, bool]":
+        route, ex, continue_ = super()._admit(request, head, rid, started)
         # Inbound routes keep the whole path: /api/orders goes to service_url/api/orders.
         ex.path = request.raw_path.partition("?")[0]
-        return route, ex
+        return route, ex, continue_
 
 
 class Inbound:
