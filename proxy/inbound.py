@@ -205,16 +205,13 @@ def sidecar_runtime_startup(runtime: "Runtime") -> None:
 
 @hookimpl
 async def sidecar_listeners_start(runtime: "Runtime", sidecar: Any) -> None:
-    from .server import SidecarServer, parser_limits
+    from .server import aiohttp_server
 
     inbound = inbound_of(runtime)
     if not (inbound.configured or inbound.endpoints or inbound.handler.table.routes):
         return
     s = inbound.settings
-    server = SidecarServer(inbound.handler, handler_cancellation=True, access_log=None,
-                           **parser_limits(runtime))
-    runner = web.ServerRunner(server, shutdown_timeout=runtime.settings.sidecar.drain_timeout,
-                              access_log=None)
+    runner = aiohttp_server(inbound.handler, runtime, s)
     inbound.port = await sidecar.serve_runner("inbound", runner, s.host, s.port)
     log.info("inbound listener on %s:%d (%d webhook paths, %d routes)", s.host, inbound.port,
              len(inbound.endpoints), len(inbound.handler.table.routes))
