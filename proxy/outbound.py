@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 from aiohttp.web_request import BaseRequest
 
-from .admission import Admission, finish_headers, request_id
+from .admission import Admission, UpgradeNotSupported, finish_headers, request_id
 from .chain import Exchange, ProxyResponse
-from .errors import RequestBodyTooLarge, SidecarError
+from .errors import BadRequest, RequestBodyTooLarge, SidecarError
 from .http import strip_hop_by_hop
 from .upstream import BodyOverflow
 
@@ -115,13 +115,21 @@ class OutboundHandler:
         metrics = rt.metrics
         metrics.enter()
         try:
+            close = False
             try:
+                if request.version < (1, 0):
+                    # issue 11: "GET /x" with no version was forwarded as
+                    # HTTP/1.1 and answered as HTTP/0.9; refuse it and close.
+                    close = True
+                    raise BadRequest("HTTP/0.9 requests are not supported")
                 route, ex, continue_ = self._admit(request, head, rid, started)
                 if continue_ and request.version >= (1, 1):
                     await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
                 resp = await route.handler(ex)
             except SidecarError as e:
                 resp = ProxyResponse.error(e, rid)
+                # After a refused upgrade the client may send what is not HTTP/1.1.
+                close = close or isinstance(e, UpgradeNotSupported)
             except asyncio.CancelledError:
                 self._log(request, route, ex, rid, 499, started, "client_closed")
                 raise
@@ -129,7 +137,7 @@ class OutboundHandler:
                 log.exception("request %s failed inside the sidecar", rid)
                 resp = ProxyResponse.error(SidecarError(), rid)
             try:
-                out, error = await self._send(request, resp, ex, rid)
+                out, error = await self._send(request, resp, ex, rid, close)
             except (asyncio.CancelledError, ConnectionError):
                 # The client left while the response was streaming (how most
                 # SSE streams end): the status went out, so log that.
@@ -156,11 +164,13 @@ class OutboundHandler:
         return self.admission.admit(head, self.match, rid, started)
 
     async def _send(self, request: BaseRequest, resp: ProxyResponse, ex: Exchange | None,
-                    rid: str) -> tuple[web.StreamResponse, str | None]:
+                    rid: str, close: bool = False) -> tuple[web.StreamResponse, str | None]:
         """Stream ``resp`` to the client; returns the response and an error code
         when the upstream failed after the status line was sent."""
         headers = finish_headers(resp, ex, rid)
         out = ProxyStreamResponse(status=resp.status, reason=resp.reason, headers=headers)
+        if close:
+            out.force_close()
         if request.body_exists and not request.content.is_eof() and (
                 ex is None or not isinstance(ex.body, bytes | None)):
             # Answered before the request body was read (an error, a cached or

@@ -60,6 +60,7 @@ class ServerConnection(asyncio.Protocol):
         self._headers: list[tuple[bytes, bytes]] = []
         self._body_full = False
         self._reading_paused = False
+        self.pending_error: SidecarError | None = None
 
     # ---- asyncio.Protocol --------------------------------------------------
 
@@ -217,11 +218,17 @@ class ServerConnection(asyncio.Protocol):
         if body is not None and body.paused:
             body.paused = False
             self._body_full = False
-        if not keep or self.closing or not head.complete:
+        if not keep or not head.complete:
             self._close()
             return
         if self.queue:
             self._next()
+            return
+        if self.pending_error is not None:
+            self.error_and_close(self.pending_error)
+            return
+        if self.closing:
+            self._close()
             return
         self._update_reading()
         now = time.monotonic()
@@ -269,7 +276,8 @@ class ServerConnection(asyncio.Protocol):
         if self.active is None:
             self.error_and_close(err)
         else:
-            self.closing = True
+            # nginx answers the requests before the malformed one first.
+            self.pending_error = err
 
     def error_and_close(self, err: SidecarError) -> None:
         """A sidecar JSON error (with a fresh request id) outside any route, then close."""
