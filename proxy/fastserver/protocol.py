@@ -78,6 +78,10 @@ class ServerConnection(asyncio.Protocol):
             return
         try:
             self.parser.feed_data(data)
+            # Requests start once the whole read is parsed, so a body that
+            # came in the same packet is complete when the answer is written.
+            if self.active is None and self.queue:
+                self._next()
         except httptools.HttpParserUpgrade:
             # The upgrade request itself was queued (and is refused with 501
             # until WebSocket passthrough); what follows is not HTTP/1.1.
@@ -180,7 +184,6 @@ class ServerConnection(asyncio.Protocol):
         self.queue.append(head)
         if self.active is None:
             self.deadline = None
-            self._next()
         else:
             self._update_reading()
 
@@ -201,7 +204,7 @@ class ServerConnection(asyncio.Protocol):
     # ---- requests --------------------------------------------------------------
 
     def _next(self) -> None:
-        if self.active is not None or not self.queue or self.closed:
+        if self.active is not None or not self.queue or self.closed or self.transport.is_closing():  # type: ignore[union-attr]
             return
         head = self.queue.popleft()
         self.active = head
@@ -258,6 +261,8 @@ class ServerConnection(asyncio.Protocol):
     def _stop_input(self) -> None:
         self.input_done = True
         self._update_reading()
+        if self.active is None and self.queue:
+            self._next()
 
     def _parse_error(self, err: SidecarError, exc: BaseException) -> None:
         """Answer a malformed request with the JSON error once the requests
@@ -281,7 +286,7 @@ class ServerConnection(asyncio.Protocol):
 
     def error_and_close(self, err: SidecarError) -> None:
         """A sidecar JSON error (with a fresh request id) outside any route, then close."""
-        if self.transport is None or self.closed:
+        if self.transport is None or self.closed or self.transport.is_closing():
             return
         rid = new_request_id()
         body = error_body(err.code, err.message, rid)
