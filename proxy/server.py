@@ -28,9 +28,10 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
 from .admin import make_admin_app
-from .config import Settings, load_settings
+from .config import Listener, Settings, load_settings
 from .admission import RequestTimeout
 from .errors import error_body
+from .fastserver.accept import Acceptor
 from .http import new_request_id
 from .outbound import OutboundHandler
 from .runtime import Runtime
@@ -109,9 +110,23 @@ class JsonErrorRequestHandler(RequestHandler):
 
 
 class SidecarServer(web.Server):
+    """aiohttp's server with the sidecar's request handler; connections are
+    accepted by an Acceptor (``max_connections``, proxy/fastserver/accept.py)."""
+
     def __init__(self, *args: Any, header_timeout: float | None = None, **kw: Any) -> None:
         super().__init__(*args, **kw)
         self._header_timeout = header_timeout
+        self.acceptor: Acceptor | None = None
+
+    def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
+        super().connection_made(handler, transport)
+        if self.acceptor is not None:
+            self.acceptor.opened()
+
+    def connection_lost(self, handler: RequestHandler, exc: BaseException | None = None) -> None:
+        super().connection_lost(handler, exc)
+        if self.acceptor is not None:
+            self.acceptor.closed()
 
     def __call__(self) -> RequestHandler:
         return JsonErrorRequestHandler(self, loop=self._loop, header_timeout=self._header_timeout,
@@ -160,7 +175,7 @@ def parser_limits(rt: Runtime) -> dict[str, int]:
 def aiohttp_server(handler: Any, rt: Runtime, section: Any) -> web.ServerRunner:
     """An aiohttp-served listener (inbound; outbound with server = "aiohttp")
     with the JSON errors, the route-derived parser limits and [limits]'s
-    client timeouts (max_connections is enforced by the fast server only)."""
+    client timeouts (max_connections: the Acceptor, see Sidecar._serve)."""
     header_timeout, keepalive, _ = rt.settings.limits.for_listener(section)
     server = SidecarServer(handler, handler_cancellation=True, access_log=None,
                            header_timeout=header_timeout, keepalive_timeout=keepalive,
@@ -202,6 +217,7 @@ class Sidecar:
         self.runtime: Runtime | None = None
         self._runners: list[web.BaseRunner] = []
         self._fast: list[Any] = []
+        self._acceptors: list[Acceptor] = []
         self.ports: dict[str, int] = {}
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
@@ -255,9 +271,17 @@ class Sidecar:
         await runner.setup()
         self._runners.append(runner)
         sock = bind(host, port, self.reuse_port)
-        site = web.SockSite(runner, sock)
-        await site.start()
         self.ports[name] = sock.getsockname()[1]
+        server = runner.server
+        if isinstance(server, SidecarServer):
+            assert self.runtime is not None
+            section = getattr(self.settings, name, None) or self.runtime.extra_settings.get(name)
+            limit = (self.settings.limits.for_listener(section)[2] if isinstance(section, Listener)
+                     else self.settings.limits.max_connections)
+            server.acceptor = Acceptor(sock, server, limit, name)
+            self._acceptors.append(server.acceptor)
+        else:
+            await web.SockSite(runner, sock).start()
         return self.ports[name]
 
     @staticmethod
@@ -309,6 +333,8 @@ class Sidecar:
         timeout = self.settings.sidecar.drain_timeout if drain else 0.0
         for fast in self._fast:
             fast.stop_accepting()
+        for acceptor in self._acceptors:
+            acceptor.close()
         for runner in self._runners:
             for site in list(runner.sites):
                 await site.stop()
@@ -319,6 +345,7 @@ class Sidecar:
             await asyncio.gather(*jobs, return_exceptions=True)
             log.info("listeners drained in %.2fs", time.monotonic() - t0)
         self._fast.clear()
+        self._acceptors.clear()
         self._runners.clear()
         if self.runtime is not None and not self._runtime_stopped:
             self._runtime_stopped = True

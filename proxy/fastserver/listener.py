@@ -9,6 +9,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from ..admission import Admission
+from .accept import Acceptor
 from .protocol import ServerConnection
 
 if TYPE_CHECKING:
@@ -40,88 +41,32 @@ class FastServer:
         self.max_headers = max_headers
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self.conns: set[ServerConnection] = set()
-        self.sock: socket.socket | None = None
+        self.acceptor: Acceptor | None = None
         self.port = 0
-        self._accepting = False
-        self._opening = 0
         self._sweeper: asyncio.TimerHandle | None = None
         self._empty: asyncio.Event | None = None
-        self._backoff: asyncio.TimerHandle | None = None
 
     async def start(self, sock: socket.socket) -> None:
         self.loop = asyncio.get_running_loop()
-        self.sock = sock
         self._empty = asyncio.Event()
-        self._resume_accepting()
+        self.acceptor = Acceptor(sock, lambda: ServerConnection(self), self.max_connections, "outbound")
         # Deadlines are checked by one sweep per listener, not a timer per
         # request (arming and cancelling timers costs ~2 µs a request); a
         # deadline fires up to one tick late.
         self._tick = max(0.05, min(1.0, self.header_timeout / 4, self.keepalive_timeout / 4))
         self._sweeper = self.loop.call_later(self._tick, self._sweep)
 
-    # ---- accepting -------------------------------------------------------------
-
-    def _resume_accepting(self) -> None:
-        if not self._accepting and self.sock is not None:
-            self._accepting = True
-            self.loop.add_reader(self.sock.fileno(), self._accept)
-
-    def _pause_accepting(self) -> None:
-        if self._accepting and self.sock is not None:
-            self._accepting = False
-            self.loop.remove_reader(self.sock.fileno())
-
-    def _accept(self) -> None:
-        sock = self.sock
-        if sock is None:
-            return
-        for _ in range(64):
-            if len(self.conns) + self._opening >= self.max_connections:
-                self._pause_accepting()
-                return
-            try:
-                conn, _addr = sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as e:
-                # EMFILE/ENFILE: out of file descriptors. Stop reading the
-                # listening socket for a moment instead of spinning on it.
-                log.error("accept failed (%s); pausing new connections for 1s", e.strerror)
-                self._pause_accepting()
-                if self._backoff is None:
-                    self._backoff = self.loop.call_later(1.0, self._after_backoff)
-                return
-            conn.setblocking(False)
-            if conn.family != socket.AF_UNIX:
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._opening += 1
-            self.loop.create_task(self._connect(conn))
-
-    def _after_backoff(self) -> None:
-        self._backoff = None
-        if len(self.conns) < self.max_connections:
-            self._resume_accepting()
-
-    async def _connect(self, conn: socket.socket) -> None:
-        try:
-            await self.loop.connect_accepted_socket(lambda: ServerConnection(self), conn)
-        except OSError:
-            conn.close()
-        finally:
-            self._opening -= 1
-
     def connection_opened(self, conn: ServerConnection) -> None:
         self.conns.add(conn)
+        self.acceptor.opened()
         if self._empty is not None:
             self._empty.clear()
 
     def connection_closed(self, conn: ServerConnection) -> None:
         self.conns.discard(conn)
+        self.acceptor.closed()
         if not self.conns and self._empty is not None:
             self._empty.set()
-        if (not self._accepting and self.sock is not None and self._backoff is None
-                and len(self.conns) + self._opening < self.max_connections):
-            self._resume_accepting()
 
     # ---- deadlines ---------------------------------------------------------------
 
@@ -135,13 +80,8 @@ class FastServer:
 
     def stop_accepting(self) -> None:
         """Close the listening socket: new connections are refused at once."""
-        self._pause_accepting()
-        if self._backoff is not None:
-            self._backoff.cancel()
-            self._backoff = None
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
+        if self.acceptor is not None:
+            self.acceptor.close()
 
     async def drain(self, timeout: float) -> None:
         """Idle connections close now, busy ones after their response; past

@@ -162,14 +162,17 @@ async def test_idle_keepalive_connection_is_closed(sidecar_factory, upstream, se
     assert rest == b"" and 0.3 < time.monotonic() - t0 < 5
 
 
-async def test_max_connections_holds_new_ones_in_the_backlog(sidecar_factory, upstream):
-    sc = await sidecar_factory({"p": policy(upstream.url)}, config="[limits]\nmax_connections = 2\n")
+@pytest.mark.parametrize("server", ["fast", "aiohttp"])
+async def test_max_connections_holds_new_ones_in_the_backlog(sidecar_factory, upstream, server):
+    sc = await sidecar_factory({"p": policy(upstream.url)}, config="[limits]\nmax_connections = 2\n",
+                               outbound=f'server = "{server}"')
     port = sc.sidecar.ports["outbound"]
+    acceptor = sc.sidecar._fast[0].acceptor if server == "fast" else sc.sidecar._acceptors[0]
     conns = [await raw(port) for _ in range(2)]
     for reader, writer in conns:
         writer.write(b"GET /p/x HTTP/1.1\r\nHost: x\r\n\r\n")
         assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).startswith(b"HTTP/1.1 200")
-    await wait_for(lambda: len(sc.sidecar._fast[0].conns) == 2)
+    await wait_for(lambda: acceptor.open == 2)
     # The third connects (the kernel's backlog) but is not served...
     reader3, writer3 = await raw(port)
     writer3.write(b"GET /p/third HTTP/1.1\r\nHost: x\r\n\r\n")
