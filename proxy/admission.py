@@ -32,7 +32,7 @@ class ExpectationFailed(SidecarError):
 
 
 class UpgradeNotSupported(SidecarError):
-    status, code, message = 501, "upgrade_not_supported", "protocol upgrades (WebSocket) are not proxied"
+    status, code, message = 501, "upgrade_not_supported", "this protocol upgrade is not proxied here"
 
 
 class RequestTimeout(SidecarError):
@@ -80,9 +80,11 @@ def request_id(head: RequestHead) -> str:
 class Admission:
     """The checks and header rules every request passes, for one listener."""
 
-    def __init__(self, trusted: list[str], scheme: str = "http") -> None:
+    def __init__(self, trusted: list[str], scheme: str = "http", *, websocket: bool = False) -> None:
         self.trusted = TrustedProxies(trusted)
         self.scheme = scheme
+        # The listener can relay a WebSocket (the fast server, issue 10).
+        self.websocket = websocket
 
     def admit(self, head: RequestHead, match, rid: str, started: float) -> "tuple[Route, Exchange, bool]":
         """The route and Exchange for ``head`` (raises a SidecarError to answer);
@@ -107,10 +109,15 @@ class Admission:
             raise HeadersTooLarge(f"request headers exceed {route.max_header_size} bytes")
         get = head.get
         upgrade = get("Upgrade")
+        websocket = False
         if upgrade is not None and "upgrade" in (get("Connection") or "").lower():
-            # WebSocket and other upgrades are not proxied: refuse clearly
-            # rather than forward a request that silently lost its Upgrade.
-            raise UpgradeNotSupported()
+            # RFC 6455 4.1: a WebSocket opens with a GET. Other upgrades (h2c)
+            # and listeners or upstream clients that cannot relay one are
+            # refused clearly rather than forwarded without their Upgrade.
+            if not (self.websocket and upgrade.strip().lower() == "websocket" and head.method == "GET"
+                    and getattr(route.upstream, "upgrades", False)):
+                raise UpgradeNotSupported()
+            websocket = True
         length = head.content_length
         if length is not None and length > route.max_body:
             raise RequestBodyTooLarge(f"request body exceeds {route.max_body} bytes")
@@ -136,10 +143,14 @@ class Admission:
             extra = [("X-Forwarded-For", peer or ""), ("X-Forwarded-Proto", self.scheme),
                      ("X-Forwarded-Host", host)]
         extra.append(("X-Request-ID", rid))
+        if websocket:
+            extra += [("Connection", "Upgrade"), ("Upgrade", upgrade)]
         ex = head.build(route, rest, query, extra, expect is not None,
                         request_id=rid, started=started, max_body=route.max_body, target=raw,
                         body_length=length, tenant=get(route.tenant_header), client_ip=peer,
                         deadline=started + route.total_timeout if route.total_timeout else None)
+        if websocket:
+            ex.vars["_websocket"] = True
         return route, ex, continue_
 
 

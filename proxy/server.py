@@ -29,7 +29,7 @@ from aiohttp.web_request import BaseRequest
 
 from .admin import make_admin_app
 from .config import Listener, Settings, load_settings
-from .admission import RequestTimeout
+from .admission import Admission, RequestTimeout
 from .errors import error_body
 from .fastserver.accept import Acceptor
 from .http import new_request_id
@@ -242,7 +242,8 @@ class Sidecar:
             from .fastserver import start_fast
 
             handler = OutboundHandler(rt)
-            fast = await start_fast(rt, handler.match, handler.admission, s.outbound,
+            admission = Admission(s.outbound.trusted_proxies, websocket=True)
+            fast = await start_fast(rt, handler.match, admission, s.outbound,
                                     bind(s.outbound.host, s.outbound.port, self.reuse_port))
             self._fast.append(fast)
             self.ports["outbound"] = fast.port

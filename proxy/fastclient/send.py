@@ -13,6 +13,7 @@ from ..chain import Exchange, ProxyResponse
 from ..errors import RequestBodyTooLarge, SidecarError, UpstreamTimeout, UpstreamUnavailable
 from ..rawexchange import RawExchange
 from .conn import Conn, _Failed, _Lease, _map
+from .upgrade import Upgraded, upgrade_headers
 
 if TYPE_CHECKING:
     from ..config import Timeouts
@@ -32,6 +33,9 @@ def _chunked(data: bytes) -> bytes:
 
 class FastUpstream:
     """One upstream base URL on the fast client (same contract as upstream.Upstream)."""
+
+    #: Can hand a 101's connection over (WebSocket passthrough on the fast server).
+    upgrades = True
 
     def __init__(self, url: str, pool: Pool, timeouts: "Timeouts") -> None:
         u = URL(url)
@@ -138,6 +142,7 @@ class FastUpstream:
         if deadline is not None and deadline - time.monotonic() <= 0:
             raise UpstreamTimeout()
         head_req = method == "HEAD"
+        upgrade = "_websocket" in ex.vars
         replayable = stream is None
         pool = self.pool
         fresh = False
@@ -148,6 +153,7 @@ class FastUpstream:
                 raise _map(e, pool) from None
             reused = conn.requests > 0
             conn.begin(head_req, self._idle, deadline)
+            conn._upgrade = upgrade
             pump = None
             try:
                 conn.transport.write(data + payload if payload else data)  # type: ignore[union-attr]
@@ -183,6 +189,10 @@ class FastUpstream:
             pump.cancel()
             conn._poisoned = True
         status = conn._status
+        if status == 101:
+            up = Upgraded(conn)
+            return ProxyResponse(101, upgrade_headers(conn), up, reason=conn._reason, release=up.close,
+                                 upstream=True)
         resp_headers = conn.response_headers()
         whole = conn.take_body()
         if whole is not None:

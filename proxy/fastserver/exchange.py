@@ -9,7 +9,10 @@ from typing import TYPE_CHECKING, Any
 from ..admission import finish_headers, request_id
 from ..chain import Exchange, ProxyResponse
 from ..errors import SidecarError
+from ..fastclient.upgrade import Upgraded
 from .response import EMPTY_STATUS, LAST_CHUNK, chunk, http_date, serialize
+
+from .tunnel import Tunnel
 
 if TYPE_CHECKING:
     from ..routes import Route
@@ -83,6 +86,8 @@ async def respond(conn: "ServerConnection", head: "FastHead", resp: ProxyRespons
     method = head.method
     version = head.version if head.version == "1.0" else "1.1"
     keep = head.keep_alive and not conn.closing
+    if conn.input_done and not conn.queue and conn.pending_error is None:
+        keep = False  # nothing after this request can be parsed (an upgrade, HTTP/0.9)
     if head.has_body and not head.complete:
         # Answered before the request body was read (an error, a cached or
         # short-circuit answer): do not leave the connection mid-body.
@@ -93,6 +98,8 @@ async def respond(conn: "ServerConnection", head: "FastHead", resp: ProxyRespons
     body = resp.body
     transport = conn.transport
     assert transport is not None
+    if status == 101 and isinstance(body, Upgraded) and ex is not None and "_websocket" in ex.vars:
+        return await _tunnel(conn, resp, body, ex, headers)
     if isinstance(body, bytes | bytearray):
         if method != "HEAD" or not resp.upstream:
             # RFC 9110 9.3.2: a HEAD answer says what a GET would get.
@@ -142,6 +149,27 @@ async def respond(conn: "ServerConnection", head: "FastHead", resp: ProxyRespons
         resp.close()
         raise
     return keep, None
+
+
+async def _tunnel(conn: "ServerConnection", resp: ProxyResponse, body: Upgraded, ex: Exchange,
+                  headers: Any) -> tuple[bool, str | None]:
+    """Send the upstream's 101 and relay bytes both ways until a side closes."""
+    assert conn.transport is not None
+    headers.popall("Content-Length", None)
+    conn.transport.write(serialize("1.1", 101, resp.reason, headers))
+    timeouts = getattr(ex.route.upstream, "timeouts", None)
+    tunnel = Tunnel(conn, body.conn, (timeouts.idle or None) if timeouts is not None else None)
+    resp._release = None  # the tunnel owns the upstream connection now
+    tail, conn.upgrade_tail = conn.upgrade_tail, b""
+    tunnel.start(body.tail, tail)
+    try:
+        await asyncio.shield(tunnel.done)
+    finally:
+        if not tunnel.done.done():
+            tunnel.close("sidecar")
+        ex.log["websocket"] = {"to_upstream_bytes": tunnel.to_upstream, "to_client_bytes": tunnel.to_client,
+                               "ended_by": tunnel.ended_by}
+    return False, None
 
 
 def _connection(headers: Any, keep: bool, version: str) -> None:

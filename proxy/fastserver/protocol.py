@@ -24,6 +24,7 @@ from ..http import new_request_id
 from .body import ClientGone, RequestBody
 from .exchange import serve
 from .head import FastHead
+from .tunnel import Tunnel
 
 if TYPE_CHECKING:
     from .listener import FastServer
@@ -61,6 +62,8 @@ class ServerConnection(asyncio.Protocol):
         self._body_full = False
         self._reading_paused = False
         self.pending_error: SidecarError | None = None
+        self.tunnel: Tunnel | None = None
+        self.upgrade_tail = b""
 
     # ---- asyncio.Protocol --------------------------------------------------
 
@@ -74,6 +77,9 @@ class ServerConnection(asyncio.Protocol):
         self.deadline_kind = "header"
 
     def data_received(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel.from_client(data)
+            return
         if self.input_done:
             return
         try:
@@ -82,9 +88,10 @@ class ServerConnection(asyncio.Protocol):
             # came in the same packet is complete when the answer is written.
             if self.active is None and self.queue:
                 self._next()
-        except httptools.HttpParserUpgrade:
-            # The upgrade request itself was queued (and is refused with 501
-            # until WebSocket passthrough); what follows is not HTTP/1.1.
+        except httptools.HttpParserUpgrade as e:
+            # The upgrade request itself was queued; what follows it is not
+            # HTTP/1.1 (WebSocket frames, relayed once the upstream said 101).
+            self.upgrade_tail = data[e.args[0]:] if e.args else b""
             self._stop_input()
         except httptools.HttpParserCallbackError as e:
             if isinstance(e.__context__, _TooLarge):
@@ -96,6 +103,9 @@ class ServerConnection(asyncio.Protocol):
             self._parse_error(BadRequest("malformed HTTP request"), e)
 
     def eof_received(self) -> bool | None:
+        if self.tunnel is not None:
+            self.tunnel.close("client")
+            return None
         if self.parsing is not None and self.parsing.body is not None:
             self.parsing.body.fail(ClientGone("the client closed before the request body ended"))
         return None  # close the transport: connection_lost follows
@@ -106,6 +116,10 @@ class ServerConnection(asyncio.Protocol):
         self.closed = True
         self.deadline = None
         self.server.connection_closed(self)
+        if self.tunnel is not None:
+            # The usual end of a WebSocket: the request finishes normally.
+            self.tunnel.close("client")
+            return
         parsing = self.parsing
         if parsing is not None and parsing.body is not None:
             parsing.body.fail(ClientGone("the client went away"))
@@ -125,6 +139,8 @@ class ServerConnection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.paused_writing = False
+        if self.tunnel is not None:
+            self.tunnel.client_writable()
         w = self.drain_waiter
         if w is not None and not w.done():
             w.set_result(None)
@@ -230,7 +246,7 @@ class ServerConnection(asyncio.Protocol):
         if self.pending_error is not None:
             self.error_and_close(self.pending_error)
             return
-        if self.closing:
+        if self.closing or self.input_done:
             self._close()
             return
         self._update_reading()
@@ -299,6 +315,9 @@ class ServerConnection(asyncio.Protocol):
     def expire(self) -> None:
         """The deadline passed: 408 for a head that did not arrive, close an idle connection."""
         self.deadline = None
+        if self.tunnel is not None:
+            self.tunnel.close("idle")
+            return
         if self.closed or self.active is not None:
             return
         if self.deadline_kind == "header":
