@@ -169,6 +169,12 @@ async def _tunnel(conn: "ServerConnection", resp: ProxyResponse, body: Upgraded,
             tunnel.close("sidecar")
         ex.log["websocket"] = {"to_upstream_bytes": tunnel.to_upstream, "to_client_bytes": tunnel.to_client,
                                "ended_by": tunnel.ended_by}
+        # Once per session, not per request: the registry lookup is fine here.
+        counter = conn.server.rt.metrics.counter(
+            "sidecar_websocket_bytes", "Bytes relayed by WebSocket tunnels, by route and direction.",
+            ["route", "direction"])
+        counter.labels(ex.route.name, "to_upstream").inc(tunnel.to_upstream)
+        counter.labels(ex.route.name, "to_client").inc(tunnel.to_client)
     return False, None
 
 

@@ -80,7 +80,9 @@ def test_port_in_use_fails_cleanly(tmp_path):
     taken = holder.getsockname()[1]
     adm = free_port()
     up = "http://127.0.0.1:9"
-    cfg = write_config(tmp_path, {"p": f'route = "/p"\nupstream = "{up}"\n'}, outbound_port=taken, admin_port=adm)
+    # client = "aiohttp": the runtime opens a ClientSession per upstream at start.
+    cfg = write_config(tmp_path, {"p": f'route = "/p"\nupstream = "{up}"\n'}, outbound_port=taken, admin_port=adm,
+                       outbound='client = "aiohttp"')
     sc = SidecarProcess(cfg, taken, adm)
     try:
         with pytest.raises(RuntimeError) as e:
@@ -91,3 +93,19 @@ def test_port_in_use_fails_cleanly(tmp_path):
     finally:
         sc.kill()
         holder.close()
+
+
+def test_fd_limit_is_raised_and_a_too_large_max_connections_warned(caplog):
+    import resource
+
+    from proxy.server import raise_fd_limit
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with caplog.at_level("WARNING", logger="sidecar"):
+        raise_fd_limit(100)
+    assert not [r for r in caplog.records if "max_connections" in r.getMessage()]
+    now_soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert now_soft == (hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20))
+    with caplog.at_level("WARNING", logger="sidecar"):
+        raise_fd_limit(now_soft + 1)
+    assert any("max_connections" in r.getMessage() for r in caplog.records)

@@ -92,6 +92,12 @@ async def test_echo_through_the_sidecar_with_auth_and_close_from_client(sidecar_
     assert ws_log["ended_by"] in ("client", "upstream")  # the WebSocket server closes TCP first
     assert ws_log["to_upstream_bytes"] > len(big) and ws_log["to_client_bytes"] > len(big)
     assert line["duration_ms"] > 0
+    async with client.get(f"{sc.admin}/metrics") as r:
+        text = await r.text()
+    up_bytes = next(float(x.rsplit(" ", 1)[1]) for x in text.splitlines()
+                    if x.startswith('sidecar_websocket_bytes_total{direction="to_upstream",route="p"}'))
+    assert up_bytes == ws_log["to_upstream_bytes"]
+    assert 'sidecar_requests_total{method="GET",route="p",status="101"} 1.0' in text
 
 
 async def test_close_from_upstream_reaches_the_client(sidecar_factory, ws_up, client):
