@@ -132,6 +132,7 @@ class Admission:
             continue_ = head.has_body
         peer = head.peer
         host = get("Host") or ""
+        extra: list[tuple[str, str]]
         if peer in self.trusted:
             xff = get("X-Forwarded-For")
             extra = [("X-Forwarded-For", f"{xff}, {peer}" if xff else (peer or ""))]
@@ -144,7 +145,7 @@ class Admission:
                      ("X-Forwarded-Host", host)]
         extra.append(("X-Request-ID", rid))
         if websocket:
-            extra += [("Connection", "Upgrade"), ("Upgrade", upgrade)]
+            extra += [("Connection", "Upgrade"), ("Upgrade", upgrade or "websocket")]
         ex = head.build(route, rest, query, extra, expect is not None,
                         request_id=rid, started=started, max_body=route.max_body, target=raw,
                         body_length=length, tenant=get(route.tenant_header), client_ip=peer,

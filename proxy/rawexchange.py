@@ -30,10 +30,10 @@ class RawExchange(Exchange):
 
     __slots__ = ("_lines", "_pairs", "_extra", "_host", "_length")
 
-    def __init__(self, route: Any, method: str, path: str, query: str, lines: bytes,
+    def __init__(self, route: Any, method: str, path: str, query: str, lines: bytes | None,
                  pairs: list[tuple[bytes, bytes]], extra: list[tuple[str, str]],
                  host: bytes | None, length: bytes | None, **kw: Any) -> None:
-        self._lines = lines
+        self._lines: bytes | None = lines
         self._pairs = pairs
         self._extra = extra
         self._host = host

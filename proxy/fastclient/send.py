@@ -51,7 +51,7 @@ class FastUpstream:
         self._connect = timeouts.connect
         self._idle = timeouts.idle or None
         # Route-constant header, prebuilt once (issue 10).
-        self._host_line = b"Host: " + self.authority.encode("idna" if not self.authority.isascii() else "ascii") + b"\r\n"
+        self._host_line = b"Host: " + (self.authority or "").encode("ascii", "surrogateescape") + b"\r\n"
 
     def _raw_request(self, ex: RawExchange, lines: bytes) -> tuple[bytes, bytes, AsyncIterator[bytes] | None, bool]:
         """The request head from the fast server's header bytes, when no filter

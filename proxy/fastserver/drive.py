@@ -76,7 +76,7 @@ class Driven:
             if not isinstance(exc, asyncio.CancelledError):
                 exc = asyncio.CancelledError()
         loop = self.loop
-        _enter(loop, self)
+        _enter(loop, self)  # type: ignore[arg-type]
         try:
             if exc is None:
                 result = self.ctx.run(self.coro.send, None)
@@ -94,7 +94,7 @@ class Driven:
             log.exception("fast server: request coroutine failed")
             return
         finally:
-            _leave(loop, self)
+            _leave(loop, self)  # type: ignore[arg-type]
         # (Callbacks below run outside the context: step() enters it, and a
         # context cannot be entered twice.)
         if getattr(result, "_asyncio_future_blocking", None):

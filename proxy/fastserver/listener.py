@@ -58,13 +58,15 @@ class FastServer:
 
     def connection_opened(self, conn: ServerConnection) -> None:
         self.conns.add(conn)
-        self.acceptor.opened()
+        if self.acceptor is not None:
+            self.acceptor.opened()
         if self._empty is not None:
             self._empty.clear()
 
     def connection_closed(self, conn: ServerConnection) -> None:
         self.conns.discard(conn)
-        self.acceptor.closed()
+        if self.acceptor is not None:
+            self.acceptor.closed()
         if not self.conns and self._empty is not None:
             self._empty.set()
 
