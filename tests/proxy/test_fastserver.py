@@ -260,3 +260,26 @@ async def test_slow_upstream_reader_pauses_the_client_upload(sidecar_factory):
     finally:
         release.set()
         await up.stop()
+
+
+def test_client_connection_limits_config(tmp_path):
+    from proxy.config import load_settings
+    from proxy.errors import ConfigError
+    from proxy.runtime import Runtime
+    from tests.support.sidecar import write_config
+
+    cfg = write_config(tmp_path, {"p": policy("http://127.0.0.1:9")},
+                       '[limits]\nheader_timeout = "3s"\nmax_connections = 7\n',
+                       outbound='keepalive_timeout = "9s"')
+    s = load_settings(cfg)
+    assert s.limits.for_listener(s.outbound) == (3.0, 9.0, 7)
+    assert s.limits.for_listener(s.admin) == (3.0, 75.0, 7)
+    assert s.outbound.server == "fast"
+    # They are listener settings: a policy's [limits] refuses them by name.
+    cfg = write_config(tmp_path / "bad", {"p": policy("http://127.0.0.1:9", '[limits]\nheader_timeout = "1s"\n')})
+    with pytest.raises(ConfigError) as e:
+        Runtime(load_settings(cfg)).load_policies()
+    assert any("limits.header_timeout: unknown key" in p for p in e.value.problems), e.value.problems
+    with pytest.raises(ConfigError) as e:
+        load_settings(write_config(tmp_path / "bad2", {}, "[limits]\nmax_connections = 0\n"))
+    assert any("limits.max_connections" in p for p in e.value.problems)

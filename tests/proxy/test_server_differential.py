@@ -131,6 +131,14 @@ CASES: list[tuple[str, bytes, int]] = [
     ("http09", b"GET /up/x\r\n\r\n", 1),
     ("garbage_line", b"HELLO THERE\r\n\r\n", 1),
     ("bad_version", b"GET /up/x HTTP/7.3\r\nHost: a\r\n\r\n", 1),
+    # A route with a filter that reads and edits ex.headers: the fast server
+    # sends from the mapping it builds then, not from the raw bytes.
+    ("edited_get", req("GET /uh/a?x=1 HTTP/1.1", "X-Request-ID: r43", "X-Dup: 1", "X-Dup: 2", "X-Drop: d",
+                       "Connection: X-Custom-Hop", "X-Custom-Hop: gone", "X-Utf8: h\u00e9llo"), 1),
+    ("edited_post_chunked", req("POST /uh/stream HTTP/1.1", "X-Request-ID: r44", "Transfer-Encoding: chunked",
+                                body=chunked(b"a" * 300, b"b" * 7000)), 1),
+    ("edited_post_cl", req("POST /uh/json HTTP/1.1", "X-Request-ID: r45", "Content-Length: 8", body=b'{"a": 1}'), 1),
+    ("edited_delete_bare", req("DELETE /uh/x HTTP/1.1", "X-Request-ID: r46"), 1),
     ("pipelined_then_malformed", req("GET /up/ok HTTP/1.1", "X-Request-ID: r42")
         + b"GET /up/x HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab", 2),
 ]
@@ -228,12 +236,21 @@ max_request_body = "100KB"
 """
 
 
+EDITING = """route = "/uh"
+upstream = "{url}"
+[headers.request]
+set = {{ "X-Set" = "s" }}
+remove = ["X-Drop"]
+"""
+
+
 async def test_fast_and_aiohttp_servers_agree(sidecar_factory):
     up = await FakeUpstream(respond).start()
     try:
         results: dict[str, dict[str, tuple]] = {}
         for server in ("aiohttp", "fast"):
-            sc = await sidecar_factory({"up": POLICY.format(url=up.url)}, outbound=f'server = "{server}"')
+            sc = await sidecar_factory({"up": POLICY.format(url=up.url), "uh": EDITING.format(url=up.url)},
+                                       outbound=f'server = "{server}"')
             assert sc.runtime.settings.outbound.server == server
             assert bool(sc.sidecar._fast) == (server == "fast")
             port = sc.sidecar.ports["outbound"]
@@ -288,6 +305,9 @@ async def test_fast_and_aiohttp_servers_agree(sidecar_factory):
         assert resp[3] == b"part-0;part-1;part-2;part-3;part-4;" and fate == "closed"
         (ok, bad), fate, seen = fast["pipelined_then_malformed"]
         assert ok[0] == 200 and bad[0] == 400 and fate == "closed" and len(seen) == 1
+        edited = fast["edited_get"][2][0][2]
+        assert ("x-set", "s") in edited and not any(k in ("x-drop", "x-custom-hop") for k, _ in edited)
+        assert fast["edited_post_chunked"][2][0][3] == b"a" * 300 + b"b" * 7000
         # Parser-level rejections carry a request id in the body and the header.
         (resp,), _, _ = fast["header_line_huge"]
         assert ("x-request-id", "<rid>") in resp[2] and b'"request_id":"<rid>"' in resp[3]
