@@ -68,6 +68,12 @@ class Driven:
     def get_loop(self) -> asyncio.AbstractEventLoop:
         return self.loop
 
+    def get_name(self) -> str:
+        return f"request-{id(self):x}"
+
+    def get_coro(self) -> Coroutine[Any, Any, None]:
+        return self.coro
+
     # ---- stepping --------------------------------------------------------------
 
     def step(self, exc: BaseException | None = None) -> None:

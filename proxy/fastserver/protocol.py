@@ -196,6 +196,9 @@ class ServerConnection(asyncio.Protocol):
             self._stop_input()
         if head.has_body:
             head.body = RequestBody(self)
+        # Trailer fields of a chunked body come through on_header too: they
+        # must not join this head's headers (aiohttp drops them as well).
+        self._headers = []
         self.parsing = head
         self.queue.append(head)
         if self.active is None:

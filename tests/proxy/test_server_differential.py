@@ -65,6 +65,8 @@ CASES: list[tuple[str, bytes, int]] = [
                     "Content-Length: 8", body=b'{"a": 1}'), 1),
     ("post_chunked", req("POST /up/stream HTTP/1.1", "X-Request-ID: r4", "Transfer-Encoding: chunked",
                          body=chunked(b"a" * 300, b"b" * 70000, b"c")), 1),
+    ("chunked_trailers", req("POST /up/trailers HTTP/1.1", "X-Request-ID: r4b", "Transfer-Encoding: chunked",
+                             body=b"3\r\nabc\r\n0\r\nX-Trailer: late\r\nAuthorization: Bearer sneaked\r\n\r\n"), 1),
     ("put_empty", req("PUT /up/empty HTTP/1.1", "X-Request-ID: r5", "Content-Length: 0"), 1),
     ("delete_bare", req("DELETE /up/thing/1 HTTP/1.1", "X-Request-ID: r6"), 1),
     ("post_bare", req("POST /up/bare HTTP/1.1", "X-Request-ID: r6b"), 1),
@@ -305,6 +307,9 @@ async def test_fast_and_aiohttp_servers_agree(sidecar_factory):
         assert resp[3] == b"part-0;part-1;part-2;part-3;part-4;" and fate == "closed"
         (ok, bad), fate, seen = fast["pipelined_then_malformed"]
         assert ok[0] == 200 and bad[0] == 400 and fate == "closed" and len(seen) == 1
+        # Trailer fields never become request headers.
+        trailed = fast["chunked_trailers"][2][0]
+        assert trailed[3] == b"abc" and not any(k in ("x-trailer", "authorization") for k, _ in trailed[2])
         edited = fast["edited_get"][2][0][2]
         assert ("x-set", "s") in edited and not any(k in ("x-drop", "x-custom-hop") for k, _ in edited)
         assert fast["edited_post_chunked"][2][0][3] == b"a" * 300 + b"b" * 7000
