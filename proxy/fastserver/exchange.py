@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from ..admission import finish_headers, request_id
 from ..chain import Exchange, ProxyResponse
 from ..errors import SidecarError
+from ..http import new_request_id
 from ..fastclient.upgrade import Upgraded
 from .response import EMPTY_STATUS, LAST_CHUNK, chunk, http_date, serialize
 
@@ -34,7 +35,8 @@ def serve(conn: "ServerConnection", head: "FastHead") -> Any:
 async def handle(conn: "ServerConnection", head: "FastHead") -> None:
     srv = conn.server
     rt = srv.rt
-    rid = request_id(head)
+    # A malformed head's own X-Request-ID is not trusted (as for parse errors).
+    rid = new_request_id() if head.malformed else request_id(head)
     route: Route | None = None
     ex: Exchange | None = None
     metrics = rt.metrics

@@ -13,6 +13,10 @@ if TYPE_CHECKING:
 
 _HOP = frozenset(h.lower().encode() for h in HOP_BY_HOP)
 # Set by admission (X-Forwarded-*, X-Request-ID) or kept apart (Host, Content-Length).
+# RFC 9110 fields defined as one value; a second line is a smuggling or
+# confusion attempt (RFC 9112 3.2 for Host). aiohttp's parser refuses the same set.
+_SINGLETONS = frozenset({b"content-length", b"content-location", b"content-range", b"content-type", b"etag",
+                         b"host", b"max-forwards", b"server", b"transfer-encoding", b"user-agent"})
 _APART = frozenset({b"host", b"content-length", b"x-forwarded-for", b"x-forwarded-proto",
                     b"x-forwarded-host", b"x-request-id"})
 
@@ -22,7 +26,7 @@ class FastHead:
 
     __slots__ = ("method", "target", "peer", "content_length", "has_body", "header_count",
                  "header_size", "raw", "_index", "version", "keep_alive", "body", "started",
-                 "complete", "upgrade", "reject")
+                 "complete", "upgrade", "reject", "malformed")
 
     def __init__(self, method: str, target: str, raw: list[tuple[bytes, bytes]], peer: str | None,
                  version: str, keep_alive: bool, started: float) -> None:
@@ -38,6 +42,7 @@ class FastHead:
         self.upgrade = False
         self.body: RequestBody | None = None
         self.reject: Any = None  # a SidecarError to answer instead of routing
+        self.malformed = False
         index: dict[bytes, bytes] = {}
         size = 0
         for k, v in raw:
@@ -48,10 +53,14 @@ class FastHead:
                 # sees all of them, as CIMultiDict.get would see the first).
                 if lk == b"connection":
                     index[lk] += b", " + v
+                elif lk in _SINGLETONS:
+                    self.malformed = True
                 continue
             index[lk] = v
         self.header_size = size
         self._index = index
+        if version == "1.1" and b"host" not in index:
+            self.malformed = True  # RFC 9112 3.2: an HTTP/1.1 request without Host is 400
         cl = index.get(b"content-length")
         # llhttp already refused a non-numeric, negative or conflicting length.
         self.content_length = int(cl) if cl is not None else None

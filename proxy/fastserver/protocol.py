@@ -188,7 +188,12 @@ class ServerConnection(asyncio.Protocol):
         head = FastHead(p.get_method().decode("ascii", "replace"),
                         self._url.decode("utf-8", "surrogateescape"), self._headers, self.peer,
                         version, p.should_keep_alive(), time.monotonic())
-        if version == "0.9":
+        if head.malformed:
+            # Answered and closed like the parser's own refusals.
+            head.reject = BadRequest("malformed HTTP request")
+            head.keep_alive = False
+            self._stop_input()
+        elif version == "0.9":
             # issue 11: "GET /x" with no version was forwarded as HTTP/1.1 and
             # answered as HTTP/0.9; refuse it and close.
             head.reject = BadRequest("HTTP/0.9 requests are not supported")

@@ -67,6 +67,12 @@ CASES: list[tuple[str, bytes, int]] = [
                          body=chunked(b"a" * 300, b"b" * 70000, b"c")), 1),
     ("chunked_trailers", req("POST /up/trailers HTTP/1.1", "X-Request-ID: r4b", "Transfer-Encoding: chunked",
                              body=b"3\r\nabc\r\n0\r\nX-Trailer: late\r\nAuthorization: Bearer sneaked\r\n\r\n"), 1),
+    ("duplicate_host", req("GET /up/x HTTP/1.1", "X-Request-ID: r4c", "Host: other.example"), 1),
+    ("duplicate_content_type", req("POST /up/x HTTP/1.1", "X-Request-ID: r4d", "Content-Type: a/b",
+                                   "Content-Type: c/d", "Content-Length: 2", body=b"hi"), 1),
+    ("duplicate_user_agent", req("GET /up/x HTTP/1.1", "X-Request-ID: r4e", "User-Agent: a", "User-Agent: b"), 1),
+    ("no_host", b"GET /up/x HTTP/1.1\r\nX-Request-ID: r4f\r\n\r\n", 1),
+    ("no_host_http10", b"GET /up/x HTTP/1.0\r\nX-Request-ID: r4g\r\n\r\n", 1),
     ("put_empty", req("PUT /up/empty HTTP/1.1", "X-Request-ID: r5", "Content-Length: 0"), 1),
     ("delete_bare", req("DELETE /up/thing/1 HTTP/1.1", "X-Request-ID: r6"), 1),
     ("post_bare", req("POST /up/bare HTTP/1.1", "X-Request-ID: r6b"), 1),
@@ -277,7 +283,8 @@ async def test_fast_and_aiohttp_servers_agree(sidecar_factory):
         assert not diffs, "\n".join(diffs)
         fast = results["fast"]
         # The rules themselves, not only agreement.
-        for name in ("cl_and_te", "duplicate_cl", "non_numeric_cl", "negative_cl", "obs_fold", "nul_in_value",
+        for name in ("duplicate_host", "duplicate_content_type", "duplicate_user_agent", "no_host",
+                     "cl_and_te", "duplicate_cl", "non_numeric_cl", "negative_cl", "obs_fold", "nul_in_value",
                      "cr_in_value", "te_not_chunked_last", "space_before_colon", "http09", "garbage_line",
                      "fragment", "fragment_plain", "dot_segment", "encoded_dot", "absolute_form"):
             (resp,), fate, seen = fast[name]
