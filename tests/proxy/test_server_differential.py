@@ -73,6 +73,14 @@ CASES: list[tuple[str, bytes, int]] = [
     ("duplicate_user_agent", req("GET /up/x HTTP/1.1", "X-Request-ID: r4e", "User-Agent: a", "User-Agent: b"), 1),
     ("no_host", b"GET /up/x HTTP/1.1\r\nX-Request-ID: r4f\r\n\r\n", 1),
     ("no_host_http10", b"GET /up/x HTTP/1.0\r\nX-Request-ID: r4g\r\n\r\n", 1),
+    ("expect_continue", req("POST /up/e HTTP/1.1", "X-Request-ID: r4h", "Expect: 100-continue",
+                            "Content-Length: 5", body=b"hello"), 2),
+    ("url_too_long", req("GET /up/" + "a" * 70000 + " HTTP/1.1"), 1),
+    ("te_gzip_chunked", req("POST /up/x HTTP/1.1", "X-Request-ID: r4i", "Transfer-Encoding: gzip, chunked",
+                            body=chunked(b"abc")), 1),
+    ("te_upper_case", req("POST /up/x HTTP/1.1", "X-Request-ID: r4j", "transfer-encoding: CHUNKED",
+                          body=chunked(b"abc")), 1),
+    ("options_asterisk", req("OPTIONS * HTTP/1.1", "X-Request-ID: r4k"), 1),
     ("put_empty", req("PUT /up/empty HTTP/1.1", "X-Request-ID: r5", "Content-Length: 0"), 1),
     ("delete_bare", req("DELETE /up/thing/1 HTTP/1.1", "X-Request-ID: r6"), 1),
     ("post_bare", req("POST /up/bare HTTP/1.1", "X-Request-ID: r6b"), 1),
@@ -314,6 +322,10 @@ async def test_fast_and_aiohttp_servers_agree(sidecar_factory):
         assert resp[3] == b"part-0;part-1;part-2;part-3;part-4;" and fate == "closed"
         (ok, bad), fate, seen = fast["pipelined_then_malformed"]
         assert ok[0] == 200 and bad[0] == 400 and fate == "closed" and len(seen) == 1
+        interim, final = fast["expect_continue"][0]
+        assert interim[0] == 100 and final[0] == 200 and fast["expect_continue"][2][0][3] == b"hello"
+        assert ("expect", "100-continue") not in fast["expect_continue"][2][0][2]
+        assert fast["url_too_long"][0][0][0] == 431
         # Trailer fields never become request headers.
         trailed = fast["chunked_trailers"][2][0]
         assert trailed[3] == b"abc" and not any(k in ("x-trailer", "authorization") for k, _ in trailed[2])
