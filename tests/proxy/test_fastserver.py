@@ -283,3 +283,21 @@ def test_client_connection_limits_config(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_settings(write_config(tmp_path / "bad2", {}, "[limits]\nmax_connections = 0\n"))
     assert any("limits.max_connections" in p for p in e.value.problems)
+
+
+async def test_header_timeout_applies_to_each_request_on_a_keepalive_connection(sidecar_factory, upstream):
+    sc = await sidecar_factory({"p": policy(upstream.url)},
+                               config='[limits]\nheader_timeout = "500ms"\nkeepalive_timeout = "30s"\n')
+    reader, writer = await raw(sc.sidecar.ports["outbound"])
+    for _ in range(2):  # slower than header_timeout in total, each head in time
+        writer.write(b"GET /p/x HTTP/1.1\r\nHost: x\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200")
+        length = int(next(ln.split(b":")[1] for ln in head.split(b"\r\n")
+                          if ln.lower().startswith(b"content-length")))
+        await reader.readexactly(length)
+        await asyncio.sleep(0.4)
+    writer.write(b"GET /p/x HTTP/1.1\r\nHo")  # a head that starts and stalls
+    data = await read_until_closed(reader, 10)
+    writer.close()
+    assert data.startswith(b"HTTP/1.1 408 ")
