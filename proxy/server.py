@@ -28,8 +28,8 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
 from .admin import make_admin_app
-from .config import Listener, Settings, load_settings
 from .admission import Admission, RequestTimeout
+from .config import Listener, Settings, load_settings
 from .errors import error_body
 from .fastserver.accept import Acceptor
 from .http import new_request_id

@@ -9,10 +9,9 @@ from typing import TYPE_CHECKING, Any
 from ..admission import finish_headers, request_id
 from ..chain import Exchange, ProxyResponse
 from ..errors import SidecarError
-from ..http import new_request_id
 from ..fastclient.upgrade import Upgraded
+from ..http import new_request_id
 from .response import EMPTY_STATUS, LAST_CHUNK, chunk, http_date, serialize
-
 from .tunnel import Tunnel
 
 if TYPE_CHECKING:
