@@ -19,6 +19,7 @@ class WsUpstream:
     def __init__(self) -> None:
         self.handshakes: list[dict[str, str]] = []
         self.closed_by_client = asyncio.Event()
+        self.flood_sent = 0
         self.runner = None
         self.port = 0
 
@@ -38,6 +39,13 @@ class WsUpstream:
             return web.json_response({"error": "no"}, status=403)
         ws = web.WebSocketResponse()
         await ws.prepare(request)
+        if request.match_info["tail"] == "flood":
+            frame = b"f" * (1 << 20)
+            for _ in range(64):  # send_bytes waits while the socket buffer is full
+                await ws.send_bytes(frame)
+                self.flood_sent += 1
+            await ws.close()
+            return ws
         async for msg in ws:
             if msg.type == WSMsgType.TEXT:
                 if msg.data == "bye":
@@ -161,3 +169,21 @@ async def test_upgrades_that_cannot_be_relayed_are_501(sidecar_factory, ws_up, v
                                         b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
     assert status == 501 and b"upgrade_not_supported" in body
     assert ws_up.handshakes == []
+
+
+async def test_slow_client_stalls_the_upstream_instead_of_buffering(sidecar_factory, ws_up, client):
+    """Backpressure through the tunnel: a client that does not read makes the
+    upstream's writes wait (socket buffers fill), the sidecar does not buffer
+    the 64 MiB in between."""
+    sc = await sidecar_factory({"p": policy(ws_up.url)})
+    async with client.ws_connect(f"{sc.url}/p/ws/flood", max_msg_size=0) as ws:
+        await asyncio.sleep(1.0)  # not reading
+        stalled_at = ws_up.flood_sent
+        assert stalled_at < 40, stalled_at
+        got = 0
+        while True:
+            msg = await asyncio.wait_for(ws.receive(), 10)
+            if msg.type != WSMsgType.BINARY:
+                break
+            got += 1
+        assert got == 64 and ws_up.flood_sent == 64
