@@ -11,7 +11,7 @@ from ..chain import Exchange, ProxyResponse
 from ..errors import SidecarError
 from ..fastclient.upgrade import Upgraded
 from ..http import new_request_id
-from .response import EMPTY_STATUS, LAST_CHUNK, chunk, http_date, serialize
+from .response import EMPTY_STATUS, LAST_CHUNK, BadHeader, chunk, http_date, serialize
 from .tunnel import Tunnel
 
 if TYPE_CHECKING:
@@ -58,7 +58,14 @@ async def handle(conn: "ServerConnection", head: "FastHead") -> None:
             log.exception("request %s failed inside the sidecar", rid)
             resp = ProxyResponse.error(SidecarError(), rid)
         try:
-            keep, error = await respond(conn, head, resp, ex, rid)
+            try:
+                keep, error = await respond(conn, head, resp, ex, rid)
+            except BadHeader:
+                # Nothing was written yet: a 500 instead of a split response (CWE-113).
+                log.error("request %s: a response header contains a line break; answered 500", rid)
+                resp.close()
+                resp = ProxyResponse.error(SidecarError(), rid)
+                keep, error = await respond(conn, head, resp, None, rid)
         except (asyncio.CancelledError, ConnectionError):
             # The client left while the response was streaming (how most SSE
             # streams end): the status went out, so log that.

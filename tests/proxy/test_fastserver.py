@@ -301,3 +301,44 @@ async def test_header_timeout_applies_to_each_request_on_a_keepalive_connection(
     data = await read_until_closed(reader, 10)
     writer.close()
     assert data.startswith(b"HTTP/1.1 408 ")
+
+
+SPLITTING_PLUGIN = '''
+from proxy.chain import Filter
+from proxy.config import Model
+from proxy.hookspecs import hookimpl
+from proxy.plugins import PluginSpec
+
+
+class Config(Model):
+    pass
+
+
+class Splitter(Filter):
+    async def handle(self, ex, call_next):
+        resp = await call_next(ex)
+        resp.headers["X-Split"] = "a\\r\\nSet-Cookie: injected=1"
+        return resp
+
+
+@hookimpl
+def sidecar_plugins_register():
+    return [PluginSpec("splitter", Config, 450, lambda cfg, ctx: Splitter(), description="bad header")]
+'''
+
+
+async def test_a_response_header_with_a_line_break_is_a_500_not_a_split(tmp_path, monkeypatch, sidecar_factory,
+                                                                          upstream, client):
+    mod = tmp_path / "mods"
+    mod.mkdir()
+    (mod / "splitting_plugin.py").write_text(SPLITTING_PLUGIN)
+    monkeypatch.syspath_prepend(str(mod))
+    try:
+        sc = await sidecar_factory({"p": policy(upstream.url, "[splitter]\n")},
+                                   sidecar='plugins = ["splitting_plugin"]')
+        async with client.get(f"{sc.url}/p/x") as r:
+            assert r.status == 500
+            assert r.headers["X-Sidecar-Error"] == "internal_error"
+            assert "Set-Cookie" not in r.headers
+    finally:
+        sys.modules.pop("splitting_plugin", None)
