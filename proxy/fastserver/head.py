@@ -26,7 +26,7 @@ class FastHead:
 
     __slots__ = ("method", "target", "peer", "content_length", "has_body", "header_count",
                  "header_size", "raw", "_index", "version", "keep_alive", "body", "started",
-                 "complete", "upgrade", "reject", "malformed")
+                 "complete", "upgrade", "reject", "malformed", "_lower")
 
     def __init__(self, method: str, target: str, raw: list[tuple[bytes, bytes]], peer: str | None,
                  version: str, keep_alive: bool, started: float) -> None:
@@ -45,9 +45,11 @@ class FastHead:
         self.malformed = False
         index: dict[bytes, bytes] = {}
         size = 0
+        lowered = self._lower = []
         for k, v in raw:
             size += len(k) + len(v) + 4
             lk = k.lower()
+            lowered.append(lk)
             if lk in index:
                 # RFC 9110 5.3: repeated fields combine with commas (a lookup
                 # sees all of them, as CIMultiDict.get would see the first).
@@ -82,8 +84,7 @@ class FastHead:
             drop = drop | {b"expect"}
         pairs = []
         lines = []
-        for k, v in self.raw:
-            lk = k.lower()
+        for (k, v), lk in zip(self.raw, self._lower):
             if lk in drop or lk in _APART:
                 continue
             pairs.append((k, v))
