@@ -45,7 +45,8 @@ class FastHead:
         self.malformed = False
         index: dict[bytes, bytes] = {}
         size = 0
-        lowered = self._lower = []
+        lowered: list[bytes] = []
+        self._lower = lowered
         for k, v in raw:
             size += len(k) + len(v) + 4
             lk = k.lower()
