@@ -38,6 +38,10 @@ def _check_listen(value: str) -> str:
 
 class Listener(Model):
     listen: str
+    # Client-connection limits of this listener; unset: [limits]'s value.
+    header_timeout: Duration | None = None
+    keepalive_timeout: Duration | None = None
+    max_connections: int | None = Field(default=None, ge=1)
 
     @field_validator("listen")
     @classmethod
@@ -64,6 +68,9 @@ class OutboundSettings(Listener):
     # Upstream HTTP client: "fast" (asyncio protocol + llhttp, proxy/fastclient/)
     # or "aiohttp" (ClientSession; the reference the fast one is tested against).
     client: Literal["fast", "aiohttp"] = "fast"
+    # Listener: "fast" (asyncio protocol + llhttp, proxy/fastserver/) or
+    # "aiohttp" (aiohttp's server; the reference the fast one is tested against).
+    server: Literal["fast", "aiohttp"] = "fast"
     # Peers (CIDRs) allowed to use the outbound listener; None = loopback only
     # by position (the listener must then bind a loopback address).
     allowed_clients: list[str] | None = Field(default=None, validate_default=True)
@@ -148,6 +155,31 @@ class Limits(Model):
     max_headers: int = Field(default=100, ge=1)
 
 
+class ServerLimits(Limits):
+    """config.toml ``[limits]``: the per-route limits (a policy's ``[limits]``
+    overrides those) and the client-connection limits of every listener
+    (a listener section may override these; issue 11 item 3)."""
+
+    # The whole request head must arrive within this; else 408 and close
+    # (nginx client_header_timeout, HAProxy timeout http-request).
+    header_timeout: Duration = Field(default=10.0, gt=0)
+    # Idle keep-alive client connections are closed after this (nginx's 75 s).
+    keepalive_timeout: Duration = Field(default=75.0, gt=0)
+    # Open client connections per worker and listener; past it new ones wait
+    # in the listen backlog.
+    max_connections: int = Field(default=10000, ge=1)
+
+    def route_limits(self) -> dict[str, Any]:
+        """The keys a policy's [limits] may override."""
+        return {k: getattr(self, k) for k in Limits.model_fields}
+
+    def for_listener(self, section: "Listener") -> tuple[float, float, int]:
+        """(header_timeout, keepalive_timeout, max_connections) for one listener."""
+        return (section.header_timeout if section.header_timeout is not None else self.header_timeout,
+                section.keepalive_timeout if section.keepalive_timeout is not None else self.keepalive_timeout,
+                section.max_connections if section.max_connections is not None else self.max_connections)
+
+
 class LoggingSettings(Model):
     # "stdout", "stderr", "off" or a file path.
     access_log: str = "stdout"
@@ -184,7 +216,7 @@ class Settings(Model):
     outbound: OutboundSettings = OutboundSettings()
     admin: AdminSettings = AdminSettings()
     state: StateSettings = StateSettings()
-    limits: Limits = Limits()
+    limits: ServerLimits = ServerLimits()
     logging: LoggingSettings = LoggingSettings()
 
     # Where config.toml lives: relative paths in it resolve against this folder.
@@ -468,9 +500,9 @@ def parse_policy(path: Path, raw: dict[str, Any], settings: Settings,
     core_raw = {k: v for k, v in raw.items() if k in CORE_POLICY_KEYS}
     # A policy's [limits] overrides config.toml's per key.
     if "limits" in core_raw and isinstance(core_raw["limits"], dict):
-        core_raw["limits"] = {**settings.limits.model_dump(), **core_raw["limits"]}
+        core_raw["limits"] = {**settings.limits.route_limits(), **core_raw["limits"]}
     else:
-        core_raw["limits"] = settings.limits.model_dump()
+        core_raw["limits"] = settings.limits.route_limits()
     core: PolicyCore | None = None
     try:
         core = PolicyCore(**core_raw)

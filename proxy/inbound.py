@@ -154,17 +154,14 @@ def sidecar_routes_build(runtime: "Runtime", policies: list[Policy], build: Any)
 
 @hookimpl
 async def sidecar_listeners_start(runtime: "Runtime", sidecar: Any) -> None:
-    from .server import SidecarServer, parser_limits
+    from .server import aiohttp_server
 
     inbound = inbound_of(runtime)
     table = runtime.tables.get(TABLE)
     if not (inbound.configured or (table is not None and table.routes)):
         return
     s = inbound.settings
-    server = SidecarServer(inbound.handler, handler_cancellation=True, access_log=None,
-                           **parser_limits(runtime))
-    runner = web.ServerRunner(server, shutdown_timeout=runtime.settings.sidecar.drain_timeout,
-                              access_log=None)
+    runner = aiohttp_server(inbound.handler, runtime, s)
     inbound.port = await sidecar.serve_runner("inbound", runner, s.host, s.port)
     routes = table.routes if table is not None else []
     log.info("inbound listener on %s:%d (%d webhook paths, %d routes)", s.host, inbound.port,

@@ -8,20 +8,18 @@ pluggy calls and no regex compilation happen here.
 from __future__ import annotations
 
 import asyncio
-import time
-import ipaddress
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 from aiohttp import web
 from aiohttp.web_request import BaseRequest
 
+from .admission import UpgradeNotSupported, admission_for, finish_headers, request_id
 from .chain import Exchange, ProxyResponse
-from .clients import ClientAllowList
-from .errors import BadRequest, HeadersTooLarge, NoRoute, RequestBodyTooLarge, SidecarError
-from .http import has_dot_segment, new_request_id, strip_hop_by_hop
-from .response_id import set_response_request_id
+from .errors import BadRequest, RequestBodyTooLarge, SidecarError
+from .http import strip_hop_by_hop
 from .upstream import BodyOverflow
 
 if TYPE_CHECKING:
@@ -29,14 +27,6 @@ if TYPE_CHECKING:
     from .runtime import Runtime
 
 log = logging.getLogger("sidecar.outbound")
-
-
-class ExpectationFailed(SidecarError):
-    status, code, message = 417, "expectation_failed", "unsupported Expect header"
-
-
-class UpgradeNotSupported(SidecarError):
-    status, code, message = 501, "upgrade_not_supported", "protocol upgrades (WebSocket) are not proxied"
 
 
 class ProxyStreamResponse(web.StreamResponse):
@@ -54,20 +44,42 @@ class ProxyStreamResponse(web.StreamResponse):
             h.popall("Server", None)
 
 
-class TrustedProxies:
-    """Peers whose X-Forwarded-* headers are kept and extended."""
+class AiohttpHead:
+    """An aiohttp request as admission reads it (proxy/admission.py)."""
 
-    def __init__(self, entries: list[str]) -> None:
-        self.nets = [ipaddress.ip_network(e, strict=False) for e in entries]
+    __slots__ = ("request", "hin", "method", "target", "peer", "content_length", "has_body",
+                 "header_count", "header_size", "get")
 
-    def __contains__(self, addr: str | None) -> bool:
-        if not self.nets or not addr:
-            return False
-        try:
-            ip = ipaddress.ip_address(addr)
-        except ValueError:
-            return False
-        return any(ip in n for n in self.nets)
+    def __init__(self, request: BaseRequest) -> None:
+        self.request = request
+        self.hin = request.headers
+        self.get = self.hin.get
+        self.method = request.method
+        # The target as sent (aiohttp's raw_path drops a '#fragment').
+        self.target = request._message.path
+        self.peer = request.remote
+        self.content_length = request.content_length
+        self.has_body = request.body_exists
+        raw = request.raw_headers
+        self.header_count = len(raw)
+        size = 0
+        for k, v in raw:
+            size += len(k) + len(v) + 4
+        self.header_size = size
+
+    def build(self, route: "Route", path: str, query: str, extra: list[tuple[str, str]],
+              drop_expect: bool, **kw) -> Exchange:
+        headers = strip_hop_by_hop(self.hin)
+        if drop_expect:
+            headers.popall("Expect", None)
+        for k, v in extra:
+            headers[k] = v
+        ex = Exchange(route, self.method, path, query, headers, **kw)
+        if self.has_body:
+            overflow = BodyOverflow()
+            ex.vars["_overflow"] = overflow
+            ex.body = _counted(self.request.content, route.max_body, overflow)
+        return ex
 
 
 async def _counted(content: "web.StreamReader", limit: int, overflow: BodyOverflow) -> AsyncIterator[bytes]:
@@ -86,8 +98,9 @@ async def _counted(content: "web.StreamReader", limit: int, overflow: BodyOverfl
 
 
 class OutboundHandler:
-    """The aiohttp low-level handler of a listener: the outbound one, and
-    (``listener="inbound"``, ``keep_path=True``) the inbound one.
+    """The aiohttp low-level handler of a listener: the outbound one with
+    ``[outbound] server = "aiohttp"``, and (``listener="inbound"``,
+    ``keep_path=True``) the inbound one.
 
     ``listener`` names the route table in ``runtime.tables``; ``keep_path``
     passes the whole request path on (the inbound listener forwards
@@ -98,30 +111,33 @@ class OutboundHandler:
     def __init__(self, runtime: "Runtime", *, listener: str = "outbound", keep_path: bool = False) -> None:
         self.rt = runtime
         self.listener = listener
-        self.keep_path = keep_path
-        self.trusted = TrustedProxies(runtime.settings.outbound.trusted_proxies)
-        self.scheme = "http"
-        # [outbound] allowed_clients is the outbound listener's alone.
-        self.clients: ClientAllowList | None = (
-            ClientAllowList(runtime.settings.outbound.allowed_clients) if listener == "outbound" else None)
+        self.admission = admission_for(runtime, listener, keep_path=keep_path)
 
     async def __call__(self, request: BaseRequest) -> web.StreamResponse:
         rt = self.rt
         started = time.monotonic()
-        hin = request.headers
-        rid = hin.get("X-Request-ID") or new_request_id()
+        head = AiohttpHead(request)
+        rid = request_id(head)
         route: Route | None = None
         ex: Exchange | None = None
         metrics = rt.metrics
         metrics.enter()
         try:
+            close = False
             try:
-                route, ex = self._admit(request, hin, rid, started)
-                if "Expect" in hin:
-                    await self._expect(request, ex)
+                if request.version < (1, 0):
+                    # issue 11: "GET /x" with no version was forwarded as
+                    # HTTP/1.1 and answered as HTTP/0.9; refuse it and close.
+                    close = True
+                    raise BadRequest("HTTP/0.9 requests are not supported")
+                route, ex, continue_ = self._admit(request, head, rid, started)
+                if continue_ and request.version >= (1, 1):
+                    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
                 resp = await route.handler(ex)
             except SidecarError as e:
                 resp = ProxyResponse.error(e, rid)
+                # After a refused upgrade the client may send what is not HTTP/1.1.
+                close = close or isinstance(e, UpgradeNotSupported)
             except asyncio.CancelledError:
                 self._log(request, route, ex, rid, 499, started, "client_closed")
                 raise
@@ -129,7 +145,7 @@ class OutboundHandler:
                 log.exception("request %s failed inside the sidecar", rid)
                 resp = ProxyResponse.error(SidecarError(), rid)
             try:
-                out, error = await self._send(request, resp, ex, rid)
+                out, error = await self._send(request, resp, ex, rid, close)
             except (asyncio.CancelledError, ConnectionError):
                 # The client left while the response was streaming (how most
                 # SSE streams end): the status went out, so log that.
@@ -147,80 +163,22 @@ class OutboundHandler:
                        route.name if route is not None else "", ex, rid, status, started, error,
                        request.headers)
 
-    async def _expect(self, request: BaseRequest, ex: Exchange) -> None:
-        """RFC 9110 10.1.1: answer ``100-continue`` ourselves once the request
-        passed the route and size checks (as nginx does), and do not forward it:
-        the body is already on its way. Any other expectation is 417."""
-        expect = ex.headers.popall("Expect", [""])[0]
-        if expect.lower() != "100-continue":
-            raise ExpectationFailed(f"unsupported expectation {expect[:40]!r}")
-        if request.version >= (1, 1) and request.body_exists:
-            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-
     def match(self, path: str) -> "tuple[Route, str] | None":
         """The route for ``path`` in this listener's table."""
         return self.rt.tables[self.listener].match(path)
 
-    def _admit(self, request: BaseRequest, hin, rid: str, started: float) -> "tuple[Route, Exchange]":
-        if self.clients is not None:
-            self.clients.check(request.remote)
-        raw = request.raw_path
-        path, _, query = raw.partition("?")
-        if not path.startswith("/"):
-            raise BadRequest("request target must be a path (origin-form)")
-        if has_dot_segment(path):
-            raise BadRequest("path must not contain '.' or '..' segments")
-        m = self.match(path)
-        if m is None:
-            raise NoRoute(f"no route for {path}")
-        route, rest = m
-        raw_headers = request.raw_headers
-        if len(raw_headers) > route.max_headers:
-            raise HeadersTooLarge(f"more than {route.max_headers} request headers")
-        size = 0
-        for k, v in raw_headers:
-            size += len(k) + len(v) + 4
-        if size > route.max_header_size:
-            raise HeadersTooLarge(f"request headers exceed {route.max_header_size} bytes")
-        if "Upgrade" in hin and "upgrade" in hin.get("Connection", "").lower():
-            # WebSocket and other upgrades are not proxied: refuse clearly
-            # rather than forward a request that silently lost its Upgrade.
-            raise UpgradeNotSupported()
-        length = request.content_length
-        if length is not None and length > route.max_body:
-            raise RequestBodyTooLarge(f"request body exceeds {route.max_body} bytes")
-        headers = strip_hop_by_hop(hin)
-        peer = request.remote
-        if peer in self.trusted:
-            xff = hin.get("X-Forwarded-For")
-            headers["X-Forwarded-For"] = f"{xff}, {peer}" if xff else (peer or "")
-            headers.setdefault("X-Forwarded-Proto", self.scheme)
-            headers.setdefault("X-Forwarded-Host", hin.get("Host", ""))
-        else:
-            headers["X-Forwarded-For"] = peer or ""
-            headers["X-Forwarded-Proto"] = self.scheme
-            headers["X-Forwarded-Host"] = hin.get("Host", "")
-        headers["X-Request-ID"] = rid
-        ex = Exchange(route, request.method, path if self.keep_path else rest, query, headers, request_id=rid, started=started,
-                      max_body=route.max_body, target=raw, body_length=length,
-                      tenant=hin.get(route.tenant_header), client_ip=peer,
-                      deadline=started + route.total_timeout if route.total_timeout else None)
-        if request.body_exists:
-            overflow = BodyOverflow()
-            ex.vars["_overflow"] = overflow
-            ex.body = _counted(request.content, route.max_body, overflow)
-        return route, ex
+    def _admit(self, request: BaseRequest, head: AiohttpHead, rid: str,
+               started: float) -> "tuple[Route, Exchange, bool]":
+        return self.admission.admit(head, self.match, rid, started)
 
     async def _send(self, request: BaseRequest, resp: ProxyResponse, ex: Exchange | None,
-                    rid: str) -> tuple[web.StreamResponse, str | None]:
+                    rid: str, close: bool = False) -> tuple[web.StreamResponse, str | None]:
         """Stream ``resp`` to the client; returns the response and an error code
         when the upstream failed after the status line was sent."""
-        headers = resp.headers
-        if ex is not None and ex.response_headers:
-            for k, v in ex.response_headers:
-                headers[k] = v
-        set_response_request_id(headers, rid, ex)
+        headers = finish_headers(resp, ex, rid)
         out = ProxyStreamResponse(status=resp.status, reason=resp.reason, headers=headers)
+        if close:
+            out.force_close()
         if request.body_exists and not request.content.is_eof() and (
                 ex is None or not isinstance(ex.body, bytes | None)):
             # Answered before the request body was read (an error, a cached or

@@ -28,8 +28,11 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
 from .admin import make_admin_app
-from .config import Settings, load_settings
+from .admission import RequestTimeout, admission_for
+from .config import Listener, Settings, load_settings
 from .errors import error_body
+from .fastserver.accept import Acceptor
+from .http import new_request_id
 from .logs import log_startup, setup_logging
 from .outbound import OutboundHandler
 from .runtime import Runtime
@@ -38,11 +41,51 @@ log = logging.getLogger("sidecar")
 
 
 class JsonErrorRequestHandler(RequestHandler):
-    """aiohttp's protocol handler, answering parse errors with our JSON errors.
+    """aiohttp's protocol handler, answering parse errors with our JSON errors,
+    and closing a connection whose first request head does not arrive within
+    ``header_timeout`` with 408 (issue 11 item 3; aiohttp has no such limit).
 
     Oversized header lines and too many headers become 431 (Envoy's choice);
     every other framing error (CL+TE, bad Content-Length, bad bytes) is 400.
     """
+
+    def __init__(self, *args: Any, header_timeout: float | None = None, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self._header_timeout = header_timeout
+        self._header_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if self._header_timeout:
+            self._header_timer = self._loop.call_later(self._header_timeout, self._head_late)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._header_timer is not None and self._request_count:
+            # The first head is in; keepalive_timeout covers the idle time after.
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+        super().connection_lost(exc)
+
+    def _head_late(self) -> None:
+        self._header_timer = None
+        transport = self.transport
+        if transport is None or self._request_count:
+            return
+        log.info("request head from %s did not arrive within %.1fs", self.peername, self._header_timeout)
+        err = RequestTimeout()
+        rid = new_request_id()
+        body = error_body(err.code, err.message, rid)
+        transport.write(b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
+                        b"X-Sidecar-Error: %b\r\nX-Request-ID: %b\r\nContent-Length: %d\r\n"
+                        b"Connection: close\r\n\r\n%b" % (err.code.encode(), rid.encode(), len(body), body))
+        self.force_close()
+        transport.close()
 
     def handle_error(self, request: BaseRequest, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
@@ -58,26 +101,66 @@ class JsonErrorRequestHandler(RequestHandler):
             status, code, text = 500, "internal_error", "internal error"
         if status != 500:
             log.warning("rejected malformed request from %s: %s", request.remote, type(exc).__name__)
-        resp = web.Response(status=status, body=error_body(code, text, None),
-                            headers={"Content-Type": "application/json", "X-Sidecar-Error": code})
+        # issue 11 item 8: a request id, as for every other sidecar error.
+        rid = new_request_id()
+        resp = web.Response(status=status, body=error_body(code, text, rid),
+                            headers={"Content-Type": "application/json", "X-Sidecar-Error": code,
+                                     "X-Request-ID": rid})
         resp.force_close()
         return resp
 
 
 class SidecarServer(web.Server):
+    """aiohttp's server with the sidecar's request handler; connections are
+    accepted by an Acceptor (``max_connections``, proxy/fastserver/accept.py)."""
+
+    def __init__(self, *args: Any, header_timeout: float | None = None, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self._header_timeout = header_timeout
+        self.acceptor: Acceptor | None = None
+
+    def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
+        super().connection_made(handler, transport)
+        if self.acceptor is not None:
+            self.acceptor.opened()
+
+    def connection_lost(self, handler: RequestHandler, exc: BaseException | None = None) -> None:
+        super().connection_lost(handler, exc)
+        if self.acceptor is not None:
+            self.acceptor.closed()
+
     def __call__(self) -> RequestHandler:
-        return JsonErrorRequestHandler(self, loop=self._loop, **self._kwargs)
+        return JsonErrorRequestHandler(self, loop=self._loop, header_timeout=self._header_timeout,
+                                       **self._kwargs)
+
+
+class SidecarAppRunner(web.AppRunner):
+    """An AppRunner (the admin listener) served by SidecarServer: JSON parse
+    errors and the header timeout, as on the other listeners."""
+
+    def __init__(self, app: web.Application, *, header_timeout: float, **kw: Any) -> None:
+        super().__init__(app, **kw)
+        self._header_timeout = header_timeout
+
+    async def _make_server(self) -> web.Server:
+        plain = await super()._make_server()
+        return SidecarServer(plain.request_handler, request_factory=plain.request_factory,
+                             header_timeout=self._header_timeout, **plain._kwargs)
 
 
 def bind(host: str, port: int, reuse_port: bool) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if reuse_port:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
-    sock.listen(2048)
-    sock.setblocking(False)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
     return sock
 
 
@@ -88,6 +171,39 @@ def parser_limits(rt: Runtime) -> dict[str, int]:
     size = max(lim.max_header_size for lim in limits)
     return {"max_line_size": max(size, 8190), "max_field_size": max(size, 8190),
             "max_headers": max(lim.max_headers for lim in limits) + 1}
+
+
+def aiohttp_server(handler: Any, rt: Runtime, section: Any) -> web.ServerRunner:
+    """An aiohttp-served listener (inbound; outbound with server = "aiohttp")
+    with the JSON errors, the route-derived parser limits and [limits]'s
+    client timeouts (max_connections: the Acceptor, see Sidecar._serve)."""
+    header_timeout, keepalive, _ = rt.settings.limits.for_listener(section)
+    server = SidecarServer(handler, handler_cancellation=True, access_log=None,
+                           header_timeout=header_timeout, keepalive_timeout=keepalive,
+                           **parser_limits(rt))
+    return web.ServerRunner(server, shutdown_timeout=rt.settings.sidecar.drain_timeout, access_log=None)
+
+
+def raise_fd_limit(wanted: int) -> None:
+    """RLIMIT_NOFILE soft up to hard (issue 11 item 3), and a warning when the
+    configured connections cannot all have a descriptor."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on Windows
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    # A client connection is one descriptor (its upstream connection comes
+    # from a pool bounded by pool_size); keep some for files, Redis, pools.
+    if wanted + 256 > soft:
+        log.warning("max_connections = %d exceeds what the file-descriptor limit (%d) allows; "
+                    "raise it (ulimit -n, LimitNOFILE) or lower max_connections", wanted, soft)
 
 
 class Sidecar:
@@ -101,25 +217,51 @@ class Sidecar:
         self.reuse_port = reuse_port
         self.runtime: Runtime | None = None
         self._runners: list[web.BaseRunner] = []
+        self._fast: list[Any] = []
+        self._acceptors: list[Acceptor] = []
         self.ports: dict[str, int] = {}
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
+        self._runtime_stopped = False
 
     async def start(self) -> None:
+        try:
+            await self._start()
+        except BaseException:
+            # A failed start (a port in use) closes what it opened: no
+            # "Unclosed client session" in the log (issue 11 item 8).
+            await self.stop(drain=False)
+            raise
+
+    async def _start(self) -> None:
         s = self.settings
         rt = self.runtime = Runtime(s, worker_id=self.worker_id)
         await rt.start()
-        server = SidecarServer(OutboundHandler(rt), handler_cancellation=True,
-                               access_log=None, **parser_limits(rt))
-        runner = web.ServerRunner(server, shutdown_timeout=s.sidecar.drain_timeout, access_log=None)
-        await self._serve("outbound", runner, s.outbound.host, s.outbound.port)
+        limits = s.limits
+        wanted = limits.for_listener(s.outbound)[2]  # the largest listener's cap
+        if s.outbound.server == "fast":
+            from .fastserver import start_fast
+
+            handler = OutboundHandler(rt)
+            admission = admission_for(rt, "outbound", websocket=True)
+            fast = await start_fast(rt, handler.match, admission, s.outbound,
+                                    bind(s.outbound.host, s.outbound.port, self.reuse_port))
+            self._fast.append(fast)
+            self.ports["outbound"] = fast.port
+        else:
+            await self._serve("outbound", aiohttp_server(OutboundHandler(rt), rt, s.outbound),
+                              s.outbound.host, s.outbound.port)
         if self.with_admin:
-            admin = web.AppRunner(make_admin_app(rt), access_log=None,
-                                  shutdown_timeout=min(2.0, s.sidecar.drain_timeout))
+            ht, ka, mc = limits.for_listener(s.admin)
+            wanted = max(wanted, mc)
+            admin = SidecarAppRunner(make_admin_app(rt), access_log=None, header_timeout=ht,
+                                     keepalive_timeout=ka,
+                                     shutdown_timeout=min(2.0, s.sidecar.drain_timeout))
             await self._serve("admin", admin, s.admin.host, s.admin.port)
         for extra in rt.pm.hook.sidecar_listeners_start(runtime=rt, sidecar=self):
             if inspect.isawaitable(extra):
                 await extra
+        raise_fd_limit(wanted)
         if s.sidecar.watch:
             self._tasks.append(asyncio.create_task(self._watch_policies()))
 
@@ -129,12 +271,40 @@ class Sidecar:
 
     async def _serve(self, name: str, runner: web.BaseRunner, host: str, port: int) -> int:
         await runner.setup()
-        sock = bind(host, port, self.reuse_port)
-        site = web.SockSite(runner, sock)
-        await site.start()
         self._runners.append(runner)
+        sock = bind(host, port, self.reuse_port)
         self.ports[name] = sock.getsockname()[1]
+        server = runner.server
+        if isinstance(server, SidecarServer):
+            assert self.runtime is not None
+            section = getattr(self.settings, name, None) or self.runtime.extra_settings.get(name)
+            limit = (self.settings.limits.for_listener(section)[2] if isinstance(section, Listener)
+                     else self.settings.limits.max_connections)
+            server.acceptor = Acceptor(sock, server, limit, name)
+            self._acceptors.append(server.acceptor)
+        else:
+            await web.SockSite(runner, sock).start()
         return self.ports[name]
+
+    @staticmethod
+    async def _drain_runner(runner: web.BaseRunner, timeout: float) -> None:
+        """aiohttp's cleanup waits ``shutdown_timeout`` for in-flight handlers,
+        then as long again after cancelling only their request bodies: cut
+        the handlers at ``timeout`` so the whole drain ends on time."""
+        server = runner.server
+        cut = None
+        if server is not None:
+            def cut_handlers() -> None:
+                for conn in list(server.connections):
+                    task = getattr(conn, "_task_handler", None)
+                    if task is not None and not task.done():
+                        task.cancel()
+            cut = asyncio.get_running_loop().call_later(timeout, cut_handlers)
+        try:
+            await runner.cleanup()
+        finally:
+            if cut is not None:
+                cut.cancel()
 
     async def _watch_policies(self) -> None:
         from watchfiles import awatch
@@ -156,15 +326,31 @@ class Sidecar:
     async def wait(self) -> None:
         await self._stop.wait()
 
-    async def stop(self) -> None:
-        """Drain: stop accepting, let in-flight requests finish (up to drain_timeout)."""
+    async def stop(self, drain: bool = True) -> None:
+        """Drain (issue 11 item 4): every listener stops accepting at once, then
+        all of them finish their in-flight requests concurrently, within
+        ``drain_timeout``."""
         for t in self._tasks:
             t.cancel()
-        # Outbound first, admin last, so /health answers while draining.
+        timeout = self.settings.sidecar.drain_timeout if drain else 0.0
+        for fast in self._fast:
+            fast.stop_accepting()
+        for acceptor in self._acceptors:
+            acceptor.close()
         for runner in self._runners:
-            await runner.cleanup()
+            for site in list(runner.sites):
+                await site.stop()
+        jobs = [fast.drain(timeout) for fast in self._fast]
+        jobs += [self._drain_runner(runner, timeout) for runner in self._runners]
+        if jobs:
+            t0 = time.monotonic()
+            await asyncio.gather(*jobs, return_exceptions=True)
+            log.info("listeners drained in %.2fs", time.monotonic() - t0)
+        self._fast.clear()
+        self._acceptors.clear()
         self._runners.clear()
-        if self.runtime is not None:
+        if self.runtime is not None and not self._runtime_stopped:
+            self._runtime_stopped = True
             await self.runtime.stop()
 
 
@@ -188,7 +374,9 @@ async def _run_worker(settings: Settings, worker_id: int, admin: bool, reuse_por
     await log_startup(rt, sidecar.ports)
     await sidecar.wait()
     log.info("worker %d draining (up to %.1fs)", worker_id, settings.sidecar.drain_timeout)
+    t0 = time.monotonic()
     await sidecar.stop()
+    log.info("worker %d stopped in %.2fs", worker_id, time.monotonic() - t0)
 
 
 def worker_main(config_path: str | None, worker_id: int, admin: bool, reuse_port: bool) -> None:

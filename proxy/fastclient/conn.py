@@ -42,7 +42,8 @@ class Conn(asyncio.Protocol):
                  "_body_waiter", "_drain_waiter", "_chunks", "_buffered", "_paused_reading",
                  "_paused_writing", "_status", "_reason", "_headers", "_conn_tokens", "_complete",
                  "_error", "_got_bytes", "_head_request", "_keep_alive", "_eof_body", "_framed_by_length",
-                 "_timer", "_timer_when", "_wait_until", "_waiting", "_deadline", "_idle", "_poisoned", "counted", "__weakref__")
+                 "_timer", "_timer_when", "_wait_until", "_waiting", "_deadline", "_idle", "_poisoned", "counted",
+                 "_upgrade", "_tail", "tunnel", "__weakref__")
 
     def __init__(self, pool: "Pool") -> None:
         self.pool = pool
@@ -64,6 +65,11 @@ class Conn(asyncio.Protocol):
         self._wait_until = 0.0
         self._waiting: asyncio.Future | None = None
         self.counted = False  # holds one of the pool's ``limit`` slots
+        # WebSocket passthrough: the request asked to upgrade; after a 101 the
+        # bytes past the head (_tail) and all later ones go to ``tunnel``.
+        self._upgrade = False
+        self._tail = b""
+        self.tunnel: Any = None
         self._reset()
 
     def _reset(self) -> None:
@@ -85,6 +91,9 @@ class Conn(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel.from_upstream(data)
+            return
         if self.parser is None:
             # Bytes while idle: the upstream talks out of turn; never reuse it.
             self._fail(_Failed("protocol", "unexpected bytes on an idle connection"))
@@ -92,8 +101,13 @@ class Conn(asyncio.Protocol):
         self._got_bytes = True
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._fail(_Failed("protocol", "upstream switched protocols (101); upgrades are not proxied"))
+        except httptools.HttpParserUpgrade as e:
+            if self._upgrade and self._status == 101:
+                # What follows the 101 head is the upgraded protocol's (issue 10).
+                self._tail = data[e.args[0]:] if e.args else b""
+                self.parser = None
+            else:
+                self._fail(_Failed("protocol", "upstream switched protocols (101) unasked"))
         except httptools.HttpParserError as e:
             self._fail(_Failed("protocol", f"upstream sent a malformed response ({type(e).__name__})"))
 
@@ -109,6 +123,8 @@ class Conn(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._paused_writing = False
+        if self.tunnel is not None:
+            self.tunnel.upstream_writable()
         w = self._drain_waiter
         if w is not None and not w.done():
             w.set_result(None)
@@ -125,7 +141,12 @@ class Conn(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
         if status == 101:
-            return  # feed_data raises HttpParserUpgrade next: refused in data_received
+            if self._upgrade:
+                self._status = 101
+                w = self._head_waiter
+                if w is not None and not w.done():
+                    w.set_result(None)
+            return  # feed_data raises HttpParserUpgrade next (data_received)
         if 100 <= status < 200:
             # RFC 9110 15.2: interim responses are not forwarded (aiohttp's
             # client drops them too); the final response follows.
@@ -181,6 +202,8 @@ class Conn(asyncio.Protocol):
                 w.set_result(None)
 
     def _lost(self, exc: Exception | None) -> None:
+        if self.tunnel is not None:
+            self.tunnel.close("upstream")
         was_closed = self.closed
         self.closed = True
         if self.parser is not None and self._status and not self._complete and self._eof_body:

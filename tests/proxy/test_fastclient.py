@@ -196,7 +196,7 @@ async def test_no_body_responses_keep_the_connection(make, scripted, client, sta
     assert up.connections == 1
 
 
-async def test_upgrade_is_refused_clearly(make, scripted, client):
+async def test_unasked_upgrade_is_refused_clearly(make, scripted, client):
     async def script(up, r, w, n):
         await up.read_request(r)
         w.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
@@ -205,12 +205,12 @@ async def test_upgrade_is_refused_clearly(make, scripted, client):
 
     up = await scripted(script)
     sc = await make({"p": policy(up.url)})
-    # The core refuses client upgrades (501); an upstream that switches
-    # protocols unasked must not get its 101 relayed either.
+    # A 101 is relayed only for a WebSocket handshake (tests/proxy/test_websocket.py);
+    # an upstream that switches protocols unasked gets a 502.
     async with client.get(f"{sc.url}/up/ws") as resp:
         assert resp.status == 502
         body = await resp.json()
-        assert "upgrades are not proxied" in body["error"]["message"]
+        assert "switched protocols (101) unasked" in body["error"]["message"]
     await wait_for(lambda: pool_stats(sc)["open"] == 0)
 
 

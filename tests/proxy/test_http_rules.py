@@ -185,11 +185,11 @@ async def test_unknown_expectation_is_417(sidecar_factory, upstream):
     assert upstream.seen == []
 
 
-async def test_websocket_upgrade_is_refused_clearly(sidecar_factory, upstream):
+async def test_upgrade_that_is_not_relayed_is_refused_clearly(sidecar_factory, upstream):
+    # WebSocket is relayed by the fast server (tests/proxy/test_websocket.py); h2c is not.
     sc = await sidecar_factory({"p": policy(upstream.url)})
     status, head, body = await raw_request(sc.url, b"GET /p/ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
-                                           b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
-                                           b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+                                           b"Upgrade: h2c\r\n\r\n")
     assert status == 501 and b"upgrade_not_supported" in body
     assert upstream.seen == []
 
