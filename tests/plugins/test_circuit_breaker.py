@@ -208,7 +208,7 @@ async def test_half_open_lets_exactly_half_open_max_trials_through(sidecar_facto
 
 async def test_failed_trial_reopens(sidecar_factory, upstream, client):
     upstream.responder = status(503)
-    sc = await sidecar_factory({"up": policy(upstream.url, 'failure_threshold = 2\nrecovery_timeout = "200ms"')})
+    sc = await sidecar_factory({"up": policy(upstream.url, 'failure_threshold = 2\nrecovery_timeout = "1s"')})
     await _open_and_wait_half_open_503(client, sc)
     assert (await get(client, f"{sc.url}/up/"))[0] == 503  # the trial, from the upstream
     assert len(upstream.seen) == 3
