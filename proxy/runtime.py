@@ -54,7 +54,7 @@ class Runtime:
         self.state = make_state(settings.state.backend, settings.sidecar.service, settings.state.url,
                                 settings.state.max_connections)
         self.pools = UpstreamPools(settings.outbound.pool_size, settings.outbound.pool_idle_timeout,
-                                   client=settings.outbound.client)
+                                   client=settings.outbound.client, limits=settings.limits)
         self.accesslog = AccessLog(settings.logging.access_log)
         self.table = RouteTable([])
         self.policies: list[Policy] = []
@@ -105,7 +105,7 @@ class Runtime:
             core = policy.core
             if core.route is None or core.upstream is None:
                 continue
-            upstream = self.pools.get(core.upstream, core.tls, core.timeouts)
+            upstream = self.pools.get(core.upstream, core.tls, core.timeouts, core.limits)
             routes.append(self.build_route(
                 policy, policy.plugins, prefix=core.route, scope="outbound",
                 upstream=upstream, terminal=None, where=str(policy.file),

@@ -32,7 +32,8 @@ def _chunked(data: bytes) -> bytes:
 class FastUpstream:
     """One upstream base URL on the fast client (same contract as upstream.Upstream)."""
 
-    def __init__(self, url: str, pool: Pool, timeouts: "Timeouts") -> None:
+    def __init__(self, url: str, pool: Pool, timeouts: "Timeouts", max_head: int = 64 * 1024,
+                 max_headers: int = 100) -> None:
         u = URL(url)
         self.url = url
         self.scheme = u.scheme
@@ -45,6 +46,10 @@ class FastUpstream:
         self.timeouts = timeouts
         self._connect = timeouts.connect
         self._idle = timeouts.idle or None
+        # The route's [limits] bound the response head as they bound the
+        # request's (issue 11, item 1).
+        self._max_head = max_head
+        self._max_headers = max_headers
 
     async def send(self, ex: Exchange) -> ProxyResponse:
         """Send the exchange's request; the response body is left streaming."""
@@ -94,7 +99,7 @@ class FastUpstream:
             except _Failed as e:
                 raise _map(e, pool) from None
             reused = conn.requests > 0
-            conn.begin(head_req, self._idle, deadline)
+            conn.begin(head_req, self._idle, deadline, self._max_head, self._max_headers)
             pump = None
             try:
                 conn.transport.write(data + payload if payload else data)  # type: ignore[union-attr]

@@ -225,7 +225,7 @@ async def test_malformed_response_is_502(make, scripted, client):
     sc = await make({"p": policy(up.url)})
     async with client.get(f"{sc.url}/up/x") as resp:
         assert resp.status == 502
-        assert resp.headers["X-Sidecar-Error"] == "upstream_unavailable"
+        assert resp.headers["X-Sidecar-Error"] == "upstream_bad_response"
 
 
 async def test_header_injection_is_never_sent(make, upstream, client, tmp_path):
