@@ -16,6 +16,7 @@ See docs/rate_limit.md for the algorithm, the stores and the headers.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -52,6 +53,9 @@ class _PerRuntime:
         self.backend_errors = m.counter("sidecar_rate_limit_backend_errors",
                                         "Decisions the rate-limit backend could not make, by route.",
                                         ["route"])
+        # Keys credential-header values are hashed with (filter.credential_key).
+        self.salt = hashlib.sha256(b"sidecar rate_limit key\x00"
+                                   + runtime.settings.sidecar.service.encode()).digest()
         state = runtime.state
         run_dir = os.environ.get(RUN_DIR_ENV)
         if state.kind == "redis":
@@ -85,7 +89,8 @@ def build(config: Config, ctx: BuildContext) -> RateLimitFilter:
         overrides.append((method, path, prefix, compile_group(ctx.route, o.match, o.limits, key, shared.decisions,
                                                                batch)))
     return RateLimitFilter(ctx.route, config, default, overrides, shared.store,
-                           shared.backend_errors.labels(ctx.route))
+                           shared.backend_errors.labels(ctx.route),
+                           secret_headers=frozenset(rt.redactor.headers), salt=shared.salt)
 
 
 def _filters(runtime: "Runtime") -> dict[str, RateLimitFilter]:
@@ -115,8 +120,10 @@ async def admin_rate_limits(request: web.Request) -> web.Response:
     if f is None:
         return json_error(404, "no_such_route", f"no route named {route!r} has a rate limit")
     out: dict[str, Any] = {"route": route, **_describe(f)}
-    key = request.query.get("key")
-    if key is not None:
+    raw = request.query.get("key")
+    if raw is not None:
+        # The raw value is looked up but never echoed: it may be a credential.
+        key = f.key_value(raw)
         out["key_value"] = key
         try:
             if f.default is not None:

@@ -27,11 +27,11 @@ def free_port() -> int:
 
 def write_config(tmp: Path, policies: dict[str, str], config: str = "", *,
                  outbound_port: int = 0, admin_port: int = 0, workers: int = 1,
-                 outbound: str = "", sidecar: str = "") -> Path:
+                 outbound: str = "", sidecar: str = "", logging: str = "") -> Path:
     """Write config.toml and policies/<name>.toml under ``tmp``; returns config.toml's path.
 
     ``config`` is extra TOML appended to config.toml (tables not already written);
-    ``outbound`` and ``sidecar`` are extra lines for those tables.
+    ``outbound``, ``sidecar`` and ``logging`` are extra lines for those tables.
     """
     pol = tmp / "policies"
     pol.mkdir(parents=True, exist_ok=True)
@@ -54,8 +54,9 @@ def write_config(tmp: Path, policies: dict[str, str], config: str = "", *,
 
         [logging]
         access_log = "{(tmp / 'access.log').as_posix()}"
+        {{logging}}
         """)
-    base = base.replace("{sidecar}", sidecar).replace("{outbound}", outbound)
+    base = base.replace("{sidecar}", sidecar).replace("{outbound}", outbound).replace("{logging}", logging)
     extra = textwrap.dedent(config)
     if "[sidecar]" in extra or "[outbound]" in extra or "[admin]" in extra or "[logging]" in extra:
         raise ValueError("pass those tables through the keyword arguments")
