@@ -135,7 +135,7 @@ class RateLimitFilter(Filter):
         self.max_wait = config.max_wait if config.enforce else 0.0
         self.fail_open = config.fail_open
         self.backend_errors = backend_errors
-        self._last_warning = 0.0
+        self._last_warning = -math.inf  # not 0.0: time.monotonic() counts from boot
         # The memory store decides a single limit without lists (_handle_one).
         self.decide_one = getattr(store, "decide_one", None) if self.sync else None
 

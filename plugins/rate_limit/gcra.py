@@ -125,7 +125,7 @@ class MemoryStore:
         self._tats: dict[str, float] = {}
         self._writes = 0
         self.max_keys = max_keys
-        self._warned = -60.0
+        self._warned = -math.inf  # not 0.0: time.monotonic() counts from boot
 
     def decide(self, keys: list[str], limits: tuple[LimitSpec, ...], max_wait: float) -> Decision:
         now = time.monotonic()
@@ -235,7 +235,7 @@ class SharedStore:
         self.fd = fd
         self.slots = slots
         self.mm = mmap.mmap(fd, size)
-        self._warned = 0.0
+        self._warned = -math.inf  # not 0.0: time.monotonic() counts from boot
 
     def _find(self, h: int, now: float, claim: bool = True) -> int:
         """Offset of ``h``'s slot, claiming one if absent (call under the lock);
