@@ -142,7 +142,7 @@ async def test_fails_twice_then_succeeds(sidecar_factory, upstream, client):
     assert headers["X-Sidecar-Attempts"] == "3"
     assert len(upstream.seen) == 3
     assert await metric(client, sc, "503") == 1 and await metric(client, sc, "502") == 1
-    line = sc.access_lines()[-1]
+    line = (await sc.wait_access_lines(1))[-1]
     assert line["attempts"] == 3 and line["status"] == 200
 
 
@@ -152,7 +152,7 @@ async def test_gives_up_after_attempts_with_the_last_answer(sidecar_factory, ups
     code, headers, body = await call(client, "GET", f"{sc.url}/up/")
     assert code == 503 and body == b"try 4: 503" and headers["X-Sidecar-Attempts"] == "4"
     assert len(upstream.seen) == 4
-    assert sc.access_lines()[-1]["decisions"]["retry"] == {"attempts": 4, "gave_up": "attempts", "last": "503"}
+    assert (await sc.wait_access_lines(1))[-1]["decisions"]["retry"] == {"attempts": 4, "gave_up": "attempts", "last": "503"}
 
 
 async def test_statuses_not_listed_are_not_retried(sidecar_factory, upstream, client):
@@ -214,7 +214,7 @@ async def test_body_larger_than_max_replay_body_is_sent_once_whole(sidecar_facto
     code, headers, _ = await call(client, "PUT", f"{sc.url}/up/blob", data=data)
     assert code == 503 and headers["X-Sidecar-Attempts"] == "1"
     assert len(upstream.seen) == 1 and upstream.seen[0].body == payload
-    assert sc.access_lines()[-1]["decisions"]["retry"] == "body_too_large_to_replay"
+    assert (await sc.wait_access_lines(1))[-1]["decisions"]["retry"] == "body_too_large_to_replay"
 
 
 async def test_chunked_body_within_max_replay_body_is_replayed(sidecar_factory, upstream, client):
@@ -329,7 +329,7 @@ async def test_retry_after_past_the_deadline_gives_up_at_once(sidecar_factory, u
     assert code == 503 and headers["Retry-After"] == "5"
     assert time.monotonic() - t0 < 2  # not the 3 s deadline, not the 5 s asked
     assert len(upstream.seen) == 1
-    assert sc.access_lines()[-1]["decisions"]["retry"]["gave_up"] == "deadline"
+    assert (await sc.wait_access_lines(1))[-1]["decisions"]["retry"]["gave_up"] == "deadline"
 
 
 async def test_retry_budget_under_sustained_failure(sidecar_factory, upstream, client):
@@ -341,7 +341,7 @@ async def test_retry_budget_under_sustained_failure(sidecar_factory, upstream, c
     # 20 requests, 20% budget: 4 retries, not the 40 that attempts = 3 would send.
     assert len(upstream.seen) == 24
     assert await metric(client, sc, "503") == 4
-    decisions = [l["decisions"]["retry"] for l in sc.access_lines()]
+    decisions = [l["decisions"]["retry"] for l in await sc.wait_access_lines(20)]
     assert {d["gave_up"] for d in decisions} == {"budget"}
     assert sorted(d["attempts"] for d in decisions) == [1] * 16 + [2] * 4
 
