@@ -152,7 +152,8 @@ async def test_gives_up_after_attempts_with_the_last_answer(sidecar_factory, ups
     code, headers, body = await call(client, "GET", f"{sc.url}/up/")
     assert code == 503 and body == b"try 4: 503" and headers["X-Sidecar-Attempts"] == "4"
     assert len(upstream.seen) == 4
-    assert (await sc.wait_access_lines(1))[-1]["decisions"]["retry"] == {"attempts": 4, "gave_up": "attempts", "last": "503"}
+    line = (await sc.wait_access_lines(1))[-1]
+    assert line["decisions"]["retry"] == {"attempts": 4, "gave_up": "attempts", "last": "503"}
 
 
 async def test_statuses_not_listed_are_not_retried(sidecar_factory, upstream, client):
