@@ -80,12 +80,13 @@ def test_killed_worker_leaves_no_inflight_requests_behind(tmp_path):
                 await w.drain()
                 conns.append((r, w))
                 await asyncio.sleep(0.02)
-            on_victim = established(victim, out)
-            assert on_victim >= 1, "no connection reached the second worker"
             async with aiohttp.ClientSession() as s:
                 async def all_in_flight():
                     return await inflight(s, sc.admin) == len(conns)
                 assert await poll(all_in_flight, 20), await inflight(s, sc.admin)
+                # Counted once every request is in flight (none left in a backlog).
+                on_victim = established(victim, out)
+                assert on_victim >= 1, "no connection reached the second worker"
                 os.kill(victim.pid, signal.SIGKILL)
                 victim.wait(10)
                 release.set()
