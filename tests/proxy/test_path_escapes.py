@@ -95,3 +95,20 @@ def test_table_matches_the_function():
     # the HTTP parser happened to refuse first is still covered here.
     assert [n for n, p in ESCAPES if not has_dot_segment("/p" + p)] == []
     assert [n for n, p in ORDINARY if has_dot_segment("/p" + p)] == []
+
+
+INBOUND_FORMS = ["/../admin", "/%2e%2e/admin", "/%252e%252e/admin", "/%c0%ae%c0%ae/admin", "/..;x/admin",
+                 "/..%00/admin"]
+
+
+@pytest.mark.parametrize("path", INBOUND_FORMS)
+async def test_inbound_routes_refuse_escapes_too(sidecar_factory, upstream, path):
+    # The inbound listener faces the internet: same function, same refusals.
+    from tests.support.inbound import inbound_config, inbound_url
+
+    sc = await sidecar_factory({}, inbound_config(f"{upstream.url}/v1", extra='[inbound.routes."/api"]\n'))
+    base = inbound_url(sc)
+    status, head, body = await raw_request(base, f"GET /api{path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    assert status == 400 and b'"bad_request"' in body, head
+    status, _, _ = await raw_request(base, b"GET /api/ok HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert status == 200 and [s.path_qs for s in upstream.seen] == ["/v1/api/ok"]
