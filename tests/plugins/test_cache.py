@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from plugins.cache import CacheFilter, Config
 from plugins.cache.rules import (credential_scope, etag_matches, explicit_lifetime, initial_age,
-                                 parse_cache_control, primary_key, variant_key, vary_names)
+                                 parse_cache_control, primary_key, request_use, variant_key, vary_names)
 from plugins.cache.store import Entry, MemoryStore, VaryMarker, decode
 from proxy.chain import ProxyResponse
 from proxy.errors import ConfigError
@@ -116,6 +116,28 @@ def test_etag_weak_comparison():
     assert etag_matches('W/"a", "b"', '"a"')
     assert etag_matches("*", '"z"')
     assert not etag_matches('"a"', '"b"')
+
+
+@pytest.mark.parametrize("req,lifetime,age,swr,strict,use", [
+    # (request Cache-Control, lifetime, age, swr window, strict, answer)
+    ("", 60, 10, 0, False, "fresh"),
+    ("min-fresh=50", 60, 10, 0, False, "fresh"),
+    ("min-fresh=51", 60, 10, 0, False, None),
+    ("max-age=10", 60, 10, 0, False, "fresh"),
+    ("max-age=9", 60, 10, 0, False, None),
+    ("", 60, 70, 0, False, None),
+    ("", 60, 70, 30, False, "stale-while-revalidate"),
+    ("max-age=100", 60, 70, 30, False, None),           # stale not wanted without max-stale
+    ("min-fresh=0", 60, 70, 30, False, None),
+    ("max-age=100, max-stale", 60, 70, 30, False, "stale-while-revalidate"),
+    ("max-stale", 60, 70, 0, False, "max-stale"),
+    ("max-stale=10", 60, 70, 0, False, "max-stale"),
+    ("max-stale=9", 60, 70, 0, False, None),
+    ("max-stale", 60, 70, 0, True, None),               # must-revalidate & co.
+    ("max-stale=bad", 60, 70, 0, False, None),          # invalid reads as 0
+])
+def test_request_use(req, lifetime, age, swr, strict, use):
+    assert request_use(parse_cache_control(req), lifetime, age, swr, strict) == use
 
 
 # ---- store ----------------------------------------------------------------------
