@@ -200,3 +200,28 @@ def test_validate_resolves_each_reference_once(tmp_path, moto, aws_env, capsys):
     assert any(f"aws-sm:{missing}" in w and "ResourceNotFoundException" in w for w in warnings)
     assert main(["validate", "--offline", "--config", str(path)]) == 0
     assert "warning:" not in capsys.readouterr().err
+
+
+async def test_optional_reference_fails_closed_while_aws_is_unreachable(sidecar_factory, client, upstream,
+                                                                       aws_env, moto, monkeypatch):
+    """`?` omits a secret that does not exist; AWS being unreachable is an outage
+    (docs/auth.md), so the header is not silently dropped then: 503."""
+    from tests.support.sidecar import free_port
+
+    monkeypatch.setenv("T_BEARER", "tok")
+    down = f"http://127.0.0.1:{free_port()}"   # nothing listens there
+    sc = await sidecar_factory({
+        "p": policy(upstream.url, 'type = "bearer"\nsecret = "env:T_BEARER"\n'
+                                  '[auth.headers]\n"X-Org" = "aws-sm:svc/org#ORG?"', "/p"),
+    }, aws_config(down) + 'startup_wait = "1s"\n')
+    async with client.get(sc.url + "/p/x") as r:
+        assert r.status == 503, (r.status, await r.text())
+        assert r.headers["X-Sidecar-Error"] == "secret_unavailable"
+    assert upstream.seen == []
+    # A secret AWS says does not exist is omitted, as documented.
+    sc2 = await sidecar_factory({
+        "p": policy(upstream.url, 'type = "bearer"\nsecret = "env:T_BEARER"\n'
+                                  f'[auth.headers]\n"X-Org" = "aws-sm:{unique("absent")}#ORG?"', "/p"),
+    }, aws_config(moto.url))
+    status, auth, body = await _bearer(client, sc2.url + "/p/x")
+    assert (status, auth) == (200, "Bearer tok") and "X-Org" not in body["headers"]
