@@ -225,3 +225,17 @@ async def test_optional_reference_fails_closed_while_aws_is_unreachable(sidecar_
     }, aws_config(moto.url))
     status, auth, body = await _bearer(client, sc2.url + "/p/x")
     assert (status, auth) == (200, "Bearer tok") and "X-Org" not in body["headers"]
+
+
+@pytest.mark.parametrize("table", ["aws", "vault"])
+def test_max_stale_shorter_than_refresh_is_refused(tmp_path, table):
+    """A value is re-read every `refresh` and served until `max_stale` after
+    its last read: with max_stale <= refresh every value would go 503 for part
+    of each cycle while AWS (or Vault) is healthy."""
+    from proxy.cli import check
+
+    path = write_config(tmp_path, {}, f'[secrets.{table}]\nrefresh = "5m"\nmax_stale = "5m"\n')
+    problems = check(str(path))
+    assert len(problems) == 1 and f"secrets.{table}" in problems[0] and "max_stale" in problems[0], problems
+    ok = write_config(tmp_path / "ok", {}, f'[secrets.{table}]\nrefresh = "5m"\nmax_stale = "6m"\n')
+    assert check(str(ok)) == []
