@@ -61,7 +61,7 @@ class Runtime:
         # forward_auth, webhook delivery); closed at stop().
         client_settings = self.extra_settings.get(CLIENT_TABLE)
         self.http = HttpClient(client_settings if isinstance(client_settings, ClientSettings) else ClientSettings(),
-                               settings.base_dir)
+                               settings.base_dir, where=str(settings.path or "config"))
         self.table = RouteTable([])
         # Every listener's route table by listener name ("outbound" is ``table``).
         self.tables: dict[str, RouteTable] = {"outbound": self.table}

@@ -65,3 +65,19 @@ async def test_verify_false(sidecar_factory, upstream, client, tls_identity):
     sc = await sidecar_factory({"p": policy(upstream.url, url)}, "[http_client]\nverify = false\n")
     async with client.get(f"{sc.url}/p/x", headers={"Authorization": "Bearer t"}) as r:
         assert r.status == 200
+
+
+@pytest.mark.parametrize("content", [None, "not a certificate\n"])
+def test_unreadable_ca_bundle_is_a_config_error(tmp_path, content):
+    """A ca_bundle that is missing or holds no certificate is refused at load
+    (file: field: reason), not found out by the first token fetch or webhook
+    delivery (which then fail, or retry, with an OSError)."""
+    from proxy.cli import check
+    from tests.support.sidecar import write_config
+
+    if content is not None:
+        (tmp_path / "bad.pem").write_text(content)
+    path = write_config(tmp_path, {}, '[http_client]\nca_bundle = "bad.pem"\n')
+    problems = check(str(path))
+    assert len(problems) == 1, problems
+    assert problems[0].startswith(f"{path}: http_client.ca_bundle: cannot load {tmp_path / 'bad.pem'}"), problems
