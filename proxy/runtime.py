@@ -167,8 +167,12 @@ class Runtime:
         """
         chain: list[Filter] = []
         specs = ordered([self.specs[n] for n in plugins if self.specs[n].scope in (scope, "both")])
+        # A build may read what other plugins of the route declare
+        # (ctx.route_has): a filter is reused only while that is unchanged too
+        # (the cache built before [auth] was added would not key per tenant).
+        caps = ",".join(sorted({c for n in policy.plugins if n in self.specs for c in self.specs[n].capabilities}))
         for spec in specs:
-            key = (policy.name, spec.name, config_digest(policy.raw.get(spec.name)))
+            key = (policy.name, spec.name, config_digest(policy.raw.get(spec.name)) + "|" + caps)
             f = self._filters.get(key) or filters_now.get(key)
             if f is None:
                 try:
