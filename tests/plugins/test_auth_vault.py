@@ -304,7 +304,7 @@ async def test_forced_refresh_and_pinned_metadata(fake_vault, sidecar_factory, u
     sc = await sidecar_factory({
         "s": bearer(upstream.url, "/s", "vault:p/k#v"),
         "pin": bearer(upstream.url, "/pin", "vault:p/k#v@1"),
-    }, vault_config(fake_vault.address, 'token = "env:TEST_VAULT_TOKEN"', refresh="1h"))
+    }, vault_config(fake_vault.address, 'token = "env:TEST_VAULT_TOKEN"', refresh="1h", max_stale="2h"))
     fake_vault.write("p/k", {"v": "second-2222"})
     assert await get_auth(client, f"{sc.url}/s/x", upstream) == (200, "Bearer first-1111")
     async with client.post(sc.admin + "/admin/secrets/refresh") as r:
@@ -326,7 +326,7 @@ async def test_slow_vault_never_stalls_the_data_plane(fake_vault, sidecar_factor
     sc = await sidecar_factory({
         "s": bearer(upstream.url, "/s", "vault:p/k#v"),
         "e": bearer(upstream.url, "/e", "env:PLAIN_TOKEN"),
-    }, vault_config(fake_vault.address, 'token = "env:TEST_VAULT_TOKEN"', refresh="1h"))
+    }, vault_config(fake_vault.address, 'token = "env:TEST_VAULT_TOKEN"', refresh="1h", max_stale="2h"))
     fake_vault.delay = 1.5
     n = len(fake_vault.calls)
     refresh = asyncio.create_task(client.post(sc.admin + "/admin/secrets/refresh"))
