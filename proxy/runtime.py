@@ -132,7 +132,12 @@ class Runtime:
             core = policy.core
             if core.route is None or core.upstream is None:
                 continue
-            upstream = self.pools.get(core.upstream, core.tls, core.timeouts)
+            try:
+                upstream = self.pools.get(core.upstream, core.tls, core.timeouts)
+            except OSError as e:   # ssl.SSLError included: the ca_bundle cannot be loaded
+                problems.append(f"{policy.file}: tls.ca_bundle: cannot load {core.tls.ca_bundle}: "
+                                f"{e.strerror or type(e).__name__}")
+                continue
             routes.append(self.build_route(
                 policy, policy.plugins, prefix=core.route, scope="outbound",
                 upstream=upstream, terminal=None, where=str(policy.file),

@@ -81,3 +81,17 @@ def test_unreadable_ca_bundle_is_a_config_error(tmp_path, content):
     problems = check(str(path))
     assert len(problems) == 1, problems
     assert problems[0].startswith(f"{path}: http_client.ca_bundle: cannot load {tmp_path / 'bad.pem'}"), problems
+
+
+def test_unreadable_policy_ca_bundle_is_a_config_error(tmp_path):
+    """A policy's [tls] ca_bundle that cannot be loaded is a problem line of
+    `sidecar validate` (and a refused start or reload), not a traceback."""
+    from proxy.cli import check
+    from tests.support.sidecar import write_config
+
+    missing = tmp_path / "nowhere.pem"
+    path = write_config(tmp_path, {"p": f'route = "/p"\nupstream = "https://api.example.com"\n'
+                                        f'[tls]\nca_bundle = "{missing}"\n'})
+    problems = check(str(path))
+    assert problems == [f"{path.parent / 'policies' / 'p.toml'}: tls.ca_bundle: cannot load {missing}: "
+                        "No such file or directory"], problems
