@@ -70,9 +70,10 @@ class WebhookEndpoint:
         self.digest = digest
         self.scheme = make_scheme(config)
         self.durable = config.delivery == "durable"
-        # Built on first use: secret sources such as vault: register at start-up,
-        # after the policies are loaded.
-        self._refs: list[SecretRef] | None = None
+        # Made now, with the policies (raises ValueError for a bad reference):
+        # remote sources (vault:, aws-sm:) then read them at start-up with the
+        # others, and ``sidecar validate`` resolves them.
+        self._refs: list[SecretRef] = [service.rt.secrets.ref(s) for s in config.secrets]
         m = service.m
         self.m_received = m.received.labels(source)
         self.m_duplicates = m.duplicates.labels(source)
@@ -82,14 +83,8 @@ class WebhookEndpoint:
 
     def secrets(self) -> list[str]:
         """Every secret that resolves now; 503 when none does."""
-        refs = self._refs
-        if refs is None:
-            try:
-                refs = self._refs = [self.service.rt.secrets.ref(s) for s in self.config.secrets]
-            except ValueError as e:
-                raise SecretUnavailable(f"webhook {self.source}: {e}") from None
         out = []
-        for ref in refs:
+        for ref in self._refs:
             try:
                 out.append(ref.get())
             except SecretUnavailable:

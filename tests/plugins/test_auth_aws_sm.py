@@ -239,3 +239,33 @@ def test_max_stale_shorter_than_refresh_is_refused(tmp_path, table):
     assert len(problems) == 1 and f"secrets.{table}" in problems[0] and "max_stale" in problems[0], problems
     ok = write_config(tmp_path / "ok", {}, f'[secrets.{table}]\nrefresh = "5m"\nmax_stale = "6m"\n')
     assert check(str(ok)) == []
+
+
+async def test_webhook_secret_from_aws_sm_is_read_at_start_up(sidecar_factory, client, upstream, aws_env, moto,
+                                                              tmp_path):
+    """A webhook secret held in Secrets Manager is read with the other
+    references at start-up: the first webhook after a start is verified (not
+    503 while the reference is read for the first time), and ``sidecar
+    validate`` resolves it like any other aws-sm: reference."""
+    import hashlib
+    import hmac
+
+    from proxy.cli import check
+    from tests.support.inbound import inbound_config, inbound_url, webhook_policy
+
+    name = unique("hooks/github")
+    moto.client("secretsmanager").create_secret(Name=name, SecretString='{"secret": "gh-hook-secret"}')
+    hook = webhook_policy("/webhooks/gh", "github", [f"aws-sm:{name}#secret"], delivery="passthrough")
+    sc = await sidecar_factory({"gh": hook}, inbound_config(upstream.url, extra=aws_config(moto.url)))
+    body = b'{"zen": "first"}'
+    mac = hmac.new(b"gh-hook-secret", body, hashlib.sha256).hexdigest()
+    async with client.post(inbound_url(sc) + "/webhooks/gh", data=body, headers={
+            "X-Hub-Signature-256": f"sha256={mac}", "X-GitHub-Event": "push", "X-GitHub-Delivery": "d-1"}) as r:
+        assert r.status == 200, await r.text()
+    assert upstream.seen[-1].body == body
+    warnings: list[str] = []
+    missing = write_config(tmp_path / "v", {"gh": webhook_policy("/webhooks/gh", "github",
+                                                                  [f"aws-sm:{unique('absent')}#secret"])},
+                           aws_config(moto.url))
+    assert await asyncio.to_thread(check, str(missing), warnings, offline=False) == []
+    assert len(warnings) == 1 and "cannot be resolved now" in warnings[0], warnings
