@@ -449,3 +449,19 @@ async def test_provider_hanging_up_mid_commit_keeps_the_dedupe_claim(sidecar_fac
     assert status in (200, 409), (status, h)
     events = await admin_events(client, sc)
     assert sorted(e["provider_id"] for e in events) == ["evt_slow", "evt_warm"], events
+
+
+async def test_webhook_added_by_reload_without_an_inbound_listener_is_refused(sidecar_factory, upstream, client):
+    """The inbound listener starts only when config.toml has [inbound] or a
+    policy has [webhook] at start-up. A reload that adds the first webhook to
+    a sidecar without it must say so (the set is refused, the old one keeps
+    serving) instead of reporting success for a path nothing listens on."""
+    sc = await sidecar_factory({"api": f'route = "/api"\nupstream = "{upstream.url}"\n'})
+    assert "inbound" not in sc.sidecar.ports
+    sc.write_policy("stripe", stripe_policy())
+    async with client.post(sc.admin + "/admin/reload") as r:
+        body = await r.text()
+        assert r.status != 200, body
+    assert "inbound listener" in body and "stripe.toml" in body, body
+    async with client.get(sc.url + "/api/x") as r:      # the old set keeps serving
+        assert r.status == 200
