@@ -124,8 +124,10 @@ class OptionalSecret(SecretRef):
             # No value at all: omitted. A value that went stale (its service
             # unreachable past max_stale) still fails closed, and so does a
             # remote one never read (not yet, or its service unreachable).
+            # A remote one its service says does not exist (any more) is absent,
+            # once its last value went stale.
             inner = self.inner
-            if inner.value is None and (not isinstance(inner, RemoteSecret) or inner.absent):
+            if inner.absent if isinstance(inner, RemoteSecret) else inner.value is None:
                 return None
             raise
 

@@ -269,3 +269,29 @@ async def test_webhook_secret_from_aws_sm_is_read_at_start_up(sidecar_factory, c
                            aws_config(moto.url))
     assert await asyncio.to_thread(check, str(missing), warnings, offline=False) == []
     assert len(warnings) == 1 and "cannot be resolved now" in warnings[0], warnings
+
+
+async def test_optional_reference_to_a_deleted_secret_is_omitted_once_stale(sidecar_factory, client, upstream,
+                                                                            aws_env, moto, monkeypatch):
+    """A secret deleted from Secrets Manager: its last value serves until
+    max_stale (as for any reference), then an optional reference is omitted
+    (AWS said it does not exist), not 503 for ever."""
+    monkeypatch.setenv("T_BEARER", "tok")
+    sm = moto.client("secretsmanager")
+    name = unique("svc/org")
+    sm.create_secret(Name=name, SecretString='{"ORG": "org-1"}')
+    sc = await sidecar_factory({
+        "p": policy(upstream.url, 'type = "bearer"\nsecret = "env:T_BEARER"\n'
+                                  f'[auth.headers]\n"X-Org" = "aws-sm:{name}#ORG?"', "/p"),
+    }, aws_config(moto.url, refresh="0.2s", max_stale="1s"))
+    status, _, body = await _bearer(client, sc.url + "/p/x")
+    assert status == 200 and body["headers"]["X-Org"] == "org-1"
+    sm.delete_secret(SecretId=name, ForceDeleteWithoutRecovery=True)
+    end = time.monotonic() + 10
+    while True:
+        async with client.get(sc.url + "/p/x") as r:
+            assert r.status == 200, (r.status, await r.text())
+            if "X-Org" not in (await r.json())["headers"]:
+                break
+        assert time.monotonic() < end, "the deleted secret was never omitted"
+        await asyncio.sleep(0.05)
