@@ -13,6 +13,7 @@ import ipaddress
 import logging
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
+from urllib.parse import unquote
 
 from aiohttp import web
 from aiohttp.web_request import BaseRequest
@@ -163,7 +164,11 @@ class OutboundHandler:
             raise BadRequest("request target must be a path (origin-form)")
         if has_dot_segment(path):
             raise BadRequest("path must not contain '.' or '..' segments")
-        m = self.match(path)
+        # Inbound, the service's framework routes the decoded path: match the
+        # same one (RFC 3986 6.2.2.2), or "/%61pi" or "/api%2Fx" would take a
+        # less protected enclosing route to the service's /api (the whole raw
+        # path is still what is forwarded).
+        m = self.match(unquote(path) if self.keep_path and "%" in path else path)
         if m is None:
             raise NoRoute(f"no route for {path}")
         route, rest = m
