@@ -11,6 +11,7 @@ import asyncio
 import time
 import ipaddress
 import logging
+import re
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 from urllib.parse import unquote
@@ -28,6 +29,13 @@ if TYPE_CHECKING:
     from .runtime import Runtime
 
 log = logging.getLogger("sidecar.outbound")
+
+
+_UNRESERVED_ESCAPE = re.compile(r"%(?:[46][1-9A-Fa-f]|[57][0-9Aa]|3[0-9]|2[DEde]|5[Ff]|7[Ee])")
+
+
+def _unescape(m: "re.Match[str]") -> str:
+    return chr(int(m.group(0)[1:], 16))
 
 
 class ExpectationFailed(SidecarError):
@@ -164,11 +172,17 @@ class OutboundHandler:
             raise BadRequest("request target must be a path (origin-form)")
         if has_dot_segment(path):
             raise BadRequest("path must not contain '.' or '..' segments")
-        # Inbound, the service's framework routes the decoded path: match the
-        # same one (RFC 3986 6.2.2.2), or "/%61pi" or "/api%2Fx" would take a
-        # less protected enclosing route to the service's /api (the whole raw
-        # path is still what is forwarded).
-        m = self.match(unquote(path) if self.keep_path and "%" in path else path)
+        if self.keep_path and "%" in path:
+            # Inbound, the service's framework routes the decoded path.
+            # Escaped unreserved characters are the same URI (RFC 3986
+            # 6.2.2.2): normalised, so what filters match (rate_limit's
+            # per-path limits) is what the service routes ("/log%69n" is
+            # "/login"). Routes are matched fully decoded, or "/api%2Fx"
+            # would take a less protected enclosing route to the service's /api.
+            path = _UNRESERVED_ESCAPE.sub(_unescape, path)
+            m = self.match(unquote(path))
+        else:
+            m = self.match(path)
         if m is None:
             raise NoRoute(f"no route for {path}")
         route, rest = m
