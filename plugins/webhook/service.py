@@ -16,7 +16,7 @@ from yarl import URL
 
 from proxy.body import read_limited
 from proxy.config import Policy, config_digest
-from proxy.errors import UpstreamUnavailable
+from proxy.errors import ConfigError, UpstreamUnavailable
 from proxy.inbound import inbound_of
 
 from .config import Config as WebhookConfig
@@ -152,8 +152,11 @@ class WebhookService:
                 continue
             digest = config_digest(p.raw.get(NAME))
             old = self.endpoints.get(p.name)
-            ep = now[p.name] = old if old is not None and old.digest == digest else \
-                WebhookEndpoint(self, p.name, config, digest)
+            try:
+                ep = now[p.name] = old if old is not None and old.digest == digest else \
+                    WebhookEndpoint(self, p.name, config, digest)
+            except ValueError as e:   # a secret reference no source can read
+                raise ConfigError([f"{p.file}: webhook.secrets: {e}"]) from None
             mixed = p.core.route is not None
             plugins = {n: c for n, c in p.plugins.items()
                        if n != NAME and (specs[n].scope == "inbound" or (specs[n].scope == "both" and not mixed))}
