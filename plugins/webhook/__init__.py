@@ -109,18 +109,3 @@ async def sidecar_runtime_startup(runtime: "Runtime") -> None:
 @hookimpl
 def sidecar_admin_routes(runtime: "Runtime", app: "web.Application") -> None:
     add_routes(app, lambda: service_of(runtime))
-
-
-@hookimpl
-def sidecar_policies_check(runtime: "Runtime", policies: list[Any]) -> list[str]:
-    """Two policies may not claim the same webhook path on the inbound listener."""
-    seen: dict[str, Any] = {}
-    problems = []
-    for p in policies:
-        config = p.plugins.get(NAME)
-        if config is None:
-            continue
-        first = seen.setdefault(config.path, p)
-        if first is not p:
-            problems.append(f"{p.file}: webhook.path: {config.path!r} is already the webhook path of {first.file}")
-    return problems
