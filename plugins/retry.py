@@ -233,7 +233,7 @@ class RetryFilter(Filter):
             if ra is not None:
                 return min(ra, self.cap)
         # Full jitter (AWS architecture blog, "Exponential Backoff and Jitter").
-        return random.uniform(0, min(self.cap, self.base * (2 ** (attempt - 1))))
+        return random.uniform(0, min(self.cap, self.base * (2 ** (attempt - 1))))  # noqa: S311 -- jitter, not a secret
 
     async def handle(self, ex: Exchange, call_next: Handler) -> ProxyResponse:
         now = time.monotonic()

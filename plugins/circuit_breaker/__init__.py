@@ -29,7 +29,7 @@ from pybreaker import STATE_CLOSED, STATE_OPEN, CircuitBreakerError
 
 from proxy.admin import json_error, json_response, runtime_of
 from proxy.chain import Defer, Exchange, Filter, Handler, ProxyResponse
-from proxy.errors import CircuitOpen, SidecarError, UpstreamError
+from proxy.errors import CircuitOpen, UpstreamError
 from proxy.hookspecs import hookimpl
 from proxy.plugins import BuildContext, PluginSpec
 

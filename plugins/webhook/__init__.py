@@ -71,21 +71,6 @@ def sidecar_routes_build(runtime: "Runtime", policies: list[Any], build: Any) ->
 
 
 @hookimpl
-def sidecar_policies_check(runtime: "Runtime", policies: list[Any]) -> list[str]:
-    """Two policies may not claim the same webhook path."""
-    seen: dict[str, Any] = {}
-    problems = []
-    for p in policies:
-        config = p.plugins.get(NAME)
-        if config is None:
-            continue
-        first = seen.setdefault(config.path, p)
-        if first is not p:
-            problems.append(f"{p.file}: webhook.path: {config.path!r} is already the webhook path of {first.file}")
-    return problems
-
-
-@hookimpl
 def sidecar_policies_loaded(runtime: "Runtime", policies: list[Any]) -> None:
     service_of(runtime).update(policies)
 

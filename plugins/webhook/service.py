@@ -109,7 +109,7 @@ def _config(p: Policy) -> WebhookConfig | None:
 def backoff(attempt: int, base: float, cap: float) -> float:
     """Exponential backoff with jitter: between half and all of min(cap, base * 2^(attempt-1))."""
     delay = min(cap, base * (2 ** min(attempt - 1, 60)))
-    return random.uniform(delay / 2, delay)
+    return random.uniform(delay / 2, delay)  # noqa: S311 -- jitter, not a secret
 
 
 class WebhookService:
