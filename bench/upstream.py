@@ -35,7 +35,7 @@ class Handler(asyncio.Protocol):
         self.parser = httptools.HttpRequestParser(self)
         self.url = b""
         self.received = 0
-        self.transport: asyncio.Transport | None = None
+        self.transport: asyncio.Transport  # connection_made sets it before any data arrives
         self.paused = False
         self.waiter: asyncio.Future | None = None
 

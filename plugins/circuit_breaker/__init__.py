@@ -70,7 +70,7 @@ class CircuitBreakerFilter(Filter):
     # after_error() record the outcome. Every other state takes handle().
     sync = True
 
-    def before(self, ex: Exchange) -> Defer | None:  # type: ignore[override]
+    def before(self, ex: Exchange) -> Defer | None:
         storage = self.breaker.storage
         if storage.state == STATE_CLOSED and storage.counter == 0:
             return None

@@ -92,7 +92,7 @@ class Waker:
             return
         loop = asyncio.get_running_loop()
         fut = self._fut = loop.create_future()
-        handle = loop.call_later(timeout, lambda: fut.done() or fut.set_result(None))
+        handle = loop.call_later(timeout, lambda: None if fut.done() else fut.set_result(None))
         try:
             await fut
         finally:
