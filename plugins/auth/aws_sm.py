@@ -131,7 +131,8 @@ def _why(e: BaseException) -> str:
 
     if isinstance(e, bx.ClientError):
         err = e.response.get("Error") or {}
-        status = (e.response.get("ResponseMetadata") or {}).get("HTTPStatusCode", "?")
+        meta = e.response.get("ResponseMetadata")
+        status = meta.get("HTTPStatusCode", "?") if meta else "?"
         msg = str(err.get("Message") or "")[:120]
         return f"AWS answered {status} {err.get('Code') or '?'}" + (f": {msg}" if msg else "")
     if isinstance(e, bx.NoRegionError):

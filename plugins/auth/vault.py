@@ -322,7 +322,8 @@ class VaultBackend:
             verify = False
         elif s.ca_bundle or os.environ.get("VAULT_CACERT"):
             verify = s.ca_bundle or os.environ["VAULT_CACERT"]
-        client = hvac.Client(url=self.address, timeout=s.timeout, verify=verify,
+        # types-hvac says int; hvac hands it to requests, which takes seconds as a float.
+        client = hvac.Client(url=self.address, timeout=s.timeout, verify=verify,  # type: ignore[arg-type]
                              namespace=s.namespace or os.environ.get("VAULT_NAMESPACE") or None)
         return client
 

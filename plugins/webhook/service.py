@@ -92,7 +92,7 @@ class Waker:
             return
         loop = asyncio.get_running_loop()
         fut = self._fut = loop.create_future()
-        handle = loop.call_later(timeout, lambda: fut.done() or fut.set_result(None))
+        handle = loop.call_later(timeout, lambda: None if fut.done() else fut.set_result(None))
         try:
             await fut
         finally:
@@ -109,7 +109,7 @@ def _config(p: Policy) -> WebhookConfig | None:
 def backoff(attempt: int, base: float, cap: float) -> float:
     """Exponential backoff with jitter: between half and all of min(cap, base * 2^(attempt-1))."""
     delay = min(cap, base * (2 ** min(attempt - 1, 60)))
-    return random.uniform(delay / 2, delay)
+    return random.uniform(delay / 2, delay)  # noqa: S311 -- jitter, not a secret
 
 
 class WebhookService:

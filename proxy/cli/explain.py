@@ -189,13 +189,13 @@ def _chain(rt: Any, route: Any, ex: Exchange) -> list[dict[str, Any]]:
 
 def explain(config: str | None, method: str, url: str, headers: CIMultiDict[str]) -> tuple[int, dict[str, Any]]:
     from ..inbound import inbound_of
+    from ..routes import RouteTable
     from ..runtime import Runtime
 
     settings = load_settings(config)
     u = URL(url)
     path, query = u.raw_path or "/", u.raw_query_string
     listener = "outbound"
-    inbound_port = None
 
     async def run() -> tuple[int, dict[str, Any]]:
         nonlocal listener

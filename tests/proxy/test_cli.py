@@ -15,7 +15,6 @@ from pathlib import Path
 
 import aiohttp
 import jsonschema
-import pytest
 
 from tests.support.sidecar import REPO, free_port, write_config
 

@@ -9,6 +9,7 @@ import time
 
 import aiohttp
 import pytest
+from pydantic import ValidationError
 
 from proxy.config import StateSettings
 from proxy.state import MemoryState, RedisState, StateBackend, StateBackingOff, make_state
@@ -179,5 +180,5 @@ async def test_state_settings():
     assert st.kind == "memory" and st.redis is None
     with pytest.raises(Exception, match="url must start with"):
         StateSettings(url="http://redis:6379")
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="timeout"):
         StateSettings(timeout="0s")
