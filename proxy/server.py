@@ -196,12 +196,13 @@ def _next_head_follows(data: bytes, last: tuple[Any, Any], fed_before: int | Non
     earlier), or None (its head ended in ``data``)."""
     msg, body = last
     chunked = getattr(msg, "chunked", None)  # None: a parse error (_ErrInfo), closing anyway
-    if len(data) < 4 or chunked is None:
+    if chunked is None:
         return False
     if body is EMPTY_PAYLOAD or chunked:
         # Such a request ends with CRLF CRLF (llhttp is strict on requests),
-        # and a head that has not ended has no CRLF CRLF in it.
-        return not data.endswith(b"\r\n\r\n")
+        # and a head that has not ended has no CRLF CRLF in it. Under 4
+        # bytes the CRLF CRLF may have begun in the read before.
+        return len(data) >= 4 and not data.endswith(b"\r\n\r\n")
     size = body.total_raw_bytes  # the whole Content-Length, as sent (compressed or not)
     if fed_before is not None:
         return len(data) > size - fed_before
