@@ -121,6 +121,9 @@ class JsonErrorRequestHandler(RequestHandler):
     async def finish_response(self, request: BaseRequest, resp: web.StreamResponse,
                               start_time: float | None) -> tuple[web.StreamResponse, bool]:
         result = await super().finish_response(request, resp, start_time)
+        if self._messages:
+            # A declined upgrade's buffered bytes are parsed in there, not in data_received.
+            self._last = self._messages[-1]
         if self._head_open and self.transport is not None:
             # The next head began before this response ended: it is due
             # header_timeout from now.
