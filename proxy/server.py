@@ -23,6 +23,7 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
+from aiohttp.streams import EMPTY_PAYLOAD
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 from prometheus_client.multiprocess import mark_process_dead
@@ -42,8 +43,23 @@ log = logging.getLogger("sidecar")
 
 class JsonErrorRequestHandler(RequestHandler):
     """aiohttp's protocol handler, answering parse errors with our JSON errors,
-    and closing a connection whose first request head does not arrive within
-    ``header_timeout`` with 408 (issue 11 item 3; aiohttp has no such limit).
+    and answering 408 then closing when a request head does not arrive within
+    ``header_timeout`` (issue 11 item 3; aiohttp has no such limit).
+
+    Which head is due when (nginx's ``client_header_timeout``, Envoy's
+    ``request_headers_timeout``, and the fast server, proxy/fastserver/):
+    the first from accept; each later one on a keep-alive connection from
+    its first byte, or from the end of the response before it when its first
+    bytes came while that request was still being served (pipelining). Bytes
+    that come while the latest request's body is still open are that body's,
+    not a head's: a slow body is left to its own limits. While a head is
+    open the keep-alive timer does not close the connection (nginx deletes
+    it once the next request's first byte is read); a connection that stays
+    silent after a response is closed at ``keepalive_timeout``, without 408.
+
+    The cost is per read, not per byte: an integer compare and an
+    ``is_eof()``; a read that ends a request also checks whether the next
+    head began in it (``_next_head_follows``).
 
     Oversized header lines and too many headers become 431 (Envoy's choice);
     every other framing error (CL+TE, bad Content-Length, bad bytes) is 400.
@@ -53,30 +69,94 @@ class JsonErrorRequestHandler(RequestHandler):
         super().__init__(*args, **kw)
         self._header_timeout = header_timeout
         self._header_timer: asyncio.TimerHandle | None = None
+        # Bytes of a request head arrived (or, before the first, the
+        # connection was accepted) and the head is not complete yet.
+        self._head_open = False
+        # The latest request (message, body): while its body is open, the
+        # bytes that come belong to it.
+        self._last: tuple[Any, Any] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         if self._header_timeout:
-            self._header_timer = self._loop.call_later(self._header_timeout, self._head_late)
+            # nginx: the first request head is due from accept.
+            self._head_open = True
+            self._arm_head_timer()
 
     def data_received(self, data: bytes) -> None:
+        if not self._header_timeout:
+            super().data_received(data)
+            return
+        count = self._request_count
+        last = self._last
+        in_body = last is not None and not last[1].is_eof()
+        fed_before = last[1].total_raw_bytes if in_body and last is not None else 0
         super().data_received(data)
-        if self._header_timer is not None and self._request_count:
-            # The first head is in; keepalive_timeout covers the idle time after.
+        if self._upgraded or self._payload_parser is not None or self._close or self._force_close:
+            return
+        if self._request_count != count:
+            # A head completed (start() takes it from the queue only after this returns).
+            self._head_open = False
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+            last = self._last = self._messages[-1] if self._messages else None
+            if last is not None and last[1].is_eof() and _next_head_follows(data, last, None):
+                self._open_head()
+        elif in_body:
+            assert last is not None
+            if last[1].is_eof() and _next_head_follows(data, last, fed_before):
+                self._open_head()
+        elif data and not self._head_open:
+            self._open_head()
+
+    def _open_head(self) -> None:
+        """The first bytes of the next request head came."""
+        self._head_open = True
+        if not self._request_in_progress and not self._messages:
+            self._arm_head_timer()
+        # else: behind a request still being served; timed from the end of
+        # its response (finish_response), as the fast server does.
+
+    async def finish_response(self, request: BaseRequest, resp: web.StreamResponse,
+                              start_time: float | None) -> tuple[web.StreamResponse, bool]:
+        result = await super().finish_response(request, resp, start_time)
+        if self._messages:
+            # A declined upgrade's buffered bytes are parsed in there, not in data_received.
+            self._last = self._messages[-1]
+        if self._head_open and self.transport is not None:
+            # The next head began before this response ended: it is due
+            # header_timeout from now.
+            self._arm_head_timer()
+        return result
+
+    def _arm_head_timer(self) -> None:
+        if self._header_timer is not None:
             self._header_timer.cancel()
-            self._header_timer = None
+        assert self._header_timeout
+        self._header_timer = self._loop.call_later(self._header_timeout, self._head_late)
+
+    def _process_keepalive(self) -> None:
+        if self._head_open:
+            # A head has begun: header_timeout decides (with 408), not the idle timer.
+            self._keepalive_handle = None
+            return
+        super()._process_keepalive()
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if self._header_timer is not None:
             self._header_timer.cancel()
             self._header_timer = None
+        self._last = None
         super().connection_lost(exc)
 
     def _head_late(self) -> None:
         self._header_timer = None
         transport = self.transport
-        if transport is None or self._request_count:
+        if transport is None or not self._head_open or self._force_close:
             return
+        if self._request_in_progress or self._messages:
+            return  # re-armed when the response before this head is written
         log.info("request head from %s did not arrive within %.1fs", self.peername, self._header_timeout)
         err = RequestTimeout()
         rid = new_request_id()
@@ -85,7 +165,6 @@ class JsonErrorRequestHandler(RequestHandler):
                         b"X-Sidecar-Error: %b\r\nX-Request-ID: %b\r\nContent-Length: %d\r\n"
                         b"Connection: close\r\n\r\n%b" % (err.code.encode(), rid.encode(), len(body), body))
         self.force_close()
-        transport.close()
 
     def handle_error(self, request: BaseRequest, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
@@ -108,6 +187,33 @@ class JsonErrorRequestHandler(RequestHandler):
                                      "X-Request-ID": rid})
         resp.force_close()
         return resp
+
+
+def _next_head_follows(data: bytes, last: tuple[Any, Any], fed_before: int | None) -> bool:
+    """``data`` ended the latest request (message, body): did the first bytes
+    of another head follow that end in it? Never True when nothing followed
+    (a false 408 on an idle connection); False when it cannot tell, which
+    leaves that head to keepalive_timeout, as an idle connection.
+
+    ``fed_before``: the body's raw bytes before ``data`` (its head came
+    earlier), or None (its head ended in ``data``)."""
+    msg, body = last
+    chunked = getattr(msg, "chunked", None)  # None: a parse error (_ErrInfo), closing anyway
+    if chunked is None:
+        return False
+    if body is EMPTY_PAYLOAD or chunked:
+        # Such a request ends with CRLF CRLF (llhttp is strict on requests),
+        # and a head that has not ended has no CRLF CRLF in it. Under 4
+        # bytes the CRLF CRLF may have begun in the read before.
+        return len(data) >= 4 and not data.endswith(b"\r\n\r\n")
+    size = body.total_raw_bytes  # the whole Content-Length, as sent (compressed or not)
+    if fed_before is not None:
+        return len(data) > size - fed_before
+    # The head ends right before the body: the last CRLF CRLF that leaves
+    # room for the body after it (one inside the body can only make the
+    # answer "no").
+    end = data.rfind(b"\r\n\r\n", 0, len(data) - size)
+    return end >= 0 and len(data) - size - (end + 4) > 0
 
 
 class SidecarServer(web.Server):
