@@ -340,6 +340,27 @@ async def test_hashed_identities_in_access_log(sidecar_factory, upstream, client
     assert line["tenant"] == "acme-corp" and line["client"] == "127.0.0.1"
 
 
+
+async def test_hashed_identities_leave_no_tenant_in_clear_in_decisions(sidecar_factory, upstream, client,
+                                                                       monkeypatch):
+    """A plugin decision naming the tenant (auth's per-tenant credentials) is
+    hashed like the tenant field: the line holds the identity nowhere in clear."""
+    monkeypatch.setenv("TEST_LOG_HASH_KEY", "k3y-for-audit")
+    monkeypatch.setenv("TEST_ACME_KEY", "a-key-1234")
+    auth = ('[auth]\ntype = "bearer"\nsecret = "env:TEST_ACME_KEY"\n'
+            '[auth.tenants.acme-corp]\nsecret = "env:TEST_ACME_KEY"\n')
+    sc = await sidecar_factory({"p": policy(upstream.url, extra=auth)},
+                               logging='hash_identifiers = true\nhash_key = "env:TEST_LOG_HASH_KEY"')
+    async with client.get(f"{sc.url}/p/x", headers={"X-Tenant-ID": "acme-corp"}) as r:
+        assert r.status == 200
+    assert upstream.seen[-1].headers["Authorization"] == "Bearer a-key-1234"
+    [line] = await sc.wait_access_lines(1)
+    hashed = hmac.new(b"k3y-for-audit", b"acme-corp", hashlib.sha256).hexdigest()[:16]
+    assert line["tenant"] == hashed
+    assert line["decisions"]["auth_tenant"] == hashed     # still correlates with the tenant field
+    assert "acme-corp" not in json.dumps(line)
+
+
 async def test_hashed_identities_refuse_to_start_without_the_key(sidecar_factory, upstream, monkeypatch):
     import pytest
 
