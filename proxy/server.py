@@ -158,10 +158,18 @@ def bind(host: str, port: int, reuse_port: bool) -> socket.socket:
         sock.bind((host, port))
         sock.listen(2048)
         sock.setblocking(False)
+    except OSError as e:
+        sock.close()
+        # Which listener: "[Errno 98] Address already in use" alone names none.
+        raise ListenError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     except BaseException:
         sock.close()
         raise
     return sock
+
+
+class ListenError(OSError):
+    """A listener's address cannot be bound (in use, not ours): a clean exit, not a traceback."""
 
 
 def parser_limits(rt: Runtime) -> dict[str, int]:
@@ -383,7 +391,11 @@ def worker_main(config_path: str | None, worker_id: int, admin: bool, reuse_port
     settings = load_settings(config_path)
     setup_logging(settings.logging)
     install_uvloop()
-    asyncio.run(_run_worker(settings, worker_id, admin, reuse_port))
+    try:
+        asyncio.run(_run_worker(settings, worker_id, admin, reuse_port))
+    except ListenError as e:
+        log.error("worker %d: %s", worker_id, e)
+        sys.exit(1)
 
 
 def run(config_path: str | None) -> int:
@@ -393,7 +405,11 @@ def run(config_path: str | None) -> int:
     workers = settings.sidecar.workers or os.cpu_count() or 1
     if workers == 1:
         install_uvloop()
-        asyncio.run(_run_worker(settings, 0, True, False))
+        try:
+            asyncio.run(_run_worker(settings, 0, True, False))
+        except ListenError as e:
+            log.error("%s", e)   # one log line, as every other (issue 12), not a traceback
+            return 1
         return 0
     return supervise(config_path, workers, settings)
 

@@ -301,6 +301,33 @@ def test_application_logs_are_json_lines_with_a_startup_summary(tmp_path, upstre
     assert "pw-do-not-log" not in err
 
 
+
+def test_a_listener_that_cannot_bind_is_one_json_error_line_not_a_traceback(tmp_path, upstream):
+    """A port in use: the process exits non-zero and says which listener,
+    as a JSON log line like every other, not a Python traceback."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from tests.support.sidecar import REPO
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        path = write_config(tmp_path, {"p": policy(upstream.url)}, outbound_port=port, admin_port=free_port())
+        env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        done = subprocess.run([sys.executable, "-m", "proxy", "run", "--config", str(path)], cwd=tmp_path,
+                              env=env, capture_output=True, timeout=60)
+    err = done.stderr.decode()
+    assert done.returncode != 0, err
+    assert "Traceback" not in err, err
+    records = [json.loads(line) for line in err.splitlines() if line.strip()]
+    [failed] = [r for r in records if r["level"] == "error"]
+    assert f"127.0.0.1:{port}" in failed["msg"] and "in use" in failed["msg"], failed
+
+
 def test_text_log_format(tmp_path, upstream):
     proc = _process(tmp_path, {"p": policy(upstream.url)}, '')
     cfg = proc.config_path.read_text().replace("[logging]\n", '[logging]\nformat = "text"\n', 1)
