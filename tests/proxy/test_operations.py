@@ -253,6 +253,29 @@ async def test_allowed_clients_refuses_other_peers_loopback_included(sidecar_fac
         assert r.status == 200
 
 
+
+async def test_allowed_clients_written_as_ipv4_mapped_match_ipv4_peers(tmp_path, upstream, client):
+    """On a dual-stack listener ("[::]") an IPv4 peer is "::ffff:127.0.0.1"; an
+    entry written that way (or as a mapped network) allows it, as the same
+    entry in IPv4 form does."""
+    from proxy.config import load_settings
+    from proxy.server import Sidecar
+    from tests.support.sidecar import RunningSidecar
+
+    for n, listen, entry in ((1, "[::]:0", "::ffff:127.0.0.1"), (2, "0.0.0.0:0", "::ffff:127.0.0.0/104")):
+        path = write_config(tmp_path / str(n), {"p": policy(upstream.url)},
+                            outbound=f'allowed_clients = ["{entry}"]')
+        path.write_text(path.read_text().replace('listen = "127.0.0.1:0"\nallowed_clients',
+                                                 f'listen = "{listen}"\nallowed_clients', 1))
+        sc = Sidecar(load_settings(path))
+        await sc.start()
+        try:
+            async with client.get(f"{RunningSidecar(sc, path).url}/p/x") as r:
+                assert r.status == 200, (listen, entry, r.headers.get("X-Sidecar-Error"))
+        finally:
+            await sc.stop()
+
+
 def test_client_allow_list_rules():
     from proxy.clients import ClientAllowList, is_loopback
 
@@ -260,6 +283,9 @@ def test_client_allow_list_rules():
     assert allow.allows("10.1.2.3") and allow.allows("::ffff:10.1.2.3") and allow.allows("2001:db8::1")
     assert not allow.allows("127.0.0.1") and not allow.allows("11.0.0.1") and not allow.allows(None)
     assert not allow.allows("garbage")
+    mapped = ClientAllowList(["::ffff:10.0.0.0/104", "::ffff:192.0.2.7"])
+    assert mapped.allows("10.1.2.3") and mapped.allows("::ffff:10.1.2.3") and mapped.allows("192.0.2.7")
+    assert not mapped.allows("11.0.0.1") and not mapped.allows("::ffff:192.0.2.8")
     assert ClientAllowList(None).allows("203.0.113.9")
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("") and not is_loopback("10.0.0.1")
