@@ -350,3 +350,35 @@ async def test_redis_down_paces_on_what_this_sidecar_learned(sidecar_factory, cl
     async with client.get(f"{sc.admin}/admin/rate_limits?route=ai") as r:
         view = await r.json()
     assert "shared_error" in view["upstream"] and len(view["upstream"]["learned"]) == 1
+
+
+async def test_admin_listing_costs_the_same_in_a_full_redis(sidecar_factory, client, provider):
+    """/admin/rate_limits (polled every 2 s by the dashboard) reads the learned
+    blocks without walking the whole keyspace: its Redis commands do not grow
+    with the keys other plugins keep (a shared Redis holds millions)."""
+    import redis
+
+    from tests.support.redis import ThrowawayRedis
+
+    server = ThrowawayRedis().start()
+    try:
+        r = redis.Redis(port=server.port)
+        pipe = r.pipeline(transaction=False)
+        for i in range(20000):
+            pipe.set(f"sidecar:test:{{test/k{i % 97}}}:cache:{i}", b"v")
+        pipe.execute()
+        state = f'[state]\nbackend = "redis"\nurl = "{server.url}"\n'
+        sc = await sidecar_factory({"ai": policy(provider.up.url, 'key = "header:X-Org"')}, state)
+        for org in ("a", "b"):
+            async with client.get(f"{sc.url}/ai/x", headers={"X-Org": org}) as resp:
+                assert resp.status == 200
+        before = r.info("stats")["total_commands_processed"]
+        async with client.get(f"{sc.admin}/admin/rate_limits?route=ai") as resp:
+            view = await resp.json()
+        spent = r.info("stats")["total_commands_processed"] - before - 1   # less this INFO
+        assert sorted(b["key"] for b in view["upstream"]["learned"]) == ["a", "b"]
+        assert all(0 < b["blocked_for_seconds"] <= 2 for b in view["upstream"]["learned"])
+        assert spent <= 10, spent
+        r.close()
+    finally:
+        server.cleanup()
