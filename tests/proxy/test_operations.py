@@ -190,6 +190,33 @@ async def test_admin_token_guards_every_admin_endpoint(sidecar_factory, upstream
         assert r.headers["X-Sidecar-Error"] == "admin_token_unavailable"
 
 
+
+async def test_admin_actions_refuse_a_cross_site_browser(sidecar_factory, upstream, client):
+    """Without a token the admin listener trusts its position (loopback), but a
+    page on another site open in the operator's browser can send it a form
+    POST: an action (reload, breaker reset, webhook re-delivery, purge) from a
+    foreign Origin is 403; curl (no Origin) and the dashboard (same origin) act."""
+    sc = await sidecar_factory({"p": policy(upstream.url)})
+    host = sc.admin.removeprefix("http://")
+    async with client.post(f"{sc.admin}/admin/reload", headers={"Origin": "https://evil.example"}) as r:
+        assert r.status == 403 and r.headers["X-Sidecar-Error"] == "cross_origin_refused"
+    async with client.post(f"{sc.admin}/admin/reload", headers={"Sec-Fetch-Site": "cross-site"}) as r:
+        assert r.status == 403
+    async with client.post(f"{sc.admin}/admin/reload", headers={"Origin": "null"}) as r:
+        assert r.status == 403      # a sandboxed frame or a file: page
+    async with client.post(f"{sc.admin}/admin/reload", headers={"Origin": f"http://{host}"}) as r:
+        assert r.status == 200
+    async with client.post(f"{sc.admin}/admin/reload", headers={"Origin": "https://admin.example",
+                                                               "Host": "admin.example"}) as r:
+        assert r.status == 200      # the dashboard behind a TLS-terminating ingress
+    async with client.post(f"{sc.admin}/admin/reload", headers={"Origin": f"http://{host}.evil.example"}) as r:
+        assert r.status == 403
+    async with client.post(f"{sc.admin}/admin/reload") as r:
+        assert r.status == 200
+    async with client.get(f"{sc.admin}/admin/routes", headers={"Origin": "https://evil.example"}) as r:
+        assert r.status == 200      # reads are the browser's same-origin policy's to guard
+
+
 def test_admin_token_must_be_a_reference(tmp_path):
     from proxy.cli import check
 
