@@ -382,3 +382,25 @@ async def test_admin_listing_costs_the_same_in_a_full_redis(sidecar_factory, cli
         r.close()
     finally:
         server.cleanup()
+
+
+@pytest.mark.parametrize("skew", [300.0, -300.0], ids=["provider-clock-ahead", "provider-clock-behind"])
+async def test_absolute_resets_are_read_on_the_providers_clock(sidecar_factory, client, skew):
+    """An epoch or RFC 3339 reset is a moment on the provider's clock: measured
+    against its Date header, a host clock minutes off neither blocks the route
+    for those minutes nor misses the block altogether."""
+    async def github(request: web.Request, seen) -> web.Response:
+        provider_now = time.time() + skew
+        return web.json_response({}, headers={
+            "Date": format_datetime(datetime.fromtimestamp(provider_now, timezone.utc), usegmt=True),
+            "x-ratelimit-remaining": "0", "x-ratelimit-reset": str(int(provider_now) + 3)})
+
+    async with FakeUpstream(github) as up:
+        sc = await sidecar_factory({"gh": f'route = "/gh"\nupstream = "{up.url}"\n[rate_limit]\n'
+                                          '[rate_limit.upstream]\npreset = "github"\n'})
+        async with client.get(f"{sc.url}/gh/x") as r:
+            assert r.status == 200
+        async with client.get(f"{sc.admin}/admin/rate_limits?route=gh") as r:
+            learned = (await r.json())["upstream"]["learned"]
+        assert len(learned) == 1, learned
+        assert 1 <= learned[0]["blocked_for_seconds"] <= 4, learned
