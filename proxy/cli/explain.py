@@ -110,6 +110,8 @@ def _auth(f: Any, c: Any, ex: Exchange) -> dict[str, Any]:
         inject["Authorization"] = f"Basic base64({ref('username')}:{ref('password')})"
     elif t == "query":
         inject[f"?{c.param}="] = ref("secret")
+    elif t == "oauth2_jwt_bearer" and not c.token_url:
+        inject["Authorization"] = f"Bearer <access token from the token_uri of {ref('credentials')[1:-1]} (RFC 7523)>"
     elif t is not None and "oauth2" in t:
         inject["Authorization"] = f"Bearer <access token from {c.token_url}>"
     for name, value in c.headers.items():
