@@ -73,6 +73,9 @@ def provider_now(headers: Any, local: float) -> float:
     if when.tzinfo is None:
         when = when.replace(tzinfo=timezone.utc)
     t = when.timestamp()
+    age = headers.get("Age")
+    if age and age.strip().isdigit():
+        t += int(age)   # kept by a cache on the way: Date is when it was made (RFC 9111 4.2.3)
     return t if abs(t - local) > 2.0 else local
 
 

@@ -404,3 +404,12 @@ async def test_absolute_resets_are_read_on_the_providers_clock(sidecar_factory, 
             learned = (await r.json())["upstream"]["learned"]
         assert len(learned) == 1, learned
         assert 1 <= learned[0]["blocked_for_seconds"] <= 4, learned
+
+
+def test_a_response_served_from_a_cache_on_the_way_counts_its_age():
+    """RFC 9111 4.2.3: a response a shared cache kept for Age seconds carries
+    the Date of when it was made; the provider's 'now' is Date + Age."""
+    made = NOW - 600
+    headers = h(date=format_datetime(datetime.fromtimestamp(made, timezone.utc), usegmt=True), age="600",
+                x_ratelimit_remaining="0", x_ratelimit_reset=str(int(NOW) + 30))
+    assert signals(preset="github").block(200, headers, NOW)[0] == pytest.approx(30.0, abs=1.0)
