@@ -59,6 +59,15 @@ class UpstreamTLSError(UpstreamError):
     status, code, message = 502, "upstream_tls_error", "upstream TLS handshake or certificate verification failed"
 
 
+class UpstreamBadResponse(UpstreamError):
+    """The upstream answered, but not with a response a proxy may relay: a
+    head past the route's ``[limits]`` or one that does not parse (nginx's
+    "upstream sent too big header", Envoy's UPE). Not retried: the same
+    upstream would answer the same way."""
+
+    status, code, message = 502, "upstream_bad_response", "upstream sent an invalid or oversized response head"
+
+
 class UpstreamTimeout(UpstreamError):
     status, code, message = 504, "upstream_timeout", "upstream did not answer in time"
 

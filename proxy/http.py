@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import unicodedata
 
 from multidict import CIMultiDict, CIMultiDictProxy, istr
 
@@ -37,19 +38,80 @@ def strip_hop_by_hop(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMul
     return out
 
 
-# Dot segments, also percent-encoded (%2e), that could climb out of an
-# upstream's base path once the upstream decodes them (CVE-2021-41773 style).
+# Path segments an upstream (or something behind it) may take for "." or
+# "..", so that a request climbs out of the upstream's base path: CVE-2021-41773
+# (%2e), CVE-2021-42013 (%%32%65: decoded twice), IIS %u002e and overlong
+# UTF-8 %c0%ae (CVE-2000-0884, CVE-2001-0333), "..;x" path parameters that
+# Tomcat drops behind a proxy that did not (Orange Tsai, "Breaking Parser
+# Logic", 2018), trailing NUL/space that Windows and some decoders drop, and
+# NFKC look-alikes (U+FF0E, U+2024) that .NET/Java normalisers fold.
 # An encoded slash (%2f) or a backslash (raw or %5c) separates segments too
 # for upstreams that decode before normalising (Apache AllowEncodedSlashes,
 # Tomcat, IIS): "/..%2f" climbs like "/../".
-_SEP = r"(?:/|\\|%2f|%5c)"
-_DOT_SEGMENT = re.compile(rf"(?:^|{_SEP})(?:\.|%2e){{1,2}}(?:{_SEP}|$)", re.IGNORECASE)
+_PCT = re.compile(rb"%[uU]([0-9a-fA-F]{4})|%([0-9a-fA-F]{2})")
+_OVERLONG = re.compile(rb"[\xc0\xc1][\x80-\xbf]|\xe0[\x80-\x9f][\x80-\xbf]|\xf0[\x80-\x8f][\x80-\xbf]{2}")
+# Rounds of decoding tried after the raw form: "decoded twice" attacks need
+# two; a third costs nothing on paths that stop changing.
+_DECODE_ROUNDS = 3
+
+
+def _pct(m: re.Match[bytes]) -> bytes:
+    u, x = m.group(1), m.group(2)
+    if u is not None:
+        return chr(int(u, 16)).encode("utf-8", "surrogatepass")
+    return bytes((int(x, 16),))
+
+
+def _overlong(m: re.Match[bytes]) -> bytes:
+    # The code point an overlong sequence spells, which a lenient decoder yields.
+    b = m.group(0)
+    if len(b) == 2:
+        cp = ((b[0] & 0x1F) << 6) | (b[1] & 0x3F)
+    elif len(b) == 3:
+        cp = ((b[0] & 0x0F) << 12) | ((b[1] & 0x3F) << 6) | (b[2] & 0x3F)
+    else:
+        cp = ((b[0] & 0x07) << 18) | ((b[1] & 0x3F) << 12) | ((b[2] & 0x3F) << 6) | (b[3] & 0x3F)
+    return chr(cp).encode("utf-8", "surrogatepass")
+
+
+def _decode(path: str) -> str:
+    """One round of what a lenient upstream does to a path: percent- and
+    %u-decoding, overlong UTF-8 read as the code point it spells, NFKC."""
+    b = path.encode("utf-8", "surrogateescape")
+    if b"%" in b:
+        b = _PCT.sub(_pct, b)
+    if not b.isascii():
+        b = _OVERLONG.sub(_overlong, b)
+    out = b.decode("utf-8", "surrogateescape")
+    if not out.isascii():
+        out = unicodedata.normalize("NFKC", out)
+    return out
+
+
+# A "." or ".." segment, once ";params" (Tomcat drops them) and trailing
+# NUL/space/tab (dropped by Windows and some decoders) are taken off.
+_CLIMB = re.compile(r"(?:^|[/\\])\.\.?[ \t\x00]*(?:;[^/\\]*)?(?:[/\\]|$)")
 
 
 def has_dot_segment(raw_path: str) -> bool:
-    if "." not in raw_path and "%" not in raw_path:
+    """Whether any segment of ``raw_path`` (no query) is, or decodes to, "." or "..".
+
+    Hot path: a plain ASCII path with neither '.' nor '%' returns at once.
+    """
+    if raw_path.isascii() and "." not in raw_path and "%" not in raw_path:
         return False
-    return _DOT_SEGMENT.search(raw_path) is not None
+    path = raw_path
+    search = _CLIMB.search
+    for _ in range(_DECODE_ROUNDS):
+        if search(path) is not None:
+            return True
+        if "%" not in path and path.isascii():
+            return False  # nothing left to decode
+        decoded = _decode(path)
+        if decoded == path:
+            return False
+        path = decoded
+    return search(path) is not None
 
 
 # RFC 9110 5.6.2: a field name is a token; these characters are not tchars.

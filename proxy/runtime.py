@@ -60,7 +60,7 @@ class Runtime:
         self.services: dict[str, Any] = {}
         self.state = make_state(settings.state, settings.sidecar.service)
         self.pools = UpstreamPools(settings.outbound.pool_size, settings.outbound.pool_idle_timeout,
-                                   client=settings.outbound.client)
+                                   client=settings.outbound.client, limits=settings.limits)
         self.accesslog = AccessLog(settings.logging.access_log, worker=worker_id)
         # The HTTP client plugins share for their own requests (tokens, JWKS,
         # forward_auth, webhook delivery); closed at stop().
@@ -148,7 +148,7 @@ class Runtime:
             core = policy.core
             if core.route is None or core.upstream is None:
                 continue
-            upstream = self.pools.get(core.upstream, core.tls, core.timeouts)
+            upstream = self.pools.get(core.upstream, core.tls, core.timeouts, core.limits)
             # A disabled route keeps its place in the table (no other route
             # catches its paths) and answers 503 route_disabled, no plugin run.
             if core.enabled:

@@ -16,6 +16,7 @@ omitted when the secret is not set, instead of answering 503 (issue 12).
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable
@@ -174,7 +175,9 @@ class FileSecret(SecretRef):
         super().__init__(raw)
         self.path = Path(raw[len("file:"):])
         self.check_interval = check_interval
-        self._checked = 0.0
+        # -inf, not 0.0: time.monotonic() counts from boot, so on a machine up
+        # for less than check_interval a 0.0 skipped the first read.
+        self._checked = -math.inf
         self._stamp: tuple[int, int, int] | None = None
 
     def get(self) -> str:

@@ -26,6 +26,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
+from prometheus_client.multiprocess import mark_process_dead
 
 from .admin import make_admin_app
 from .admission import RequestTimeout, admission_for
@@ -456,6 +457,9 @@ def supervise(config_path: str | None, workers: int, settings: Settings) -> int:
             for i, p in list(procs.items()):
                 if not p.is_alive() and not stopping:
                     log.error("worker %d exited with %s; restarting", i, p.exitcode)
+                    # Its live gauges (sidecar_inflight_requests) would keep
+                    # counting the requests it died with (issue 11, item 8).
+                    mark_process_dead(p.pid, mp_dir)
                     if time.monotonic() - started[i] < 1.0:
                         time.sleep(1.0)  # crash loop: do not spin
                     start(i)

@@ -17,12 +17,12 @@ import aiohttp
 from yarl import URL
 
 from .chain import Exchange, ProxyResponse
-from .errors import (RequestBodyTooLarge, UpstreamTimeout, UpstreamTLSError,
+from .errors import (RequestBodyTooLarge, UpstreamBadResponse, UpstreamTimeout, UpstreamTLSError,
                      UpstreamUnavailable)
 from .http import strip_hop_by_hop
 
 if TYPE_CHECKING:
-    from .config import TLS, Timeouts
+    from .config import TLS, Limits, Timeouts
 
 # aiohttp adds these when absent; a proxy forwards what the client sent, no more.
 _SKIP_AUTO = frozenset({"Accept-Encoding", "User-Agent", "Accept", "Content-Type"})
@@ -48,7 +48,8 @@ class BodyOverflow:
 class Upstream:
     """One upstream base URL: where a route's requests go."""
 
-    def __init__(self, url: str, session: aiohttp.ClientSession, timeouts: "Timeouts") -> None:
+    def __init__(self, url: str, session: aiohttp.ClientSession, timeouts: "Timeouts",
+                 limits: "Limits") -> None:
         u = URL(url)
         self.url = url
         self.scheme = u.scheme
@@ -63,6 +64,11 @@ class Upstream:
         self.pool_key: tuple[str, bool, str | None] = ("", True, None)  # set by UpstreamPools.get
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeouts.connect,
                                               sock_read=timeouts.idle or None)
+        # The route's [limits] bound the response head (issue 11, item 1).
+        # aiohttp bounds each line and the count; the total is checked once
+        # the head is in (at most max_headers lines of max_header_size).
+        self.max_head = limits.max_header_size
+        self.max_headers = limits.max_headers
 
     def target(self, ex: Exchange) -> URL:
         raw = self.base_path + ex.path
@@ -90,7 +96,8 @@ class Upstream:
             resp = await self.session._request(
                 ex.method, self.target(ex), headers=headers, data=body,
                 allow_redirects=False, skip_auto_headers=_SKIP_AUTO, timeout=timeout,
-                compress=None, chunked=None,
+                compress=None, chunked=None, max_line_size=self.max_head,
+                max_field_size=self.max_head, max_headers=self.max_headers,
             )
         except asyncio.CancelledError:
             raise
@@ -98,6 +105,13 @@ class Upstream:
             if overflow is not None and overflow.hit:
                 raise RequestBodyTooLarge() from None
             raise map_client_error(e, self) from None
+        size = 0
+        for k, v in resp.raw_headers:
+            size += len(k) + len(v) + 4
+        if size > self.max_head:
+            resp.close()
+            raise UpstreamBadResponse(f"upstream {self.host}:{self.port}: response head larger than "
+                                      f"{self.max_head} bytes")
         return ProxyResponse(resp.status, strip_hop_by_hop(resp.headers),
                              _stream(resp, self), reason=resp.reason,
                              release=lambda ok: resp.release() if ok else resp.close(),
@@ -126,6 +140,9 @@ def map_client_error(e: BaseException, up: Upstream) -> Exception:
         return UpstreamTLSError(f"TLS with upstream {where} failed: certificate or handshake error")
     if isinstance(e, aiohttp.ClientConnectorError):
         return UpstreamUnavailable(f"cannot connect to upstream {where}")
+    if isinstance(e, aiohttp.ClientResponseError):
+        # The response head did not parse or passed max_header_size/max_headers.
+        return UpstreamBadResponse(f"upstream {where} sent a malformed or oversized response head")
     if isinstance(e, (aiohttp.ClientError, OSError)):
         return UpstreamUnavailable(f"upstream {where} closed or reset the connection")
     return UpstreamUnavailable(f"upstream {where} failed ({type(e).__name__})")
@@ -138,11 +155,17 @@ class UpstreamPools:
     ``"aiohttp"`` keeps one ClientSession per origin.
     """
 
-    def __init__(self, pool_size: int, idle_timeout: float, client: str = "fast") -> None:
+    def __init__(self, pool_size: int, idle_timeout: float, client: str = "fast",
+                 limits: "Limits | None" = None) -> None:
         self._sessions: dict[tuple[str, bool, str | None], aiohttp.ClientSession] = {}
         self.pool_size = pool_size
         self.idle_timeout = idle_timeout
         self.client = client
+        # Head limits for upstreams asked for without a route's own [limits].
+        if limits is None:
+            from .config import Limits
+            limits = Limits()
+        self.limits = limits
         self.fast = None
         if client == "fast":
             from .fastclient import FastPools
@@ -153,12 +176,14 @@ class UpstreamPools:
         """Connections per origin (fast client only): open, idle, in_use, created."""
         return self.fast.pools() if self.fast is not None else {}
 
-    def get(self, url: str, tls: "TLS", timeouts: "Timeouts") -> "Upstream":
-        """The upstream for ``url``; its ``pool_key`` names the pool it shares."""
+    def get(self, url: str, tls: "TLS", timeouts: "Timeouts", limits: "Limits | None" = None) -> "Upstream":
+        """The upstream for ``url``; its ``pool_key`` names the pool it shares.
+        ``limits`` (the route's) bound the upstream's response head."""
+        limits = limits or self.limits
         origin = str(URL(url).origin())
         key = (origin, tls.verify, tls.ca_bundle)
         if self.fast is not None:
-            fast = self.fast.get(url, tls, timeouts)
+            fast = self.fast.get(url, tls, timeouts, limits)
             fast.pool_key = key
             return fast  # type: ignore[return-value]
         session = self._sessions.get(key)
@@ -177,7 +202,7 @@ class UpstreamPools:
             # budget and deadline), so a request is sent once per try.
             session._retry_connection = False
             self._sessions[key] = session
-        up = Upstream(url, session, timeouts)
+        up = Upstream(url, session, timeouts, limits)
         up.pool_key = key
         return up
 

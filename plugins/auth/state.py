@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -145,7 +146,7 @@ class AuthState:
         self.runtime.secrets.reread()
         for r in self.runtime.secrets.refs():
             if hasattr(r, "_checked"):
-                r._checked = 0.0   # file: re-check now, not at the next interval
+                r._checked = -math.inf   # file: re-check now, not at the next interval
             _resolves(r)
         if self.vault is not None:
             await self.vault.refresh(force=True)

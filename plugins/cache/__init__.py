@@ -13,10 +13,14 @@ default; Redis, shared by every sidecar, when ``[state] backend = "redis"``.
 ``X-Cache: HIT | MISS | STALE | BYPASS`` and ``Age`` on every answer;
 GET /admin/cache and POST /admin/cache/<policy>/purge. See docs/cache.md.
 
-PRIORITY 755: outside retry and the circuit breaker (a hit skips both, and
-stale-if-error answers an open circuit), inside fallback (a stale entry beats
-a static fallback), and outside auth, so a hit never reaches the credential
-plugin and a miss is fetched with fresh credentials.
+PRIORITY 755: outside retry (750) and the circuit breaker (700), so a hit
+skips both and stale-if-error answers an open circuit; inside fallback (a
+stale entry beats a static fallback); outside auth, so a hit never reaches
+the credential plugin and a miss is fetched with fresh credentials. Modules:
+filter.py (lookup, serving, fetch and tee, invalidation), storable.py (what
+is stored and for how long), coalesce.py (single-flight misses), refresh.py
+(stale-while-revalidate refreshes), rules.py (RFC 9111 as pure functions),
+store.py (memory LRU, Redis).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from .config import Config
 from .filter import NAME, CacheFilter, CacheMiss
 from .store import MemoryStore, RedisStore
 
-PRIORITY = 755  # outside retry and the breaker: a hit skips both, stale-if-error catches circuit_open
+PRIORITY = 755
 
 __all__ = ["Config", "CacheFilter", "CacheMiss", "PRIORITY", "build", "cache_filters"]
 

@@ -1,9 +1,13 @@
-"""The cache filter: lookup, single-flight misses, streaming tee, stale serving."""
+"""The cache filter: lookup, serving, fetching with a streaming tee, invalidation.
+
+The three other concerns live beside it: storable.py (what may be stored and
+for how long), coalesce.py (single-flight misses) and refresh.py (background
+refresh for stale-while-revalidate).
+"""
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -14,22 +18,18 @@ from proxy.chain import Exchange, Filter, Handler, ProxyResponse
 from proxy.errors import SidecarError
 from proxy.tenants import TopCounts
 
+from .coalesce import Flights
 from .config import Config
-from .rules import (ERROR_STATUSES, credential_scope, delta, etag_matches, explicit_lifetime,
-                    initial_age, parse_cache_control, primary_key, variant_key, vary_names)
+from .refresh import Refresher
+from .rules import (ERROR_STATUSES, credential_scope, delta, etag_matches, parse_cache_control,
+                    primary_key, request_use, variant_key)
+from .storable import Storability, add_validators, is_strict
 from .store import Entry, MemoryStore, RedisStore, VaryMarker
-
-log = logging.getLogger("sidecar.cache")
 
 NAME = "cache"
 _EMPTY: dict[str, str | None] = {}
 
-# Never part of a stored response: recomputed per answer, or per request.
-_NOT_STORED = frozenset({"age", "x-cache", "x-request-id", "content-length", "set-cookie"})
-# RFC 9111 4.3.4: a 304 does not replace these stored fields.
-_NOT_FRESHENED = _NOT_STORED | {"content-encoding", "content-type", "content-range", "etag"}
 _SAFE = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
-_CONDITIONALS = ("If-None-Match", "If-Modified-Since", "If-Match", "If-Unmodified-Since", "If-Range")
 # Headers a 304 to the client carries from the stored response (RFC 9110 15.4.5).
 _304_FIELDS = ("Cache-Control", "Content-Location", "Date", "ETag", "Expires", "Vary", "Last-Modified")
 
@@ -44,19 +44,14 @@ class CacheFilter(Filter):
         self.config = config
         self.route = route
         self.store = store
+        self.rules = Storability(config)
         self.methods = frozenset(config.methods)
-        self.statuses = frozenset(config.statuses)
-        self.vary_allowed = frozenset(config.vary_headers)
         self.key_headers = config.key_headers
         self.authorized = config.authorized
-        self.ttl = config.ttl
-        self.max_ttl = config.max_ttl
         self.max_body = config.max_body
-        self.default_swr = config.stale_while_revalidate
-        self.default_sie = config.stale_if_error
-        self.keep = config.keep
         self.lock = config.lock
-        self.lock_timeout = config.lock_timeout
+        self.flights = Flights(config.lock_timeout)
+        self.refresher = Refresher()
         # A route whose [auth] injects credentials makes every upstream request
         # an authorized one, though the cache (outside auth) never sees the header.
         self.injects = injects_credentials
@@ -65,9 +60,10 @@ class CacheFilter(Filter):
                      for r in ("hit", "miss", "stale", "bypass", "revalidated")}
         self.counts = dict.fromkeys(self._inc, 0)
         self.tenants = TopCounts(tuple(self._inc))   # /admin/cache?tenant=T
-        self.flights: dict[str, asyncio.Future[None]] = {}
-        self.refreshing: dict[str, asyncio.Task[None]] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def refreshing(self) -> dict[str, asyncio.Task[None]]:
+        return self.refresher.refreshing
 
     # ---- per request ------------------------------------------------------
 
@@ -90,35 +86,40 @@ class CacheFilter(Filter):
 
         if entry is not None:
             age = entry.age(time.time())
-            if age < entry.lifetime and _acceptable(req_cc, entry, age):
+            # RFC 9111 5.2.1: the request's max-age, min-fresh and max-stale
+            # narrow (or widen) which stored answers it accepts.
+            use = request_use(req_cc, entry.lifetime, age, entry.swr,
+                              "max-stale" in req_cc and is_strict(entry))
+            if use == "fresh":
                 return self._serve(ex, entry, age, "HIT", "hit")
-            if age < entry.lifetime + entry.swr and ex.method == "GET":
-                self._refresh(key, primary, entry, ex, call_next)
+            if use == "stale-while-revalidate" and ex.method == "GET":
+                self.refresher.start(self, key, primary, entry, ex, call_next)
                 return self._serve(ex, entry, age, "STALE", "stale", "stale-while-revalidate")
+            if use == "max-stale":
+                return self._serve(ex, entry, age, "STALE", "stale", "stale (max-stale)")
         if "only-if-cached" in req_cc:
             raise CacheMiss()
 
+        flights = self.flights
         flight: asyncio.Future[None] | None = None
         if self.lock and ex.method == "GET" and not no_cache:
-            waiting = self.flights.get(key)
+            waiting = flights.current(key)
             if waiting is not None:
-                try:
-                    await asyncio.wait_for(asyncio.shield(waiting), self.lock_timeout)
-                except asyncio.TimeoutError:
-                    pass
+                await flights.wait(waiting)
                 key2, e2 = await self._lookup(primary, h)
                 if e2 is not None:
                     age = e2.age(time.time())
-                    if age < e2.lifetime:
+                    if request_use(req_cc, e2.lifetime, age, 0.0, False) == "fresh":
                         return self._serve(ex, e2, age, "HIT", "hit", "hit (coalesced)")
-                # Not stored (uncacheable, too large, failed): go on alone.
+                # Not stored (uncacheable, too large, failed) or not fresh
+                # enough for this request: go on alone.
             else:
-                flight = self.flights[key] = asyncio.get_running_loop().create_future()
+                flight = flights.take_off(key)
 
         try:
             return await self._fetch(ex, call_next, req_cc, credentialed, primary, key, entry, flight)
         except BaseException:
-            self._land(key, flight)
+            flights.land(key, flight)
             raise
 
     async def _fetch(self, ex: Exchange, call_next: Handler, req_cc: dict[str, str | None],
@@ -126,7 +127,7 @@ class CacheFilter(Filter):
                      flight: asyncio.Future[None] | None) -> ProxyResponse:
         # The request as the cache saw it: inner filters (auth) may edit ex.headers.
         seen = ex.headers.copy()
-        revalidating = entry is not None and _add_validators(ex.headers, entry)
+        revalidating = entry is not None and add_validators(ex.headers, entry)
         t_req = time.time()
         try:
             resp = await call_next(ex)
@@ -145,7 +146,7 @@ class CacheFilter(Filter):
             return self._serve(ex, entry, entry.age(t_resp), "STALE", "stale",
                                f"stale-if-error ({resp.status})", seen)
         if revalidating and resp.status == 304 and entry is not None:
-            fresh = await self._freshen(primary, key, entry, resp, t_req, t_resp)
+            fresh = await self.freshen(key, entry, resp, t_req, t_resp)
             self._land(key, flight)
             if fresh is not None:
                 return self._serve(ex, fresh, fresh.age(t_resp), "HIT", "revalidated", request_headers=seen)
@@ -155,7 +156,7 @@ class CacheFilter(Filter):
             ex.headers.popall("If-Modified-Since", None)
             resp = await call_next(ex)
 
-        decision = self._decide(ex.method, ex.path, req_cc, resp, credentialed, t_req, t_resp)
+        decision = self.rules.decide(ex.method, ex.path, resp, credentialed, t_req, t_resp)
         if isinstance(decision, str):
             self._land(key, flight)
             self._count("miss", ex.tenant)
@@ -172,7 +173,7 @@ class CacheFilter(Filter):
             data = bytes(body or b"")
             if len(data) <= self.max_body:
                 stored.body = data
-                await self._put(primary, store_key, stored, vary)
+                await self.put(primary, store_key, stored, vary)
             self._land(key, flight)
         else:
             length = resp.headers.get("Content-Length")
@@ -225,60 +226,7 @@ class CacheFilter(Filter):
 
     # ---- storing ------------------------------------------------------------
 
-    def _lifetimes(self, cc: dict[str, str | None], headers: Any, now: float) -> tuple[float, float, float]:
-        """Freshness lifetime, stale-while-revalidate and stale-if-error windows."""
-        lifetime = explicit_lifetime(cc, headers, now)
-        if lifetime is None:
-            lifetime = self.ttl  # heuristic freshness, RFC 9111 4.2.2, only as configured
-        lifetime = min(lifetime, self.max_ttl)
-        # must-revalidate/proxy-revalidate/s-maxage (RFC 9111 5.2.2.2, .8, .10) forbid
-        # serving stale on our own initiative; a response's explicit RFC 5861 window still holds.
-        strict = "must-revalidate" in cc or "proxy-revalidate" in cc or "s-maxage" in cc
-        swr = float(delta(cc["stale-while-revalidate"])) if "stale-while-revalidate" in cc else (
-            0.0 if strict else self.default_swr)
-        sie = float(delta(cc["stale-if-error"])) if "stale-if-error" in cc else (
-            0.0 if strict else self.default_sie)
-        return lifetime, min(swr, self.max_ttl), min(sie, self.max_ttl)
-
-    def _decide(self, method: str, path: str, req_cc: dict[str, str | None], resp: ProxyResponse,
-                credentialed: bool, t_req: float, t_resp: float) -> tuple[Entry, list[str]] | str:
-        """The entry to store (body still empty) and its Vary names, or why not (RFC 9111 3)."""
-        if method != "GET":
-            return "HEAD responses are not stored"
-        if resp.status not in self.statuses:
-            return f"status {resp.status}"
-        rh = resp.headers
-        cc = parse_cache_control(",".join(rh.getall("Cache-Control", [])))
-        for d in ("no-store", "private", "no-cache"):
-            if d in cc:
-                return d
-        if "Set-Cookie" in rh:
-            return "set-cookie"
-        if credentialed and not self.authorized and not (
-                "public" in cc or "s-maxage" in cc or "must-revalidate" in cc):
-            return "authorization"  # RFC 9111 3.5
-        vary = vary_names(",".join(rh.getall("Vary", [])))
-        if vary == ["*"]:
-            return "vary *"
-        for name in vary or ():
-            if name not in self.vary_allowed:
-                return f"vary {name} not in vary_headers"
-        length = rh.get("Content-Length")
-        if length is not None and length.isdigit() and int(length) > self.max_body:
-            return "larger than max_body"
-        lifetime, swr, sie = self._lifetimes(cc, rh, t_resp)
-        etag, lm = rh.get("ETag"), rh.get("Last-Modified")
-        keep = self.keep if (etag or lm) else 0.0
-        if lifetime <= 0 and max(swr, sie, keep) <= 0:
-            return "no freshness (set ttl for responses without Cache-Control/Expires)"
-        age0 = initial_age(rh, t_req, t_resp)
-        entry = Entry(resp.status, [(k, v) for k, v in rh.items() if k.lower() not in _NOT_STORED],
-                      b"", t_resp, age0, lifetime, swr, sie, keep, etag, lm, path)
-        if entry.expires_at() <= t_resp:
-            return "stale on arrival"
-        return entry, vary or []
-
-    async def _put(self, primary: str, store_key: str, entry: Entry, vary: list[str]) -> None:
+    async def put(self, primary: str, store_key: str, entry: Entry, vary: list[str]) -> None:
         # The Vary marker and its variant land together (one MULTI in Redis).
         await self.store.put_many([(primary, VaryMarker(vary, entry.expires_at())), (store_key, entry)]
                                   if vary else [(store_key, entry)])
@@ -317,12 +265,12 @@ class CacheFilter(Filter):
 
         async def put() -> None:
             try:
-                await self._put(primary, store_key, entry, vary)
+                await self.put(primary, store_key, entry, vary)
             finally:
                 self._land(key, flight)
 
         if self.store.shared:
-            self._spawn(put())  # the client's last bytes do not wait for Redis
+            self.refresher.spawn(put())  # the client's last bytes do not wait for Redis
         else:
             # The memory store never suspends: run it to completion right here.
             coro = put()
@@ -334,77 +282,19 @@ class CacheFilter(Filter):
                 coro.close()
                 raise RuntimeError("memory store suspended")
 
-    async def _freshen(self, primary: str, key: str, entry: Entry, resp: ProxyResponse,
-                       t_req: float, t_resp: float) -> Entry | None:
+    async def freshen(self, key: str, entry: Entry, resp: ProxyResponse,
+                      t_req: float, t_resp: float) -> Entry | None:
         """RFC 9111 4.3.4: a 304 refreshes the stored entry's headers and age."""
         try:
             await resp.read(64 * 1024)
         except ValueError:
             pass
-        headers = CIMultiDict(entry.headers)
-        fresh = resp.headers
-        for name in {k.lower() for k in fresh.keys()} - _NOT_FRESHENED:
-            headers.popall(name, None)
-            for v in fresh.getall(name):
-                headers.add(name, v)
-        cc = parse_cache_control(",".join(headers.getall("Cache-Control", [])))
-        if "no-store" in cc or "private" in cc or "no-cache" in cc:
+        new = self.rules.freshened(entry, resp.headers, t_req, t_resp)
+        if new is None:
             await self.store.delete(key)
-            return None
-        lifetime, swr, sie = self._lifetimes(cc, headers, t_resp)
-        new = Entry(entry.status, list(headers.items()), entry.body, t_resp,
-                    initial_age(fresh, t_req, t_resp), lifetime, swr, sie, entry.keep,
-                    headers.get("ETag"), headers.get("Last-Modified"), entry.path)
-        await self.store.put(key, new)
+        else:
+            await self.store.put(key, new)
         return new
-
-    # ---- stale-while-revalidate: one background refresh per key ------------
-
-    def _refresh(self, key: str, primary: str, entry: Entry, ex: Exchange, call_next: Handler) -> None:
-        if key in self.refreshing:
-            return
-        headers = ex.headers.copy()
-        for name in _CONDITIONALS:
-            headers.popall(name, None)
-        now = time.monotonic()
-        bg = ex.derive(method="GET", headers=headers, started=now,
-                       deadline=now + self.route_timeout if self.route_timeout else None)
-        credentialed = self.injects or "Authorization" in headers
-        seen = headers.copy()
-
-        async def run() -> None:
-            try:
-                revalidating = _add_validators(bg.headers, entry)
-                t_req = time.time()
-                resp = await call_next(bg)
-                t_resp = time.time()
-                if revalidating and resp.status == 304:
-                    await self._freshen(primary, key, entry, resp, t_req, t_resp)
-                    return
-                if resp.status >= 500:
-                    resp.close()
-                    return
-                decision = self._decide("GET", bg.path, _EMPTY, resp, credentialed, t_req, t_resp)
-                if isinstance(decision, str):
-                    resp.close()
-                    await self.store.delete(key)  # no longer cacheable: stop serving the old one
-                    return
-                stored, vary = decision
-                try:
-                    stored.body = await resp.read(self.max_body)
-                except ValueError:
-                    await self.store.delete(key)
-                    return
-                store_key = variant_key(primary, vary, seen) if vary else primary
-                await self._put(primary, store_key, stored, vary)
-            except SidecarError as e:
-                log.info("cache: background refresh on %s failed: %s", self.route, e.code)
-            except Exception:
-                log.exception("cache: background refresh on %s failed", self.route)
-            finally:
-                self.refreshing.pop(key, None)
-
-        self.refreshing[key] = self._spawn(run())
 
     # ---- helpers --------------------------------------------------------------
 
@@ -420,23 +310,12 @@ class CacheFilter(Filter):
         return entry.age(time.time()) < entry.lifetime + entry.sie
 
     def _land(self, key: str, flight: asyncio.Future[None] | None) -> None:
-        if flight is None:
-            return
-        if self.flights.get(key) is flight:
-            del self.flights[key]
-        if not flight.done():
-            flight.set_result(None)
-
-    def _spawn(self, coro: Any) -> asyncio.Task[None]:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
+        self.flights.land(key, flight)
 
     def _count(self, result: str, tenant: str | None = None) -> None:
+        self.tenants.add(tenant, result)
         self.counts[result] += 1
         self._inc[result]()
-        self.tenants.add(tenant, result)
 
     async def stats(self) -> dict[str, Any]:
         c = self.counts
@@ -447,8 +326,7 @@ class CacheFilter(Filter):
         return await self.store.purge()
 
     async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
+        self.refresher.close()
         await self.store.close()
 
     def describe(self) -> dict[str, Any]:
@@ -456,28 +334,3 @@ class CacheFilter(Filter):
         return {"store": self.store.kind, "ttl": c.ttl, "max_body": c.max_body,
                 "authorized": c.authorized, "injected_credentials": self.injects,
                 "stale_if_error": c.stale_if_error, "stale_while_revalidate": c.stale_while_revalidate}
-
-
-def _acceptable(req_cc: dict[str, str | None], entry: Entry, age: float) -> bool:
-    """The request's own limits on a fresh entry (RFC 9111 5.2.1.1, 5.2.1.3)."""
-    if not req_cc:
-        return True
-    if "max-age" in req_cc and age > delta(req_cc["max-age"]):
-        return False
-    if "min-fresh" in req_cc and entry.lifetime - age < delta(req_cc["min-fresh"]):
-        return False
-    return True
-
-
-def _add_validators(headers: Any, entry: Entry) -> bool:
-    """Make the upstream request conditional on the stored entry (RFC 9111 4.3.1),
-    unless the client sent conditionals of its own."""
-    if entry.etag is None and entry.last_modified is None:
-        return False
-    if any(name in headers for name in _CONDITIONALS):
-        return False
-    if entry.etag is not None:
-        headers["If-None-Match"] = entry.etag
-    if entry.last_modified is not None:
-        headers["If-Modified-Since"] = entry.last_modified
-    return True

@@ -136,3 +136,40 @@ def etag_matches(if_none_match: str, etag: str) -> bool:
         return True
     want = etag.strip().removeprefix("W/")
     return any(t.strip().removeprefix("W/") == want for t in if_none_match.split(","))
+
+
+def request_use(req_cc: dict[str, str | None], lifetime: float, age: float, swr: float,
+                strict: bool) -> str | None:
+    """How a stored answer of this ``age`` may answer a request, by the request's
+    own directives (RFC 9111 5.2.1) and the stored ones (RFC 9111 4.2, RFC 5861 3):
+    ``"fresh"``, ``"stale-while-revalidate"``, ``"max-stale"``, or None: forward
+    it (revalidating when the entry has a validator).
+
+    ``strict``: the stored response said must-revalidate, proxy-revalidate or
+    s-maxage, which a request's max-stale cannot override (RFC 9111 5.2.2.2).
+    """
+    left = lifetime - age
+    if req_cc:
+        if "max-age" in req_cc and age > delta(req_cc["max-age"]):
+            return None
+        if "min-fresh" in req_cc and left < delta(req_cc["min-fresh"]):
+            return None
+    if left > 0:
+        return "fresh"
+    stale_for = -left
+    max_stale = False
+    if "max-stale" in req_cc and not strict:
+        limit = req_cc["max-stale"]
+        max_stale = limit is None or stale_for <= delta(limit)
+    # 5.2.1.1: with max-age (or min-fresh), unless max-stale is also present,
+    # the client does not want a stale answer, whatever the stored windows say.
+    wants_fresh = "max-age" in req_cc or "min-fresh" in req_cc
+    if stale_for < swr and (max_stale or not wants_fresh):
+        return "stale-while-revalidate"
+    return "max-stale" if max_stale else None
+
+
+def strict_staleness(cc: dict[str, str | None]) -> bool:
+    """Directives that forbid serving the response stale on the cache's own
+    initiative (RFC 9111 5.2.2.2, 5.2.2.8, 5.2.2.10)."""
+    return "must-revalidate" in cc or "proxy-revalidate" in cc or "s-maxage" in cc

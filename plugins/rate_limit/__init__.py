@@ -16,6 +16,7 @@ See docs/rate_limit.md for the algorithm, the stores and the headers.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -58,6 +59,9 @@ class _PerRuntime:
             "sidecar_rate_limit_upstream_decisions",
             "Pacing to the provider's quota, by route and result (learned, queued, rejected, shadow_rejected).",
             ["route", "result"])
+        # Keys credential-header values are hashed with (filter.credential_key).
+        self.salt = hashlib.sha256(b"sidecar rate_limit key\x00"
+                                   + runtime.settings.sidecar.service.encode()).digest()
         state = runtime.state
         # [rate_limit.upstream] blocks: in Redis when the state is shared.
         self.blocks = RedisBlocks(state.redis) if state.redis is not None else None
@@ -97,12 +101,13 @@ def build(config: Config, ctx: BuildContext) -> RateLimitFilter:
     pacer = None
     if config.upstream is not None:
         pacer = UpstreamPacer(
-            ctx.route, config.upstream, key_function(config.key), config.on_limit == "queue", config.max_wait,
+            ctx.route, config.upstream, key_function(config.key, frozenset(rt.redactor.headers), shared.salt), config.on_limit == "queue", config.max_wait,
             config.enforce, key("rl-upstream", ctx.route) + ":", shared.blocks,
             {r: batch(shared.upstream_decisions.labels(ctx.route, r))
              for r in ("learned", "queued", "rejected", "shadow_rejected")}, errors, BACKEND_ERRORS,
             key("rl-upstream-index", ctx.route))
-    return RateLimitFilter(ctx.route, config, default, overrides, shared.store, errors, pacer)
+    return RateLimitFilter(ctx.route, config, default, overrides, shared.store, errors, pacer,
+                           secret_headers=frozenset(rt.redactor.headers), salt=shared.salt)
 
 
 def _filters(runtime: "Runtime") -> dict[str, RateLimitFilter]:
@@ -133,8 +138,10 @@ async def admin_rate_limits(request: web.Request) -> web.Response:
     if f is None:
         return json_error(404, "no_such_route", f"no route named {route!r} has a rate limit")
     out: dict[str, Any] = {"route": route, **_describe(f), **await _upstream(f)}
-    key = request.query.get("key")
-    if key is not None:
+    raw = request.query.get("key")
+    if raw is not None:
+        # The raw value is looked up but never echoed: it may be a credential.
+        key = f.key_value(raw)
         out["key_value"] = key
         try:
             if f.default is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import logging
 import math
 import time
@@ -80,10 +81,31 @@ def _short(value: str) -> str:
     return value
 
 
-def key_function(spec: str) -> Callable[[Exchange], str] | None:
-    """The request's key value; None when every request shares one bucket."""
+def credential_key(salt: bytes, value: str | None) -> str:
+    """The key value for a credential: an HMAC of it, keyed per service.
+
+    SECURITY (issue 11): with ``key = "header:Authorization"`` the raw value
+    is the service's own token; it must not become a Redis key, nor be shown
+    by /admin/rate_limits. A hash cannot protect a guessable credential from
+    whoever reads Redis and knows the service name; it keeps the value itself
+    out of every place a key is stored or shown.
+    """
+    if not value:
+        return "-"
+    return "hmac-sha256:" + hmac.new(salt, value.encode("utf-8", "surrogateescape"),
+                                     hashlib.sha256).hexdigest()[:32]
+
+
+def key_function(spec: str, secret_headers: frozenset[str] = frozenset(),
+                 salt: bytes = b"") -> Callable[[Exchange], str] | None:
+    """The request's key value; None when every request shares one bucket.
+
+    A header in ``secret_headers`` (lower-case names: credentials and
+    ``[logging] redact_headers``) gives ``credential_key`` values."""
     if spec.startswith("header:"):
         name = spec[len("header:"):]
+        if name.lower() in secret_headers:
+            return lambda ex: credential_key(salt, ex.headers.get(name))
         return lambda ex: _short(ex.headers.get(name) or "-")
     if spec == "tenant":
         return lambda ex: _short(ex.tenant or "-")
@@ -95,7 +117,8 @@ def key_function(spec: str) -> Callable[[Exchange], str] | None:
 class RateLimitFilter(Filter):
     def __init__(self, route: str, config: Config, default: Group | None,
                  overrides: list[tuple[str | None, str, bool, Group]], store: Any,
-                 backend_errors: Any, pacer: Any = None) -> None:
+                 backend_errors: Any, pacer: Any = None, secret_headers: frozenset[str] = frozenset(),
+                 salt: bytes = b"") -> None:
         self.route = route
         self.config = config
         self.default = default
@@ -109,13 +132,16 @@ class RateLimitFilter(Filter):
         self.pacer = pacer
         # A sync layer (proxy/chain.py): an in-process store and no pacing.
         self.sync = self.store_sync and pacer is None
-        self.key_of = key_function(config.key)
+        self.key_of = key_function(config.key, secret_headers, salt)
+        key = config.key
+        self._secret_key = key.startswith("header:") and key[len("header:"):].lower() in secret_headers
+        self._salt = salt
         self.enforce = config.enforce
         # Shadow mode never makes a request wait.
         self.max_wait = config.max_wait if config.enforce else 0.0
         self.fail_open = config.fail_open
         self.backend_errors = backend_errors
-        self._last_warning = 0.0
+        self._last_warning = -math.inf  # not 0.0: time.monotonic() counts from boot
         # The memory store decides a single limit without lists (_handle_one).
         self.decide_one = getattr(store, "decide_one", None) if self.store_sync else None
 
@@ -124,6 +150,14 @@ class RateLimitFilter(Filter):
             if (m is None or m == method) and (path.startswith(p) if prefix else path == p):
                 return group
         return self.default
+
+    def key_value(self, raw: str) -> str:
+        """The key value a request carrying ``raw`` has (admin lookups)."""
+        if self._secret_key:
+            return credential_key(self._salt, raw)
+        if self.config.key == "client_ip":
+            return raw
+        return _short(raw or "-")
 
     def keys_for(self, group: Group, value: str | None) -> list[str]:
         if value is None:

@@ -150,7 +150,7 @@ class MemoryStore:
         self._tats: dict[str, float] = {}
         self._writes = 0
         self.max_keys = max_keys
-        self._warned = -60.0
+        self._warned = -math.inf  # not 0.0: time.monotonic() counts from boot
 
     def decide(self, keys: list[str], limits: tuple[LimitSpec, ...], max_wait: float) -> Decision:
         now = time.monotonic()
@@ -304,7 +304,7 @@ class SharedStore:
         self.fd = fd
         self.slots = slots
         self.mm = mmap.mmap(fd, size)
-        self._warned = 0.0
+        self._warned = -math.inf  # not 0.0: time.monotonic() counts from boot
         # key -> (hash, slot offset) as last found; checked under the slot's lock.
         self._known: dict[str, tuple[int, int]] = {}
         # atomic=None: the lock-free path when this machine has it (tests force either).

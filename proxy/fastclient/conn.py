@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any
 import httptools
 from multidict import CIMultiDict
 
-from ..errors import SidecarError, UpstreamTimeout, UpstreamTLSError, UpstreamUnavailable
+from ..errors import (SidecarError, UpstreamBadResponse, UpstreamTimeout, UpstreamTLSError,
+                      UpstreamUnavailable)
 from ..http import _HOP_LOWER
 
 if TYPE_CHECKING:
@@ -31,8 +32,12 @@ class _Failed(Exception):
 
     def __init__(self, kind: str, detail: str = "", *, got_nothing: bool = False) -> None:
         super().__init__(detail)
-        self.kind = kind  # "reset" | "timeout" | "tls" | "protocol" | "connect"
+        self.kind = kind  # "reset" | "timeout" | "tls" | "protocol" | "connect" | "bad_response"
         self.got_nothing = got_nothing
+
+
+class _TooManyHeaders(Exception):
+    """Raised inside llhttp's header callback to stop parsing at once."""
 
 
 class Conn(asyncio.Protocol):
@@ -43,7 +48,8 @@ class Conn(asyncio.Protocol):
                  "_paused_writing", "_status", "_reason", "_headers", "_conn_tokens", "_complete",
                  "_error", "_got_bytes", "_head_request", "_keep_alive", "_eof_body", "_framed_by_length",
                  "_timer", "_timer_when", "_wait_until", "_waiting", "_deadline", "_idle", "_poisoned", "counted",
-                 "_upgrade", "_tail", "tunnel", "__weakref__")
+                 "_upgrade", "_tail", "tunnel", "_head_left", "_max_head", "_max_headers", "_too_big",
+                 "__weakref__")
 
     def __init__(self, pool: "Pool") -> None:
         self.pool = pool
@@ -70,6 +76,9 @@ class Conn(asyncio.Protocol):
         self._upgrade = False
         self._tail = b""
         self.tunnel: Any = None
+        self._head_left = -1
+        self._max_head = 0
+        self._max_headers = 0
         self._reset()
 
     def _reset(self) -> None:
@@ -84,6 +93,7 @@ class Conn(asyncio.Protocol):
         self._eof_body = False
         self._framed_by_length = False
         self._poisoned = False
+        self._too_big: str | None = None
 
     # ---- asyncio.Protocol ------------------------------------------------
 
@@ -99,17 +109,43 @@ class Conn(asyncio.Protocol):
             self._fail(_Failed("protocol", "unexpected bytes on an idle connection"))
             return
         self._got_bytes = True
+        parser = self.parser
+        base = 0   # where in ``data`` the chunk being fed starts (an upgrade's tail)
         try:
-            self.parser.feed_data(data)
+            left = self._head_left
+            if left < 0:
+                parser.feed_data(data)
+            elif len(data) <= left:
+                self._head_left = left - len(data)
+                parser.feed_data(data)
+            else:
+                # SECURITY (issue 11, item 1): llhttp buffers a header line
+                # inside the parser until it ends, so an upstream sending
+                # header bytes forever would grow memory without bound. Feed
+                # no more than the head may still take; if the head did not
+                # end within that, the response is refused.
+                self._head_left = 0
+                if left:
+                    parser.feed_data(data[:left])
+                if self._head_left >= 0:
+                    self._too_big = f"response head larger than {self._max_head} bytes"
+                    self._fail(_Failed("bad_response", self._too_big))
+                    return
+                base = left
+                parser.feed_data(data[left:])
         except httptools.HttpParserUpgrade as e:
             if self._upgrade and self._status == 101:
-                # What follows the 101 head is the upgraded protocol's (issue 10).
-                self._tail = data[e.args[0]:] if e.args else b""
+                # What follows the 101 head is the upgraded protocol's (issue 10);
+                # the parser's offset counts from the chunk it was fed.
+                self._tail = data[base + e.args[0]:] if e.args else b""
                 self.parser = None
             else:
                 self._fail(_Failed("protocol", "upstream switched protocols (101) unasked"))
         except httptools.HttpParserError as e:
-            self._fail(_Failed("protocol", f"upstream sent a malformed response ({type(e).__name__})"))
+            if self._too_big is not None:
+                self._fail(_Failed("bad_response", self._too_big))
+            else:
+                self._fail(_Failed("bad_response", f"upstream sent a malformed response ({type(e).__name__})"))
 
     def eof_received(self) -> bool | None:
         self._lost(None)
@@ -132,11 +168,17 @@ class Conn(asyncio.Protocol):
     # ---- llhttp callbacks ------------------------------------------------
 
     def on_status(self, status: bytes) -> None:
-        self._reason = status.decode("utf-8", "surrogateescape")
+        # Called once per read the status line spans: the pieces add up.
+        reason = status.decode("utf-8", "surrogateescape")
+        self._reason = reason if self._reason is None else self._reason + reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name.decode("utf-8", "surrogateescape"),
-                              value.decode("utf-8", "surrogateescape")))
+        headers = self._headers
+        if len(headers) >= self._max_headers:
+            self._too_big = f"more than {self._max_headers} response headers"
+            raise _TooManyHeaders()
+        headers.append((name.decode("utf-8", "surrogateescape"),
+                        value.decode("utf-8", "surrogateescape")))
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
@@ -149,10 +191,13 @@ class Conn(asyncio.Protocol):
             return  # feed_data raises HttpParserUpgrade next (data_received)
         if 100 <= status < 200:
             # RFC 9110 15.2: interim responses are not forwarded (aiohttp's
-            # client drops them too); the final response follows.
+            # client drops them too); the final response follows. The head
+            # byte budget is not renewed: interim and final heads share it.
             self._headers = []
+            self._reason = None
             return
         self._status = status
+        self._head_left = -1
         w = self._head_waiter
         if w is not None and not w.done():
             w.set_result(None)
@@ -276,8 +321,11 @@ class Conn(asyncio.Protocol):
             self._timer = loop.call_at(self._wait_until, self._tick)
             self._timer_when = self._wait_until
 
-    def begin(self, head_request: bool, idle: float | None, deadline: float | None) -> None:
+    def begin(self, head_request: bool, idle: float | None, deadline: float | None,
+              max_head: int, max_headers: int) -> None:
         self._reset()
+        self._head_left = self._max_head = max_head
+        self._max_headers = max_headers
         self._head_request = head_request
         self._idle = idle
         self._deadline = deadline
@@ -431,6 +479,8 @@ def _map(e: _Failed, pool: "Pool") -> SidecarError:
         return UpstreamTLSError(f"TLS with upstream {where} failed: certificate or handshake error")
     if e.kind == "connect":
         return UpstreamUnavailable(f"cannot connect to upstream {where}")
+    if e.kind == "bad_response":
+        return UpstreamBadResponse(f"upstream {where}: {e}")
     if e.kind == "protocol":
         return UpstreamUnavailable(f"upstream {where}: {e}")
     return UpstreamUnavailable(f"upstream {where} closed or reset the connection")

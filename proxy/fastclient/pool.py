@@ -14,7 +14,7 @@ from .conn import Conn, _Failed
 from .send import FastUpstream
 
 if TYPE_CHECKING:
-    from ..config import TLS, Timeouts  # noqa: F401
+    from ..config import TLS, Limits, Timeouts  # noqa: F401
 
 
 class Pool:
@@ -176,7 +176,7 @@ class FastPools:
         self.pool_size = pool_size
         self.idle_timeout = idle_timeout
 
-    def get(self, url: str, tls: "TLS", timeouts: "Timeouts") -> FastUpstream:
+    def get(self, url: str, tls: "TLS", timeouts: "Timeouts", limits: "Limits") -> FastUpstream:
         u = URL(url)
         key = (str(u.origin()), tls.verify, tls.ca_bundle)
         pool = self._pools.get(key)
@@ -187,7 +187,7 @@ class FastPools:
             pool = Pool(u.scheme, u.host or "", u.port or (443 if u.scheme == "https" else 80),
                         self.pool_size, self.idle_timeout, ctx)
             self._pools[key] = pool
-        return FastUpstream(url, pool, timeouts)
+        return FastUpstream(url, pool, timeouts, limits.max_header_size, limits.max_headers)
 
     def pools(self) -> dict[str, dict[str, int]]:
         return {k[0]: p.stats() for k, p in self._pools.items()}

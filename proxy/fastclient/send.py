@@ -37,7 +37,8 @@ class FastUpstream:
     #: Can hand a 101's connection over (WebSocket passthrough on the fast server).
     upgrades = True
 
-    def __init__(self, url: str, pool: Pool, timeouts: "Timeouts") -> None:
+    def __init__(self, url: str, pool: Pool, timeouts: "Timeouts", max_head: int = 64 * 1024,
+                 max_headers: int = 100) -> None:
         u = URL(url)
         self.url = url
         self.scheme = u.scheme
@@ -54,6 +55,10 @@ class FastUpstream:
         self._idle = timeouts.idle or None
         # Route-constant header, prebuilt once (issue 10).
         self._host_line = b"Host: " + (self.authority or "").encode("ascii", "surrogateescape") + b"\r\n"
+        # The route's [limits] bound the response head as they bound the
+        # request's (issue 11, item 1).
+        self._max_head = max_head
+        self._max_headers = max_headers
 
     def _raw_request(self, ex: RawExchange, lines: bytes) -> tuple[bytes, bytes, AsyncIterator[bytes] | None, bool]:
         """The request head from the fast server's header bytes, when no filter
@@ -154,7 +159,7 @@ class FastUpstream:
             except _Failed as e:
                 raise _map(e, pool) from None
             reused = conn.requests > 0
-            conn.begin(head_req, self._idle, deadline)
+            conn.begin(head_req, self._idle, deadline, self._max_head, self._max_headers)
             conn._upgrade = upgrade
             pump = None
             try:

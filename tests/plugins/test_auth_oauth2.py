@@ -161,7 +161,7 @@ async def test_401_refreshes_once_and_retries(sidecar_factory, client, monkeypat
         assert [s for s, _ in results] == [200] * 10
         assert sorted(b["body"] for _, b in results) == sorted(f"body-{i}" for i in range(10))
         assert len(ts.issued) == 2   # one refresh however many requests saw the 401
-        lines = sc.access_lines()
+        lines = await sc.wait_access_lines(10)
         assert any(line.get("decisions", {}).get("auth") == "oauth2_token_refreshed" for line in lines)
         # A provider that refuses the fresh token too: the 401 goes back, no loop.
         valid.clear()

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from plugins.cache import CacheFilter, Config
 from plugins.cache.rules import (credential_scope, etag_matches, explicit_lifetime, initial_age,
-                                 parse_cache_control, primary_key, variant_key, vary_names)
+                                 parse_cache_control, primary_key, request_use, variant_key, vary_names)
 from plugins.cache.store import Entry, MemoryStore, VaryMarker, decode
 from proxy.chain import ProxyResponse
 from proxy.errors import ConfigError
@@ -116,6 +116,28 @@ def test_etag_weak_comparison():
     assert etag_matches('W/"a", "b"', '"a"')
     assert etag_matches("*", '"z"')
     assert not etag_matches('"a"', '"b"')
+
+
+@pytest.mark.parametrize("req,lifetime,age,swr,strict,use", [
+    # (request Cache-Control, lifetime, age, swr window, strict, answer)
+    ("", 60, 10, 0, False, "fresh"),
+    ("min-fresh=50", 60, 10, 0, False, "fresh"),
+    ("min-fresh=51", 60, 10, 0, False, None),
+    ("max-age=10", 60, 10, 0, False, "fresh"),
+    ("max-age=9", 60, 10, 0, False, None),
+    ("", 60, 70, 0, False, None),
+    ("", 60, 70, 30, False, "stale-while-revalidate"),
+    ("max-age=100", 60, 70, 30, False, None),           # stale not wanted without max-stale
+    ("min-fresh=0", 60, 70, 30, False, None),
+    ("max-age=100, max-stale", 60, 70, 30, False, "stale-while-revalidate"),
+    ("max-stale", 60, 70, 0, False, "max-stale"),
+    ("max-stale=10", 60, 70, 0, False, "max-stale"),
+    ("max-stale=9", 60, 70, 0, False, None),
+    ("max-stale", 60, 70, 0, True, None),               # must-revalidate & co.
+    ("max-stale=bad", 60, 70, 0, False, None),          # invalid reads as 0
+])
+def test_request_use(req, lifetime, age, swr, strict, use):
+    assert request_use(parse_cache_control(req), lifetime, age, swr, strict) == use
 
 
 # ---- store ----------------------------------------------------------------------
@@ -366,6 +388,52 @@ async def test_request_cache_control(sidecar_factory, client, origin):
     assert h["X-Cache"] == "BYPASS" and origin.hits == 5
     s, h, body = await get(client, f"{sc.url}/p/nothing", headers={"Cache-Control": "only-if-cached"})
     assert s == 504 and h["X-Sidecar-Error"] == "cache_miss" and origin.hits == 5
+
+
+# RFC 9111 5.2.1: the request's max-age, min-fresh and max-stale decide which
+# stored answers it accepts (issue 11, item 7). (name, stored response's
+# headers, request Cache-Control, X-Cache of the second request, reached the
+# upstream?). "Age: 40" makes the entry 40 s old on arrival.
+FRESH = {"Cache-Control": "max-age=600", "Age": "40"}
+STALE_SIE = {"Cache-Control": "max-age=60, stale-if-error=600", "Age": "100"}
+STALE_SWR = {"Cache-Control": "max-age=60, stale-while-revalidate=600", "Age": "100"}
+STALE_STRICT = {"Cache-Control": "max-age=60, must-revalidate, stale-if-error=600", "Age": "100"}
+REQUEST_DIRECTIVES = [
+    ("min-fresh past the lifetime left", FRESH, "min-fresh=600", "MISS", True),
+    ("min-fresh within it", FRESH, "min-fresh=500", "HIT", False),
+    ("min-fresh with no stale window configured", {"Cache-Control": "max-age=60"}, "min-fresh=600",
+     "MISS", True),
+    ("max-age below the age", FRESH, "max-age=30", "MISS", True),
+    ("max-age above the age", FRESH, "max-age=50", "HIT", False),
+    ("invalid max-age reads as 0", FRESH, "max-age=soon", "MISS", True),
+    ("stale, no directive", STALE_SIE, "", "MISS", True),
+    ("max-stale without a limit", STALE_SIE, "max-stale", "STALE", False),
+    ("max-stale above the staleness", STALE_SIE, "max-stale=100", "STALE", False),
+    ("max-stale below the staleness", STALE_SIE, "max-stale=10", "MISS", True),
+    ("max-stale with must-revalidate", STALE_STRICT, "max-stale", "MISS", True),
+    ("max-stale but max-age below the age", STALE_SIE, "max-stale, max-age=50", "MISS", True),
+    ("stale-while-revalidate, no directive", STALE_SWR, "", "STALE", None),
+    ("stale-while-revalidate, min-fresh", STALE_SWR, "min-fresh=1", "MISS", True),
+    ("stale-while-revalidate, max-age above the age", STALE_SWR, "max-age=500", "MISS", True),
+    ("stale-while-revalidate, max-age with max-stale", STALE_SWR, "max-age=500, max-stale", "STALE", None),
+]
+
+
+@pytest.mark.parametrize("name,stored,request_cc,xcache,upstream",
+                         [pytest.param(*c, id=c[0]) for c in REQUEST_DIRECTIVES])
+async def test_request_freshness_directives(sidecar_factory, client, origin, name, stored, request_cc,
+                                            xcache, upstream):
+    origin.headers = stored
+    sc = await sidecar_factory({"p": policy(origin.up.url)})
+    _, h1, _ = await get(client, f"{sc.url}/p/a")
+    assert h1["X-Cache"] == "MISS" and origin.hits == 1
+    origin.headers = {"Cache-Control": "max-age=600"}
+    headers = {"Cache-Control": request_cc} if request_cc else {}
+    _, h2, _ = await get(client, f"{sc.url}/p/a", headers=headers)
+    assert h2["X-Cache"] == xcache, name
+    if upstream is not None:
+        # None: a stale-while-revalidate answer refreshes in the background.
+        assert origin.hits == (2 if upstream else 1), name
 
 
 async def test_stale_if_error_when_the_upstream_fails_or_is_down(sidecar_factory, client, origin):

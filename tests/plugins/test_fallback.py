@@ -54,21 +54,21 @@ async def test_upstream_5xx_is_replaced(sidecar_factory, upstream, client):
     sc = await sidecar_factory({"up": policy(upstream.url)})
     assert_fallback(*await call(client, f"{sc.url}/up/items"))
     assert len(upstream.seen) == 1
-    line = sc.access_lines()[-1]
+    line = (await sc.wait_access_lines(1))[-1]
     assert line["status"] == 200 and line["decisions"]["fallback"] == "502" and "error" not in line
 
 
 async def test_unreachable_upstream_is_replaced(sidecar_factory, client):
     sc = await sidecar_factory({"up": policy(f"http://127.0.0.1:{free_port()}")})
     assert_fallback(*await call(client, f"{sc.url}/up/items"))
-    assert sc.access_lines()[-1]["decisions"]["fallback"] == "upstream_unavailable"
+    assert (await sc.wait_access_lines(1))[-1]["decisions"]["fallback"] == "upstream_unavailable"
 
 
 async def test_timeout_is_replaced(sidecar_factory, upstream, client):
     upstream.responder = script("hang")
     sc = await sidecar_factory({"up": policy(upstream.url, '[timeouts]\ntotal = "150ms"')})
     assert_fallback(*await call(client, f"{sc.url}/up/items"))
-    assert sc.access_lines()[-1]["decisions"]["fallback"] == "upstream_timeout"
+    assert (await sc.wait_access_lines(1))[-1]["decisions"]["fallback"] == "upstream_timeout"
 
 
 async def test_open_circuit_is_answered_by_the_fallback_without_the_upstream(sidecar_factory, upstream, client):
@@ -77,7 +77,7 @@ async def test_open_circuit_is_answered_by_the_fallback_without_the_upstream(sid
     for _ in range(4):
         assert_fallback(*await call(client, f"{sc.url}/up/items"))
     assert len(upstream.seen) == 2  # then the circuit opened
-    decisions = [l["decisions"] for l in sc.access_lines()]
+    decisions = [l["decisions"] for l in await sc.wait_access_lines(4)]
     assert [d["fallback"] for d in decisions] == ["500", "500", "circuit_open", "circuit_open"]
     assert decisions[-1]["circuit_breaker"] == "open"
 

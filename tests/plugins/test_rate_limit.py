@@ -229,15 +229,17 @@ async def test_sixth_request_in_a_minute_is_429_with_headers(sidecar_factory, up
 
 
 async def test_refill_is_smooth(sidecar_factory, upstream, client):
-    # 4 per 400ms, burst 2: one request every 100ms after a burst of 2.
-    sc = await sidecar_factory({"api": policy(upstream.url, 'limits = [{ requests = 4, per = "400ms", burst = 2 }]')})
+    # 4 per 4s, burst 2: one request a second after a burst of 2 (a fixed
+    # window would wait the whole 4 s). Seconds, not milliseconds, so a
+    # loaded machine sends the first three inside one interval.
+    sc = await sidecar_factory({"api": policy(upstream.url, 'limits = [{ requests = 4, per = "4s", burst = 2 }]')})
     results = [(await send(client, f"{sc.url}/api/x"))[0] for _ in range(3)]
     assert results == [200, 200, 429]
     t0 = time.monotonic()
     # The limiter's own answer says when: poll instead of sleeping blindly.
     while (await send(client, f"{sc.url}/api/x"))[0] != 200:
         await asyncio.sleep(0.01)
-    assert time.monotonic() - t0 < 0.5
+    assert time.monotonic() - t0 < 2.5
     status, headers, _ = await send(client, f"{sc.url}/api/x")
     assert status == 429 and headers["Retry-After"] == "1"
 
@@ -461,3 +463,46 @@ def test_single_limit_fast_path_decides_like_decide(monkeypatch, requests, per, 
         got = b.decide_one("k", lim, max_wait)
         assert got == (d.admitted, d.wait, d.remaining[0], d.reset[0])
         assert a._tats == b._tats
+
+
+# ---- a key that is a credential (issue 11, "Also") -------------------------------
+
+ADMIN_VIEWS = ["/admin/rate_limits", "/admin/routes", "/metrics", "/admin/cache", "/admin/breakers"]
+
+
+@pytest.mark.parametrize("header,logging", [
+    ("Authorization", ""),
+    ("X-Api-Key", ""),
+    ("X-Partner-Token", 'redact_headers = ["X-Partner-Token"]'),
+])
+async def test_credential_keys_never_reach_admin_output(sidecar_factory, upstream, client, header, logging):
+    token = "Bearer sk-live-0123456789abcdef"
+    sc = await sidecar_factory({"api": policy(upstream.url, f'key = "header:{header}"\n'
+                                                             'limits = [{ requests = 5, per = "1m" }]')},
+                               logging=logging)
+    for _ in range(2):
+        status, _, _ = await send(client, f"{sc.url}/api/x", headers={header: token})
+        assert status == 200
+    assert (await send(client, f"{sc.url}/api/x", headers={header: "another"}))[0] == 200
+    # The lookup takes the raw value and finds that caller's quota...
+    async with client.get(f"{sc.admin}/admin/rate_limits", params={"route": "api", "key": token}) as r:
+        text = await r.text()
+        data = await r.json()
+    assert r.status == 200 and data["limits"][0]["remaining"] == 3
+    # ...but shows only a keyed hash of it.
+    assert token not in text and "sk-live" not in text
+    assert re.fullmatch(r"hmac-sha256:[0-9a-f]{32}", data["key_value"])
+    for path in ADMIN_VIEWS:
+        async with client.get(f"{sc.admin}{path}") as r:
+            assert "sk-live" not in await r.text(), path
+    lines = await sc.wait_access_lines(3)
+    assert "sk-live" not in str(lines)
+
+
+async def test_ordinary_keys_are_shown_as_sent(sidecar_factory, upstream, client):
+    sc = await sidecar_factory({"api": policy(upstream.url, 'key = "header:X-Tenant-ID"\n'
+                                                             'limits = [{ requests = 5, per = "1m" }]')})
+    assert (await send(client, f"{sc.url}/api/x", headers={"X-Tenant-ID": "acme"}))[0] == 200
+    async with client.get(f"{sc.admin}/admin/rate_limits", params={"route": "api", "key": "acme"}) as r:
+        data = await r.json()
+    assert data["key_value"] == "acme" and data["limits"][0]["remaining"] == 4

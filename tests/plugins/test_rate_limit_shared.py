@@ -175,3 +175,24 @@ async def test_non_utf8_key_header_is_limited_not_500(sidecar_factory, upstream,
     assert await status(b"\xe9") == 200
     assert await status(b"\xe9") == 429
     assert await status(b"\xe8") == 200  # another tenant, another bucket
+
+
+async def test_credential_keys_are_hashed_in_redis(sidecar_factory, upstream, client, redis_url):
+    import redis.asyncio as aioredis
+
+    token = "Bearer sk-live-0123456789abcdef"
+    sc = await sidecar_factory({"api": policy(upstream.url, '[rate_limit]\nkey = "header:Authorization"\n'
+                                                           'limits = [{ requests = 10, per = "20s" }]\n')},
+                               f'[state]\nbackend = "redis"\nurl = "{redis_url}"\n')
+    async with client.get(f"{sc.url}/api/x", headers={"Authorization": token}) as r:
+        assert r.status == 200 and r.headers["X-RateLimit-Remaining"] == "9"
+    r = aioredis.from_url(redis_url)
+    try:
+        (key,) = [k.decode() for k in await r.keys("*")]
+    finally:
+        await r.aclose()
+    assert "sk-live" not in key
+    assert re.fullmatch(r"sidecar:test:rl:api:-:10r20s10b:hmac-sha256:[0-9a-f]{32}", key), key
+    async with client.get(f"{sc.admin}/admin/rate_limits", params={"route": "api", "key": token}) as resp:
+        data = await resp.json()
+    assert data["limits"][0]["remaining"] == 9 and key.endswith(data["key_value"])

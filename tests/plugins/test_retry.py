@@ -142,7 +142,7 @@ async def test_fails_twice_then_succeeds(sidecar_factory, upstream, client):
     assert headers["X-Sidecar-Attempts"] == "3"
     assert len(upstream.seen) == 3
     assert await metric(client, sc, "503") == 1 and await metric(client, sc, "502") == 1
-    line = sc.access_lines()[-1]
+    line = (await sc.wait_access_lines(1))[-1]
     assert line["attempts"] == 3 and line["status"] == 200
 
 
@@ -152,7 +152,8 @@ async def test_gives_up_after_attempts_with_the_last_answer(sidecar_factory, ups
     code, headers, body = await call(client, "GET", f"{sc.url}/up/")
     assert code == 503 and body == b"try 4: 503" and headers["X-Sidecar-Attempts"] == "4"
     assert len(upstream.seen) == 4
-    assert sc.access_lines()[-1]["decisions"]["retry"] == {"attempts": 4, "gave_up": "attempts", "last": "503"}
+    line = (await sc.wait_access_lines(1))[-1]
+    assert line["decisions"]["retry"] == {"attempts": 4, "gave_up": "attempts", "last": "503"}
 
 
 async def test_statuses_not_listed_are_not_retried(sidecar_factory, upstream, client):
@@ -214,7 +215,7 @@ async def test_body_larger_than_max_replay_body_is_sent_once_whole(sidecar_facto
     code, headers, _ = await call(client, "PUT", f"{sc.url}/up/blob", data=data)
     assert code == 503 and headers["X-Sidecar-Attempts"] == "1"
     assert len(upstream.seen) == 1 and upstream.seen[0].body == payload
-    assert sc.access_lines()[-1]["decisions"]["retry"] == "body_too_large_to_replay"
+    assert (await sc.wait_access_lines(1))[-1]["decisions"]["retry"] == "body_too_large_to_replay"
 
 
 async def test_chunked_body_within_max_replay_body_is_replayed(sidecar_factory, upstream, client):
@@ -238,20 +239,23 @@ async def test_hanging_upstream_is_retried_per_try(sidecar_factory, upstream, cl
     code, headers, _ = await call(client, "GET", f"{sc.url}/up/")
     assert code == 200 and headers["X-Sidecar-Attempts"] == "3"
     assert len(upstream.seen) == 3
-    assert time.monotonic() - t0 < 2
+    # Far below the 5 s total: each try was cut at 100 ms (generous for a loaded CI box).
+    assert time.monotonic() - t0 < 4
     assert await metric(client, sc, "timeout") == 2
 
 
 async def test_deadline_bounds_the_whole_exchange(sidecar_factory, upstream, client):
     upstream.responder = script("hang")
-    sc = await sidecar_factory({"up": policy(upstream.url, 'attempts = 10\nper_try_timeout = "150ms"\n' + FAST,
-                                             extra='[timeouts]\ntotal = "400ms"')})
+    # Ten tries of 500 ms would take 5 s; the 1.3 s deadline allows three
+    # (500 + 500 + the 300 left). Scaled so a loaded machine keeps the contrast.
+    sc = await sidecar_factory({"up": policy(upstream.url, 'attempts = 10\nper_try_timeout = "500ms"\n' + FAST,
+                                             extra='[timeouts]\ntotal = "1300ms"')})
     t0 = time.monotonic()
     code, headers, _ = await call(client, "GET", f"{sc.url}/up/")
     took = time.monotonic() - t0
     assert code == 504 and headers["X-Sidecar-Error"] == "upstream_timeout"
-    assert took < 1.5
-    assert 2 <= len(upstream.seen) <= 3  # 150 + 150 + (the 100 left) ms, never 10 tries
+    assert took < 4
+    assert 2 <= len(upstream.seen) <= 3
     assert int(headers["X-Sidecar-Attempts"]) == len(upstream.seen)
 
 
@@ -298,13 +302,13 @@ async def _start_on(up: FakeUpstream, port: int) -> web.AppRunner:
 
 
 async def test_retry_after_seconds_is_honoured_and_capped(sidecar_factory, upstream, client):
-    upstream.responder = script((429, {"Retry-After": "1"}), 200)
+    upstream.responder = script((429, {"Retry-After": "3"}), 200)
     sc = await sidecar_factory({"up": policy(upstream.url, 'backoff = { base = "1ms", max = "300ms" }')})
     t0 = time.monotonic()
     code, _, _ = await call(client, "GET", f"{sc.url}/up/")
     took = time.monotonic() - t0
     assert code == 200 and len(upstream.seen) == 2
-    assert 0.3 <= took < 0.9  # waited the cap, not 1 s and not the 1 ms backoff
+    assert 0.3 <= took < 2.5  # waited the cap, not 3 s and not the 1 ms backoff
 
 
 async def test_retry_after_date_is_honoured(sidecar_factory, upstream, client):
@@ -313,20 +317,20 @@ async def test_retry_after_date_is_honoured(sidecar_factory, upstream, client):
     t0 = time.monotonic()
     code, _, _ = await call(client, "GET", f"{sc.url}/up/")
     # An HTTP date has one-second resolution: the wait is 0-0.9 s, never the 10 s cap.
-    assert code == 200 and time.monotonic() - t0 < 2
+    assert code == 200 and time.monotonic() - t0 < 5
     assert len(upstream.seen) == 2
 
 
 async def test_retry_after_past_the_deadline_gives_up_at_once(sidecar_factory, upstream, client):
     upstream.responder = script((503, {"Retry-After": "5"}), 200)
     sc = await sidecar_factory({"up": policy(upstream.url, 'backoff = { base = "1ms", max = "10s" }',
-                                             extra='[timeouts]\ntotal = "1s"')})
+                                             extra='[timeouts]\ntotal = "3s"')})
     t0 = time.monotonic()
     code, headers, _ = await call(client, "GET", f"{sc.url}/up/")
     assert code == 503 and headers["Retry-After"] == "5"
-    assert time.monotonic() - t0 < 0.5
+    assert time.monotonic() - t0 < 2  # not the 3 s deadline, not the 5 s asked
     assert len(upstream.seen) == 1
-    assert sc.access_lines()[-1]["decisions"]["retry"]["gave_up"] == "deadline"
+    assert (await sc.wait_access_lines(1))[-1]["decisions"]["retry"]["gave_up"] == "deadline"
 
 
 async def test_retry_budget_under_sustained_failure(sidecar_factory, upstream, client):
@@ -338,7 +342,7 @@ async def test_retry_budget_under_sustained_failure(sidecar_factory, upstream, c
     # 20 requests, 20% budget: 4 retries, not the 40 that attempts = 3 would send.
     assert len(upstream.seen) == 24
     assert await metric(client, sc, "503") == 4
-    decisions = [l["decisions"]["retry"] for l in sc.access_lines()]
+    decisions = [l["decisions"]["retry"] for l in await sc.wait_access_lines(20)]
     assert {d["gave_up"] for d in decisions} == {"budget"}
     assert sorted(d["attempts"] for d in decisions) == [1] * 16 + [2] * 4
 
