@@ -78,7 +78,7 @@ def _cache(f: Any, c: Any, ex: Exchange) -> dict[str, Any]:
     else:
         keyed = "shared by every client"
     return {"decision": "looked up in the cache; a miss is fetched and stored if cacheable",
-            "ttl_seconds": f.ttl, "key_headers": list(f.key_headers), "entry": keyed,
+            "ttl_seconds": f.config.ttl, "key_headers": list(f.key_headers), "entry": keyed,
             "no_cache": "no-cache" in cc}
 
 
