@@ -173,6 +173,10 @@ class ListenError(OSError):
     """A listener's address cannot be bound (in use, not ours): a clean exit, not a traceback."""
 
 
+#: A worker's exit status when it cannot bind: restarting it would not help.
+EXIT_CANNOT_LISTEN = 3
+
+
 def parser_limits(rt: Runtime) -> dict[str, int]:
     """The HTTP parser's limits: the largest a route allows, so the per-route
     checks (with their JSON 431) decide below that."""
@@ -396,7 +400,7 @@ def worker_main(config_path: str | None, worker_id: int, admin: bool, reuse_port
         asyncio.run(_run_worker(settings, worker_id, admin, reuse_port))
     except ListenError as e:
         log.error("worker %d: %s", worker_id, e)
-        sys.exit(1)
+        sys.exit(EXIT_CANNOT_LISTEN)
 
 
 def run(config_path: str | None) -> int:
@@ -455,6 +459,14 @@ def supervise(config_path: str | None, workers: int, settings: Settings) -> int:
             if stopping and not alive:
                 break
             for i, p in list(procs.items()):
+                if not p.is_alive() and not stopping and p.exitcode == EXIT_CANNOT_LISTEN:
+                    # Its address is taken by another program: stop, so the
+                    # orchestrator sees a failed start instead of a restart loop.
+                    log.error("worker %d cannot listen; stopping the sidecar", i)
+                    stopping = True
+                    for q in procs.values():
+                        if q.is_alive() and q.pid:
+                            os.kill(q.pid, signal.SIGTERM)
                 if not p.is_alive() and not stopping:
                     log.error("worker %d exited with %s; restarting", i, p.exitcode)
                     # Its live gauges (sidecar_inflight_requests) would keep

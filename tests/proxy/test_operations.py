@@ -381,6 +381,36 @@ def test_a_listener_that_cannot_bind_is_one_json_error_line_not_a_traceback(tmp_
     assert f"127.0.0.1:{port}" in failed["msg"] and "in use" in failed["msg"], failed
 
 
+
+def test_workers_that_cannot_bind_stop_the_sidecar_instead_of_restarting_forever(tmp_path, upstream):
+    """workers > 1 and the port taken by another program: a restart cannot
+    help, so the supervisor stops and exits non-zero (the orchestrator sees a
+    failed start) rather than restarting the workers every second."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from tests.support.sidecar import REPO
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        path = write_config(tmp_path, {"p": policy(upstream.url)}, outbound_port=port, admin_port=free_port(),
+                            workers=2)
+        env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        try:
+            done = subprocess.run([sys.executable, "-m", "proxy", "run", "--config", str(path)], cwd=tmp_path,
+                                  env=env, capture_output=True, timeout=60)
+        except subprocess.TimeoutExpired as e:
+            raise AssertionError(f"still restarting after 60 s: {(e.stderr or b'').decode()[-800:]}") from None
+    err = done.stderr.decode()
+    assert done.returncode != 0, err
+    records = [json.loads(line) for line in err.splitlines() if line.strip()]
+    assert any(f"127.0.0.1:{port}" in r["msg"] and "in use" in r["msg"] for r in records), err
+
+
 def test_text_log_format(tmp_path, upstream):
     proc = _process(tmp_path, {"p": policy(upstream.url)}, '')
     cfg = proc.config_path.read_text().replace("[logging]\n", '[logging]\nformat = "text"\n', 1)
