@@ -23,7 +23,7 @@ class _Client(asyncio.Protocol):
     def __init__(self) -> None:
         self.parser = httptools.HttpResponseParser(self)
         self.done: asyncio.Future | None = None
-        self.transport = None
+        self.transport: asyncio.Transport  # connection_made sets it before create_connection returns
         self.status = 0
         self.first_body: float | None = None
 

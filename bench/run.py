@@ -54,7 +54,7 @@ def wait_port(port: int, proc: subprocess.Popen | None = None, timeout: float = 
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode}: {proc.args}")
+            raise RuntimeError(f"process exited with {proc.returncode}: {proc.args!r}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.2):
                 return
@@ -315,8 +315,10 @@ class Result:
 def run_wrk(url: str, connections: int, duration: float, threads: int = 1) -> dict:
     out = subprocess.run(["wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, int(round(duration)))}s", "--latency", url],
                          capture_output=True, text=True, timeout=duration + 30).stdout
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-    total = int(re.search(r"(\d+) requests in", out).group(1))
+    rps_m, total_m = re.search(r"Requests/sec:\s+([\d.]+)", out), re.search(r"(\d+) requests in", out)
+    if rps_m is None or total_m is None:
+        raise RuntimeError(f"wrk printed no summary: {out[-500:]!r}")
+    rps, total = float(rps_m.group(1)), int(total_m.group(1))
     errs = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     errors = (int(errs.group(1)) if errs else 0) + (sum(int(x) for x in sock.groups()) if sock else 0)
@@ -452,13 +454,14 @@ def main(argv: list[str] | None = None) -> int:
     core4, core4_used, core4_skipped, core4_config = production_chain(CORE4)
     has_server_key = server_supported()
     server = args.server if has_server_key else None
-    other_server = default_server = None
+    other_server: str | None = None
+    default_server: str | None = None
     if has_server_key:
         from proxy.config import OutboundSettings
 
         default_server = OutboundSettings.model_fields["server"].default
         other_server = "aiohttp" if (server or default_server) != "aiohttp" else "fast"
-    server_note = (f"sidecar listener: [outbound] server = {server or default_server + ' (the default)'}"
+    server_note = (f"sidecar listener: [outbound] server = {server or f'{default_server} (the default)'}"
                    f"; the other one ({other_server}) is measured on the passthrough row" if has_server_key else
                    "sidecar listener: this checkout has no [outbound] server key (aiohttp server)"
                    + (f"; --server {args.server} ignored" if args.server else ""))
@@ -485,10 +488,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         upstream, up_kind = start_upstream(work, has_nginx)
         procs.append(upstream)
-        builtin = upstream if up_kind.startswith("built-in") else None
-        if builtin is None:
-            builtin = spawn("upstream-builtin", [sys.executable, "-m", "bench.upstream", str(p := free_port())],
-                            p, work, {"PYTHONPATH": str(REPO)})
+        if up_kind.startswith("built-in"):
+            builtin = upstream
+        else:
+            builtin = spawn("upstream-builtin", [sys.executable, "-m", "bench.upstream", str(bport := free_port())],
+                            bport, work, {"PYTHONPATH": str(REPO)})
             procs.append(builtin)
         notes.insert(0, f"upstream: {up_kind}; SSE/transfer probes use the built-in upstream")
         up = upstream.port
@@ -555,13 +559,13 @@ def main(argv: list[str] | None = None) -> int:
 
         if "profile" in sections and use_wrk:
             extras["profile"] = {}
-            for tname, proc in (("sidecar", passthrough), ("sidecar + prod chain", prod)):
-                if proc is None:
+            for tname, sc in (("sidecar", passthrough), ("sidecar + prod chain", prod)):
+                if sc is None:
                     continue
                 print(f"[bench] {tname}: per-layer profile (py-spy)", file=sys.stderr, flush=True)
-                url = f"http://127.0.0.1:{proc.port}/bench/json"
+                url = f"http://127.0.0.1:{sc.port}/bench/json"
                 extras["profile"][tname] = bench_profile.profile(
-                    proc.popen.pid, lambda u=url: run_wrk(u, args.connections, args.profile_duration)["requests"],
+                    sc.popen.pid, lambda u=url: run_wrk(u, args.connections, args.profile_duration)["requests"],
                     args.profile_duration)
 
         if "filters" in sections:

@@ -21,7 +21,7 @@ import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.chain import Exchange, ProxyResponse, compile_chain
-from proxy.config import Settings
+from proxy.config import LoggingSettings, Settings
 from proxy.http import strip_hop_by_hop
 from proxy.plugins import BuildContext
 from proxy.runtime import Runtime
@@ -57,7 +57,7 @@ def runtime():
     import os
 
     os.environ.setdefault("BENCH_TOKEN", "bench-secret-token")
-    return Runtime(Settings(logging={"access_log": "off"}, extra_tables=CONFIG_TABLES))
+    return Runtime(Settings(logging=LoggingSettings(access_log="off"), extra_tables=CONFIG_TABLES))
 
 
 def _policy_like(name: str, runtime: Runtime):

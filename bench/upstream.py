@@ -20,6 +20,14 @@ JSON = b'{"ok":true,"service":"bench","items":[1,2,3,4,5,6,7,8]}'
 JSON_RESPONSE = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
                  + str(len(JSON)).encode() + b"\r\n\r\n" + JSON)
 BLOCK = b"\0" * (256 * 1024)
+# The event loop holds tasks weakly: a writer task with no other reference can be
+# collected mid-answer (asyncio.create_task docs).
+_writers: set[asyncio.Future] = set()
+
+
+def _keep(task: asyncio.Future) -> None:
+    _writers.add(task)
+    task.add_done_callback(_writers.discard)
 
 
 class Handler(asyncio.Protocol):
@@ -27,7 +35,7 @@ class Handler(asyncio.Protocol):
         self.parser = httptools.HttpRequestParser(self)
         self.url = b""
         self.received = 0
-        self.transport: asyncio.Transport | None = None
+        self.transport: asyncio.Transport  # connection_made sets it before any data arrives
         self.paused = False
         self.waiter: asyncio.Future | None = None
 
@@ -70,9 +78,9 @@ class Handler(asyncio.Protocol):
             self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body))
         elif url.startswith(b"/download"):
             n = int(url.partition(b"bytes=")[2] or b"0")
-            asyncio.ensure_future(self.download(n))
+            _keep(asyncio.ensure_future(self.download(n)))
         elif url == b"/sse":
-            asyncio.ensure_future(self.sse())
+            _keep(asyncio.ensure_future(self.sse()))
         else:
             self.transport.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
 

@@ -173,11 +173,12 @@ class CorsFilter(Filter):
         for name in _OWNED:
             h.popall(name, None)
         if vary:
-            current = h.get("Vary")
-            if current is None:
-                h["Vary"] = "Origin"
-            elif "origin" not in current.lower() and current.strip() != "*":
-                h["Vary"] = current + ", Origin"
+            # Vary may come on several lines (one list, RFC 9110 5.3); its
+            # members are compared whole ("X-Origin-Hint" is not "Origin").
+            lines = h.getall("Vary", [])
+            tokens = {t.strip().lower() for v in lines for t in v.split(",")}
+            if "origin" not in tokens and "*" not in tokens:
+                h["Vary"] = ", ".join([*lines, "Origin"])
         return resp
 
     def describe(self) -> dict[str, Any]:

@@ -118,7 +118,7 @@ class ForwardAuthFilter(Filter):
         else:
             status, headers, body = await self._ask(ex)
             if status in (401, 403):
-                out = CIMultiDict()
+                out: CIMultiDict[str] = CIMultiDict()
                 for h in ("Content-Type", "WWW-Authenticate"):
                     if h in headers:
                         out[h] = headers[h]

@@ -94,7 +94,7 @@ class HeadersFilter(Filter):
         if self.resp is None:
             self.after = None  # type: ignore[assignment]
 
-    def before(self, ex: Exchange) -> None:  # type: ignore[override]
+    def before(self, ex: Exchange) -> None:
         _apply(self.req, ex.headers)  # type: ignore[arg-type]
 
     def after(self, ex: Exchange, resp: ProxyResponse) -> None:

@@ -19,7 +19,7 @@ import asyncio
 import math
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import jwt
@@ -36,6 +36,9 @@ from proxy.hookspecs import hookimpl
 from proxy.plugins import BuildContext, PluginSpec
 from proxy.secrets import SecretRef
 from proxy.units import Duration
+
+if TYPE_CHECKING:
+    from jwt.types import Options
 
 NAME = "jwt"
 PRIORITY = 850  # after tracing and headers, before rate limiting: reject strangers early
@@ -160,7 +163,7 @@ class JwtFilter(Filter):
         self.secret = secret
         self.jwks = Jwks(config.jwks_url, config.jwks_cache_ttl, http) if config.jwks_url else None
         self.algorithms = config.algorithms or (["HS256"] if secret is not None else ["RS256", "ES256"])
-        self.options = {"require": list(config.required_claims), "verify_aud": config.audience is not None,
+        self.options: Options = {"require": list(config.required_claims), "verify_aud": config.audience is not None,
                         "verify_iss": config.issuer is not None}
         self.challenge = {"WWW-Authenticate": 'Bearer error="invalid_token"'}
 

@@ -67,10 +67,13 @@ class Backoff(Model):
         return self
 
 
+_RETRY_ON: tuple[str | int, ...] = ("connect_error", "timeout", 502, 503, 504, 429)
+
+
 class Config(Model):
     attempts: int = Field(default=3, ge=1, le=10)
     backoff: Backoff = Backoff()
-    on: list[str | int] = Field(default_factory=lambda: ["connect_error", "timeout", 502, 503, 504, 429])
+    on: list[str | int] = Field(default_factory=lambda: list(_RETRY_ON))
     idempotency_header: str = "Idempotency-Key"
     add_idempotency_key: bool = False
     max_replay_body: Size = 1024 * 1024
@@ -233,7 +236,7 @@ class RetryFilter(Filter):
             if ra is not None:
                 return min(ra, self.cap)
         # Full jitter (AWS architecture blog, "Exponential Backoff and Jitter").
-        return random.uniform(0, min(self.cap, self.base * (2 ** (attempt - 1))))
+        return random.uniform(0, min(self.cap, self.base * (2 ** (attempt - 1))))  # noqa: S311 -- jitter, not a secret
 
     async def handle(self, ex: Exchange, call_next: Handler) -> ProxyResponse:
         now = time.monotonic()

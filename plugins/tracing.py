@@ -23,10 +23,10 @@ from __future__ import annotations
 
 from collections import deque
 from functools import partial
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, Tracer as SdkTracer, TracerProvider
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.trace.export import (BatchSpanProcessor, ConsoleSpanExporter, SpanExporter,
                                             SpanExportResult)
@@ -114,7 +114,9 @@ class Tracing:
         if exporter is not None:
             # The batch processor exports from its own thread, never on the loop.
             self.provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=200))
-        self.tracer = self.provider.get_tracer("sidecar")
+        # The SDK provider returns its SDK Tracer (the filter reads its sampler's
+        # _is_enabled), typed as the API's Tracer.
+        self.tracer = cast(SdkTracer, self.provider.get_tracer("sidecar"))
 
     def flush(self) -> None:
         self.provider.force_flush(2000)
@@ -152,7 +154,7 @@ class TracingFilter(Filter):
     # traceparent: a sync layer (proxy/chain.py). A sampled one defers to _span.
     sync = True
 
-    def before(self, ex: Exchange) -> Defer | None:  # type: ignore[override]
+    def before(self, ex: Exchange) -> Defer | None:
         headers = ex.headers
         parent = None
         if "traceparent" in headers:

@@ -123,9 +123,9 @@ class AccessLog:
                             d[name] = v
             extra = r[EXTRA]
             if extra:
-                for (name, _, render), v in zip(fields, extra):
-                    if v is not None and render is not None:
-                        v = render(v)
+                for (name, _, fmt), v in zip(fields, extra):
+                    if v is not None and fmt is not None:
+                        v = fmt(v)
                     if v is not None:
                         d[name] = v
             try:

@@ -106,7 +106,7 @@ async def reload(request: web.Request) -> web.Response:
 
 
 @web.middleware
-async def json_errors(request: web.Request, handler):  # type: ignore[no-untyped-def]
+async def json_errors(request: web.Request, handler):
     """Admin errors are JSON too, and never a traceback."""
     try:
         return await handler(request)
@@ -145,7 +145,7 @@ def admin_token(runtime: "Runtime") -> Any:
     ref = runtime.admin_token
 
     @web.middleware
-    async def check(request: web.Request, handler):  # type: ignore[no-untyped-def]
+    async def check(request: web.Request, handler):
         if ref is None or not request.path.startswith("/admin/"):
             return await handler(request)
         try:

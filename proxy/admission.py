@@ -15,7 +15,9 @@ fast server keeps the raw bytes until a filter looks).
 from __future__ import annotations
 
 import ipaddress
+import re
 from typing import TYPE_CHECKING, Protocol
+from urllib.parse import unquote
 
 from .clients import ClientAllowList
 from .errors import BadRequest, HeadersTooLarge, NoRoute, RequestBodyTooLarge, SidecarError
@@ -28,6 +30,14 @@ if TYPE_CHECKING:
     from .chain import Exchange, ProxyResponse
     from .routes import Route
     from .runtime import Runtime
+
+
+# RFC 3986 2.3: the unreserved characters (ALPHA, DIGIT, "-", ".", "_", "~"), percent-encoded.
+_UNRESERVED_ESCAPE = re.compile(r"%(?:[46][1-9A-Fa-f]|[57][0-9Aa]|3[0-9]|2[DEde]|5[Ff]|7[Ee])")
+
+
+def _unescape(m: "re.Match[str]") -> str:
+    return chr(int(m.group(0)[1:], 16))
 
 
 class ExpectationFailed(SidecarError):
@@ -109,7 +119,17 @@ class Admission:
             raise BadRequest("request target must not contain '#'")
         if has_dot_segment(path):
             raise BadRequest("path must not contain '.' or '..' segments")
-        m = match(path)
+        if self.keep_path and "%" in path:
+            # Inbound, the service's framework routes the decoded path.
+            # Escaped unreserved characters are the same URI (RFC 3986
+            # 6.2.2.2): normalised, so what filters match (rate_limit's
+            # per-path limits) is what the service routes ("/log%69n" is
+            # "/login"). Routes are matched fully decoded, or "/api%2Fx"
+            # would take a less protected enclosing route to the service's /api.
+            path = _UNRESERVED_ESCAPE.sub(_unescape, path)
+            m = match(unquote(path))
+        else:
+            m = match(path)
         if m is None:
             raise NoRoute(f"no route for {path}")
         route, rest = m

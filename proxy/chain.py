@@ -346,7 +346,8 @@ def _fuse(group: list[Filter], nxt: Handler) -> Handler:
             if isinstance(r, ProxyResponse):
                 return unwind(i, ex, r)
             if isinstance(r, Defer):
-                return await around(i, ex, lambda x: r.run(x, rests[i]))
+                # Awaited before the loop moves on, so the lambda sees this i and r.
+                return await around(i, ex, lambda x: r.run(x, rests[i]))  # noqa: B023
             if r is not None:
                 raise TypeError(f"filter {names[i]}: before() returned {type(r).__name__}, "
                                 "not None, a ProxyResponse or a Defer")
@@ -376,7 +377,7 @@ def _fuse(group: list[Filter], nxt: Handler) -> Handler:
             raise exc from None
         j = n
         try:
-            for j, a in afters_rev:
+            for j, a in afters_rev:  # noqa: B007 -- j names the failing filter in the except below
                 a(ex, resp)
         except BaseException as e:
             resp.close()

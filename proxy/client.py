@@ -28,6 +28,7 @@ import aiohttp
 from pydantic import Field
 
 from .config import Model
+from .errors import ConfigError
 from .hookspecs import hookimpl
 
 TABLE = "http_client"
@@ -46,10 +47,18 @@ class ClientSettings(Model):
 class HttpClient:
     """One aiohttp session per runtime, made on first use (inside the loop)."""
 
-    def __init__(self, settings: ClientSettings, base_dir: Path) -> None:
+    def __init__(self, settings: ClientSettings, base_dir: Path, where: str = "config") -> None:
         self.settings = settings
         self.ca_bundle = str((base_dir / settings.ca_bundle).resolve()) if settings.ca_bundle else None
         self._session: aiohttp.ClientSession | None = None
+        if self.ca_bundle and settings.verify:
+            # Loaded once now so a bad file is a config error, not an OSError
+            # in the first token fetch or webhook delivery.
+            try:
+                self.ssl_context()
+            except (OSError, ssl.SSLError) as e:
+                reason = e.strerror if isinstance(e, OSError) and e.strerror else "no certificate in it"
+                raise ConfigError([f"{where}: {TABLE}.ca_bundle: cannot load {self.ca_bundle}: {reason}"]) from None
 
     def ssl_context(self) -> ssl.SSLContext | bool:
         if not self.settings.verify:

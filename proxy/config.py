@@ -50,7 +50,8 @@ class Listener(Model):
 
     @property
     def host(self) -> str:
-        return self.listen.rpartition(":")[0].strip("[]") or "0.0.0.0"
+        # `listen = ":8080"` is the operator asking for every interface.
+        return self.listen.rpartition(":")[0].strip("[]") or "0.0.0.0"  # noqa: S104
 
     @property
     def port(self) -> int:

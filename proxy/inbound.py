@@ -29,7 +29,6 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import web
 from pydantic import Field, ValidationError, ValidationInfo, field_validator
 
 from .config import TLS, Listener, Policy, PolicyCore, Timeouts, known_keys, suggest

@@ -13,7 +13,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
-from aiohttp import web
+from aiohttp import StreamReader, web
 from aiohttp.web_request import BaseRequest
 
 from .admission import UpgradeNotSupported, admission_for, finish_headers, request_id
@@ -82,7 +82,7 @@ class AiohttpHead:
         return ex
 
 
-async def _counted(content: "web.StreamReader", limit: int, overflow: BodyOverflow) -> AsyncIterator[bytes]:
+async def _counted(content: StreamReader, limit: int, overflow: BodyOverflow) -> AsyncIterator[bytes]:
     """The request body as it arrives, stopped once it passes the route's limit
     (aiohttp's client_max_size does not apply to a streamed body)."""
     seen = 0

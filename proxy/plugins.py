@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import pluggy
 from pydantic import BaseModel
@@ -126,7 +126,7 @@ def collect_specs(pm: pluggy.PluginManager) -> dict[str, PluginSpec]:
         dist = dist_of.get(id(impl.plugin))
         if dist is not None:
             origin = f"entry point ({dist.project_name} {dist.version})"
-        for spec in impl.function() or []:
+        for spec in cast("list[PluginSpec]", impl.function() or []):
             if spec.name in specs:
                 raise ConfigError([f"plugins: {spec.name}: registered twice "
                                    f"({specs[spec.name].origin} and {origin})"])

@@ -40,7 +40,7 @@ class RawExchange(Exchange):
         self._length = length
         Exchange.__init__(self, route, method, path, query, None, **kw)  # type: ignore[arg-type]
 
-    @property  # type: ignore[override]
+    @property
     def headers(self) -> CIMultiDict[str]:
         h = _HEADERS_SLOT.__get__(self)
         if h is None:

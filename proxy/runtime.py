@@ -66,7 +66,7 @@ class Runtime:
         # forward_auth, webhook delivery); closed at stop().
         client_settings = self.extra_settings.get(CLIENT_TABLE)
         self.http = HttpClient(client_settings if isinstance(client_settings, ClientSettings) else ClientSettings(),
-                               settings.base_dir)
+                               settings.base_dir, where=str(settings.path or "config"))
         self.table = RouteTable([])
         # Every listener's route table by listener name ("outbound" is ``table``).
         self.tables: dict[str, RouteTable] = {"outbound": self.table}
@@ -148,7 +148,12 @@ class Runtime:
             core = policy.core
             if core.route is None or core.upstream is None:
                 continue
-            upstream = self.pools.get(core.upstream, core.tls, core.timeouts, core.limits)
+            try:
+                upstream = self.pools.get(core.upstream, core.tls, core.timeouts, core.limits)
+            except OSError as e:   # ssl.SSLError included: the ca_bundle cannot be loaded
+                problems.append(f"{policy.file}: tls.ca_bundle: cannot load {core.tls.ca_bundle}: "
+                                f"{e.strerror or type(e).__name__}")
+                continue
             # A disabled route keeps its place in the table (no other route
             # catches its paths) and answers 503 route_disabled, no plugin run.
             if core.enabled:
@@ -193,8 +198,12 @@ class Runtime:
         """
         chain: list[Filter] = []
         specs = ordered([self.specs[n] for n in plugins if self.specs[n].scope in (scope, "both")])
+        # A build may read what other plugins of the route declare
+        # (ctx.route_has): a filter is reused only while that is unchanged too
+        # (the cache built before [auth] was added would not key per tenant).
+        caps = ",".join(sorted({c for n in policy.plugins if n in self.specs for c in self.specs[n].capabilities}))
         for spec in specs:
-            key = (policy.name, spec.name, config_digest(policy.raw.get(spec.name)))
+            key = (policy.name, spec.name, config_digest(policy.raw.get(spec.name)) + "|" + caps)
             f = self._filters.get(key) or filters_now.get(key)
             if f is None:
                 try:

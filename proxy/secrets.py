@@ -82,6 +82,10 @@ class RemoteSecret(SecretRef):
         self.max_stale = max_stale
         self.confirmed: float | None = None   # monotonic time of the last successful read
         self.tried = False
+        # Set by the source when the service answered that the secret (or its
+        # key) does not exist, cleared when a read finds it: only then is an
+        # optional reference omitted. Not read yet or unreachable is an outage.
+        self.absent = False
 
     def get(self) -> str:
         v = self.value
@@ -119,8 +123,12 @@ class OptionalSecret(SecretRef):
             return self.inner.get()
         except SecretUnavailable:
             # No value at all: omitted. A value that went stale (its service
-            # unreachable past max_stale) still fails closed.
-            if self.inner.value is None:
+            # unreachable past max_stale) still fails closed, and so does a
+            # remote one never read (not yet, or its service unreachable).
+            # A remote one its service says does not exist (any more) is absent,
+            # once its last value went stale.
+            inner = self.inner
+            if inner.absent if isinstance(inner, RemoteSecret) else inner.value is None:
                 return None
             raise
 

@@ -235,7 +235,7 @@ def _guarded_connection(base: type, guards: dict[str, Backoff], timeout: float, 
     pipeline and pub/sub read of both the single and the cluster client passes.
     """
 
-    class GuardedConnection(base):  # type: ignore[misc,valid-type]
+    class GuardedConnection(base):
         _guard: Backoff | None = None
         _inside = False
 

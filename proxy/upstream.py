@@ -58,7 +58,7 @@ class Upstream:
         self.origin = str(u.origin())
         self.base_path = u.raw_path.rstrip("/")
         default_port = 443 if u.scheme == "https" else 80
-        self.authority = u.raw_host if u.port == default_port else f"{u.raw_host}:{u.port}"
+        self.authority = (u.raw_host or "") if u.port == default_port else f"{u.raw_host}:{u.port}"
         self.session = session
         self.timeouts = timeouts
         self.pool_key: tuple[str, bool, str | None] = ("", True, None)  # set by UpstreamPools.get
@@ -206,7 +206,7 @@ class UpstreamPools:
         up.pool_key = key
         return up
 
-    def retain(self, keep: set[tuple[str, bool, str | None]]) -> list[Any]:
+    def retain(self, keep: set[tuple[str, bool, str | None] | None]) -> list[Any]:
         """Forget pools no route uses any more (by ``pool_key``); returns them
         for ``close_one`` once in-flight requests had time to finish."""
         if self.fast is not None:

@@ -30,6 +30,7 @@ def main() -> None:
         path = request.raw_path.removeprefix("/bench")
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP}
         data = request.content if request.body_exists else None
+        assert session is not None  # on_startup ran
         async with session.request(request.method, upstream + path, headers=headers, data=data,
                                    allow_redirects=False) as up:
             resp = web.StreamResponse(status=up.status,

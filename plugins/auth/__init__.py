@@ -28,7 +28,7 @@ from proxy.plugins import INJECTS_CREDENTIALS, BuildContext, PluginSpec
 from .config import AWS_KEY_FIELDS, LITERAL_CREDENTIAL, LITERAL_OK, SECRET_FIELDS, Config
 from .inject import AuthFilter, BasicSlot, Credentials, HeaderSlot, QuerySlot, Secret, Slot
 from .jwt_bearer import JwtBearerTokenSource
-from .oauth2 import TokenSource
+from .oauth2 import CachedToken, TokenSource
 from .sigv4 import Signer
 from .state import NAME, AuthState, auth_state
 from .vault import SecretsSettings
@@ -53,7 +53,7 @@ def _credentials(label: str, config: Config, over: dict[str, Any], state: AuthSt
         return Secret(ref, state)
 
     slots: list[Slot] = []
-    token = None
+    token: CachedToken | None = None
     signer = None
     t = config.type
     if t == "bearer":
@@ -123,7 +123,7 @@ def build(config: Config, ctx: BuildContext) -> AuthFilter:
     if config.type == "aws_sigv4":
         secret_headers.add("X-Amz-Security-Token")
     rt.redactor.add(headers=secret_headers, query_params=[config.param] if config.param else [])
-    summary = {"type": config.type, "override": config.override, "unknown_tenant": config.unknown_tenant,
+    summary: dict[str, Any] = {"type": config.type, "override": config.override, "unknown_tenant": config.unknown_tenant,
                "tenants": sorted(config.tenants), "headers": sorted({**config.headers})}
     if config.type == "header":
         summary["header"] = config.header

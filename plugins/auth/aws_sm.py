@@ -66,6 +66,10 @@ def parse_reference(raw: str) -> tuple[str, str | None, Pin]:
     return secret_id, key or None, pin
 
 
+class KeyMissing(ValueError):
+    """The secret has no such key (an optional reference is then omitted)."""
+
+
 def extract(secret_string: str, key: str | None) -> str:
     """The value a reference names in a SecretString (raises ValueError, value-free)."""
     if key is None:
@@ -80,7 +84,7 @@ def extract(secret_string: str, key: str | None) -> str:
         raise ValueError(f"#{key}: the secret is not a JSON object")
     value = doc.get(key)
     if value is None or value == "":
-        raise ValueError(f"key {key!r} is not in the secret")
+        raise KeyMissing(f"key {key!r} is not in the secret")
     if isinstance(value, bool) or not isinstance(value, str | int | float):
         raise ValueError(f"key {key!r} is not a string or a number")
     return str(value)
@@ -107,7 +111,7 @@ class AwsSmSecret(RemoteSecret):
         """Read once now (``sidecar validate``); the reason when it cannot be resolved."""
         got = await self.backend.run(self.backend.read_groups, [self.group])
         kind, payload, _ = got[self.group]
-        if kind == "error":
+        if kind in ("error", "absent"):
             return payload
         try:
             extract(payload, self.key)
@@ -127,7 +131,8 @@ def _why(e: BaseException) -> str:
 
     if isinstance(e, bx.ClientError):
         err = e.response.get("Error") or {}
-        status = (e.response.get("ResponseMetadata") or {}).get("HTTPStatusCode", "?")
+        meta = e.response.get("ResponseMetadata")
+        status = meta.get("HTTPStatusCode", "?") if meta else "?"
         msg = str(err.get("Message") or "")[:120]
         return f"AWS answered {status} {err.get('Code') or '?'}" + (f": {msg}" if msg else "")
     if isinstance(e, bx.NoRegionError):
@@ -138,6 +143,14 @@ def _why(e: BaseException) -> str:
                   | bx.ConnectionClosedError) or isinstance(e, OSError):
         return f"cannot reach AWS Secrets Manager ({type(e).__name__})"
     return f"AWS call failed ({type(e).__name__})"
+
+
+def _not_found(e: BaseException) -> bool:
+    """AWS answered that the secret (or the pinned version) does not exist."""
+    from botocore import exceptions as bx
+
+    return isinstance(e, bx.ClientError) and (e.response.get("Error") or {}).get("Code") == \
+        "ResourceNotFoundException"
 
 
 class AwsSecretsBackend:
@@ -227,20 +240,21 @@ class AwsSecretsBackend:
         for r in due:
             kind, payload, version = results[r.group]
             r.tried = True
-            if kind == "error":
-                r.error = payload
+            if kind in ("error", "absent"):
+                r.error, r.absent = payload, kind == "absent"
                 self.refreshes.labels(r.raw, "aws-sm", "error").inc()
                 continue
             try:
                 value = extract(payload, r.key)
             except ValueError as e:
                 r.error = f"{e} (version {version})"
+                r.absent = isinstance(e, KeyMissing)
                 self.refreshes.labels(r.raw, "aws-sm", "error").inc()
                 continue
             if r.value is not None and value != r.value:
                 log.info("secret %s rotated to version %s", r.raw, version)
             r.value, r.version = value, version
-            r.confirmed, r.updated, r.error = now, wall, None
+            r.confirmed, r.updated, r.error, r.absent = now, wall, None, False
             self.refreshes.labels(r.raw, "aws-sm", "ok").inc()
 
     async def close(self) -> None:
@@ -279,7 +293,7 @@ class AwsSecretsBackend:
                     log.warning("aws-sm read of %s failed: %s", secret_id, why)
                     self._logged[group] = why
                 self.last_error = why
-                out[group] = ("error", why, None)
+                out[group] = ("absent" if _not_found(e) else "error", why, None)
         return out
 
     def _read(self, secret_id: str, pin: Pin) -> tuple[str, str, str | None]:

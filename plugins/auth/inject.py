@@ -19,7 +19,7 @@ from proxy.logs import Identity
 from proxy.secrets import SecretRef, SecretUnavailable
 
 if TYPE_CHECKING:
-    from .oauth2 import TokenSource
+    from .oauth2 import CachedToken
     from .sigv4 import Signer
     from .state import AuthState
 
@@ -140,7 +140,7 @@ class Credentials:
 
     __slots__ = ("label", "slots", "token", "signer")
 
-    def __init__(self, label: str, slots: list[Slot], token: "TokenSource | None" = None,
+    def __init__(self, label: str, slots: list[Slot], token: "CachedToken | None" = None,
                  signer: "Signer | None" = None) -> None:
         self.label = label
         self.slots = slots
@@ -164,7 +164,7 @@ class AuthFilter(Filter):
         sets = [default, *tenants.values()]
         self.sync = all(c is None or (c.token is None and c.signer is None) for c in sets)
 
-    def before(self, ex: Exchange) -> None:  # type: ignore[override]
+    def before(self, ex: Exchange) -> None:
         self._inject(ex)
 
     def _inject(self, ex: Exchange) -> Credentials:
@@ -199,7 +199,7 @@ class AuthFilter(Filter):
             return await call_next(ex)
         return await self._oauth2(ex, call_next, source)
 
-    async def _oauth2(self, ex: Exchange, call_next: Handler, source: "TokenSource") -> ProxyResponse:
+    async def _oauth2(self, ex: Exchange, call_next: Handler, source: "CachedToken") -> ProxyResponse:
         token = await source.get()
         ex.headers["Authorization"] = "Bearer " + token
         body = ex.body

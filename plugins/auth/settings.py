@@ -52,6 +52,10 @@ class VaultSettings(Model):
             raise ValueError("auth = \"kubernetes\" needs role")
         if self.refresh <= 0:
             raise ValueError("refresh must be greater than 0")
+        if self.max_stale <= self.refresh:
+            # Values are re-read every refresh: a shorter max_stale would make
+            # each one unavailable for part of every cycle, with the service up.
+            raise ValueError("max_stale must be longer than refresh")
         if self.address is not None and not self.address.startswith(("http://", "https://")):
             raise ValueError("address must be an http:// or https:// URL")
         return self
@@ -78,6 +82,10 @@ class AwsSettings(Model):
     def _check(self) -> "AwsSettings":
         if self.refresh <= 0:
             raise ValueError("refresh must be greater than 0")
+        if self.max_stale <= self.refresh:
+            # Values are re-read every refresh: a shorter max_stale would make
+            # each one unavailable for part of every cycle, with the service up.
+            raise ValueError("max_stale must be longer than refresh")
         if self.endpoint_url is not None and not self.endpoint_url.startswith(("http://", "https://")):
             raise ValueError("endpoint_url must be an http:// or https:// URL")
         return self

@@ -146,7 +146,8 @@ class ChainCredentials:
     async def first_read(self) -> None:
         loop = asyncio.get_running_loop()
         end = loop.time() + self.startup_wait
-        while not self.tried and loop.time() < end and self._task is not None and not self._task.done():
+        # Polled (at most startup_wait, once at start): an Event would have to be set on every exit path of _loop.
+        while not self.tried and loop.time() < end and self._task is not None and not self._task.done():  # noqa: ASYNC110
             await asyncio.sleep(0.02)
 
     async def resolve(self) -> None:

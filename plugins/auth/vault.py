@@ -211,14 +211,14 @@ class VaultBackend:
                 continue
             kind, payload, version = got
             r.tried = True
-            if kind == "error":
-                r.error = payload
+            if kind in ("error", "absent"):
+                r.error, r.absent = payload, kind == "absent"
                 self.refreshes.labels(r.raw, "vault", "error").inc()
                 continue
             if kind == "data":
                 value = payload.get(r.key)
                 if value is None or value == "":
-                    r.error = f"key {r.key!r} is not in {r.path} (version {version})"
+                    r.error, r.absent = f"key {r.key!r} is not in {r.path} (version {version})", True
                     self.refreshes.labels(r.raw, "vault", "error").inc()
                     continue
                 value = str(value)
@@ -226,7 +226,7 @@ class VaultBackend:
                     log.info("secret %s rotated to version %s", r.raw, version)
                 r.value = value
                 r.version = str(version)
-            r.confirmed, r.updated, r.error = now, wall, None
+            r.confirmed, r.updated, r.error, r.absent = now, wall, None, False
             self.refreshes.labels(r.raw, "vault", "ok").inc()
 
     async def close(self) -> None:
@@ -276,7 +276,8 @@ class VaultBackend:
                     except Exception as e2:
                         e = e2
                 self._failed("read", e)
-                out[(path, pin)] = ("error", self.last_error, None)
+                # 404: the secret (or that version) does not exist.
+                out[(path, pin)] = ("absent" if isinstance(e, hx.InvalidPath) else "error", self.last_error, None)
         return out
 
     def _failed(self, op: str, e: BaseException) -> None:
@@ -296,7 +297,7 @@ class VaultBackend:
             info = (meta.get("versions") or {}).get(str(pin))
             self.ops.labels("metadata", "ok").inc()
             if info is None or info.get("destroyed") or info.get("deletion_time"):
-                return ("error", f"version {pin} of {path} is deleted or destroyed", None)
+                return ("absent", f"version {pin} of {path} is deleted or destroyed", None)
             self._ok()
             return ("meta", None, pin)
         resp = kv.read_secret_version(path=path, version=pin, mount_point=mount,
@@ -321,7 +322,8 @@ class VaultBackend:
             verify = False
         elif s.ca_bundle or os.environ.get("VAULT_CACERT"):
             verify = s.ca_bundle or os.environ["VAULT_CACERT"]
-        client = hvac.Client(url=self.address, timeout=s.timeout, verify=verify,
+        # types-hvac says int; hvac hands it to requests, which takes seconds as a float.
+        client = hvac.Client(url=self.address, timeout=s.timeout, verify=verify,  # type: ignore[arg-type]
                              namespace=s.namespace or os.environ.get("VAULT_NAMESPACE") or None)
         return client
 

@@ -29,7 +29,7 @@ from pybreaker import STATE_CLOSED, STATE_OPEN, CircuitBreakerError
 
 from proxy.admin import json_error, json_response, runtime_of
 from proxy.chain import Defer, Exchange, Filter, Handler, ProxyResponse
-from proxy.errors import CircuitOpen, SidecarError, UpstreamError
+from proxy.errors import CircuitOpen, UpstreamError
 from proxy.hookspecs import hookimpl
 from proxy.plugins import BuildContext, PluginSpec
 
@@ -70,7 +70,7 @@ class CircuitBreakerFilter(Filter):
     # after_error() record the outcome. Every other state takes handle().
     sync = True
 
-    def before(self, ex: Exchange) -> Defer | None:  # type: ignore[override]
+    def before(self, ex: Exchange) -> Defer | None:
         storage = self.breaker.storage
         if storage.state == STATE_CLOSED and storage.counter == 0:
             return None

@@ -171,7 +171,7 @@ class RateLimitFilter(Filter):
             max_wait = min(max_wait, max(ex.deadline - time.monotonic(), 0.0))
         return max_wait
 
-    def before(self, ex: Exchange) -> Defer | None:  # type: ignore[override]
+    def before(self, ex: Exchange) -> Defer | None:
         """The in-process stores (memory, and the shared table of several
         workers) decide without awaiting: a sync layer (proxy/chain.py); only
         a queued request takes the asynchronous path, to wait."""

@@ -308,7 +308,7 @@ class SharedStore:
         # key -> (hash, slot offset) as last found; checked under the slot's lock.
         self._known: dict[str, tuple[int, int]] = {}
         # atomic=None: the lock-free path when this machine has it (tests force either).
-        self._cas = _CAS if atomic is None or atomic else None
+        self._cas: Any = _CAS if atomic is None or atomic else None   # a ctypes function, or None
         if atomic and _CAS is None:
             raise RuntimeError("no 8-byte compare-and-swap here (libatomic on x86-64)")
         if self._cas is not None:

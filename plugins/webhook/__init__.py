@@ -28,6 +28,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from proxy.hookspecs import hookimpl
+from proxy.inbound import inbound_of
 from proxy.plugins import MAKES_ROUTE, BuildContext, PluginSpec
 
 from .admin import add_routes
@@ -72,9 +73,13 @@ def sidecar_routes_build(runtime: "Runtime", policies: list[Any], build: Any) ->
 
 @hookimpl
 def sidecar_policies_check(runtime: "Runtime", policies: list[Any]) -> list[str]:
-    """Two policies may not claim the same webhook path."""
+    """Two policies may not claim the same webhook path; a reload may not add
+    webhooks to a sidecar whose inbound listener was not started."""
     seen: dict[str, Any] = {}
     problems = []
+    # The listener starts once, at start-up (config.toml [inbound], or a
+    # webhook then): a webhook a reload adds without it would answer nothing.
+    listening = runtime.loaded_at is None or inbound_of(runtime).port is not None
     for p in policies:
         config = p.plugins.get(NAME)
         if config is None:
@@ -82,6 +87,10 @@ def sidecar_policies_check(runtime: "Runtime", policies: list[Any]) -> list[str]
         first = seen.setdefault(config.path, p)
         if first is not p:
             problems.append(f"{p.file}: webhook.path: {config.path!r} is already the webhook path of {first.file}")
+        if not listening:
+            problems.append(f"{p.file}: webhook: the inbound listener is not running (it starts when config.toml "
+                            "has [inbound] or a policy has [webhook] at start-up): add [inbound] to config.toml "
+                            "and restart the sidecar to serve webhooks")
     return problems
 
 
@@ -100,18 +109,3 @@ async def sidecar_runtime_startup(runtime: "Runtime") -> None:
 @hookimpl
 def sidecar_admin_routes(runtime: "Runtime", app: "web.Application") -> None:
     add_routes(app, lambda: service_of(runtime))
-
-
-@hookimpl
-def sidecar_policies_check(runtime: "Runtime", policies: list[Any]) -> list[str]:
-    """Two policies may not claim the same webhook path on the inbound listener."""
-    seen: dict[str, Any] = {}
-    problems = []
-    for p in policies:
-        config = p.plugins.get(NAME)
-        if config is None:
-            continue
-        first = seen.setdefault(config.path, p)
-        if first is not p:
-            problems.append(f"{p.file}: webhook.path: {config.path!r} is already the webhook path of {first.file}")
-    return problems

@@ -70,9 +70,10 @@ class WebhookEndpoint:
         self.digest = digest
         self.scheme = make_scheme(config)
         self.durable = config.delivery == "durable"
-        # Built on first use: secret sources such as vault: register at start-up,
-        # after the policies are loaded.
-        self._refs: list[SecretRef] | None = None
+        # Made now, with the policies (raises ValueError for a bad reference):
+        # remote sources (vault:, aws-sm:) then read them at start-up with the
+        # others, and ``sidecar validate`` resolves them.
+        self._refs: list[SecretRef] = [service.rt.secrets.ref(s) for s in config.secrets]
         m = service.m
         self.m_received = m.received.labels(source)
         self.m_duplicates = m.duplicates.labels(source)
@@ -82,14 +83,8 @@ class WebhookEndpoint:
 
     def secrets(self) -> list[str]:
         """Every secret that resolves now; 503 when none does."""
-        refs = self._refs
-        if refs is None:
-            try:
-                refs = self._refs = [self.service.rt.secrets.ref(s) for s in self.config.secrets]
-            except ValueError as e:
-                raise SecretUnavailable(f"webhook {self.source}: {e}") from None
         out = []
-        for ref in refs:
+        for ref in self._refs:
             try:
                 out.append(ref.get())
             except SecretUnavailable:
@@ -148,18 +143,14 @@ class WebhookEndpoint:
             if not fresh:
                 self.m_duplicates.inc()
                 return _json(200, {"status": "duplicate"}, **{"X-Sidecar-Duplicate": "1"})
+        if self.durable:
+            # Shielded, the de-dup claim settled inside: a provider hanging up
+            # must neither cancel a commit half-way nor release the claim of
+            # an event that is then stored (its retry would be queued twice).
+            await asyncio.shield(self._store(event, dedupe_key))
+            return _json(202, {"status": "accepted", "event_id": event.id},
+                         **{"X-Sidecar-Event-Id": event.id})
         try:
-            if self.durable:
-                # Shielded: a provider hanging up must not cancel a commit half-way.
-                try:
-                    await asyncio.shield(svc.enqueue(event))
-                except Exception as e:
-                    log.error("webhook %s: storing event %s failed: %s", self.source, event.id, type(e).__name__)
-                    raise QueueUnavailable() from None
-                if dedupe_key is not None:
-                    await _accepted(svc, dedupe_key, event.id, self.config.dedupe_ttl)
-                return _json(202, {"status": "accepted", "event_id": event.id},
-                             **{"X-Sidecar-Event-Id": event.id})
             resp = await self._passthrough(event)
         except BaseException:
             if dedupe_key is not None:
@@ -172,6 +163,20 @@ class WebhookEndpoint:
                 # The provider will retry; that retry must not be taken for a duplicate.
                 await _forget(svc, dedupe_key)
         return resp
+
+    async def _store(self, event: Event, dedupe_key: str | None) -> None:
+        svc = self.service
+        try:
+            await svc.enqueue(event)
+        except BaseException as e:
+            if dedupe_key is not None:
+                await _forget(svc, dedupe_key)
+            if isinstance(e, Exception):
+                log.error("webhook %s: storing event %s failed: %s", self.source, event.id, type(e).__name__)
+                raise QueueUnavailable() from None
+            raise
+        if dedupe_key is not None:
+            await _accepted(svc, dedupe_key, event.id, self.config.dedupe_ttl)
 
     async def _passthrough(self, event: Event) -> ProxyResponse:
         try:

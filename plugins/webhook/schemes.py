@@ -325,13 +325,14 @@ class Twilio(Scheme):
         given = _unb64(_header(inc, "X-Twilio-Signature"))
         if given is None:
             raise SignatureInvalid("malformed X-Twilio-Signature header")
-        algo = hashlib.sha1
+        algo: Callable[..., Any] = hashlib.sha1
         for part in (inc.headers.get("X-Twilio-Webhooks-Signature-Settings") or "").split(","):
             k, _, v = part.partition("=")
             if k.strip() == "algorithm" and v.strip():
-                algo = {"HMAC_SHA1": hashlib.sha1, "HMAC_SHA256": hashlib.sha256}.get(v.strip().upper())
-                if algo is None:
+                named = {"HMAC_SHA1": hashlib.sha1, "HMAC_SHA256": hashlib.sha256}.get(v.strip().upper())
+                if named is None:
                     raise SignatureInvalid("unsupported Twilio signature algorithm")
+                algo = named
         url = self.public_url + ("?" + inc.query if inc.query else "")
         query = dict(parse_qsl(inc.query, keep_blank_values=True))
         params = ""

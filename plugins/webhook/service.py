@@ -16,7 +16,7 @@ from yarl import URL
 
 from proxy.body import read_limited
 from proxy.config import Policy, config_digest
-from proxy.errors import RouteDisabled, UpstreamUnavailable
+from proxy.errors import ConfigError, RouteDisabled, UpstreamUnavailable
 from proxy.inbound import inbound_of
 
 from .config import Config as WebhookConfig
@@ -96,7 +96,7 @@ class Waker:
             return
         loop = asyncio.get_running_loop()
         fut = self._fut = loop.create_future()
-        handle = loop.call_later(timeout, lambda: fut.done() or fut.set_result(None))
+        handle = loop.call_later(timeout, lambda: None if fut.done() else fut.set_result(None))
         try:
             await fut
         finally:
@@ -113,7 +113,7 @@ def _config(p: Policy) -> WebhookConfig | None:
 def backoff(attempt: int, base: float, cap: float) -> float:
     """Exponential backoff with jitter: between half and all of min(cap, base * 2^(attempt-1))."""
     delay = min(cap, base * (2 ** min(attempt - 1, 60)))
-    return random.uniform(delay / 2, delay)
+    return random.uniform(delay / 2, delay)  # noqa: S311 -- jitter, not a secret
 
 
 class WebhookService:
@@ -156,8 +156,11 @@ class WebhookService:
                 continue
             digest = config_digest(p.raw.get(NAME))
             old = self.endpoints.get(p.name)
-            ep = now[p.name] = old if old is not None and old.digest == digest else \
-                WebhookEndpoint(self, p.name, config, digest)
+            try:
+                ep = now[p.name] = old if old is not None and old.digest == digest else \
+                    WebhookEndpoint(self, p.name, config, digest)
+            except ValueError as e:   # a secret reference no source can read
+                raise ConfigError([f"{p.file}: webhook.secrets: {e}"]) from None
             mixed = p.core.route is not None
             plugins = {n: c for n, c in p.plugins.items()
                        if n != NAME and (specs[n].scope == "inbound" or (specs[n].scope == "both" and not mixed))}

@@ -96,7 +96,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"sidecar {version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    def add(name: str, fn, help_: str, config_default: str | None = "config.toml") -> argparse.ArgumentParser:  # type: ignore[no-untyped-def]
+    def add(name: str, fn, help_: str, config_default: str | None = "config.toml") -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_, description=help_)
         sp.add_argument("--config", "-c", default=config_default, help="path to config.toml")
         sp.set_defaults(fn=fn)

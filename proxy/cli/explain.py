@@ -78,7 +78,7 @@ def _cache(f: Any, c: Any, ex: Exchange) -> dict[str, Any]:
     else:
         keyed = "shared by every client"
     return {"decision": "looked up in the cache; a miss is fetched and stored if cacheable",
-            "ttl_seconds": f.config.ttl, "key_headers": list(f.key_headers), "entry": keyed,
+            "ttl_seconds": f.rules.ttl, "key_headers": list(f.key_headers), "entry": keyed,
             "no_cache": "no-cache" in cc}
 
 
@@ -191,13 +191,13 @@ def _chain(rt: Any, route: Any, ex: Exchange) -> list[dict[str, Any]]:
 
 def explain(config: str | None, method: str, url: str, headers: CIMultiDict[str]) -> tuple[int, dict[str, Any]]:
     from ..inbound import inbound_of
+    from ..routes import RouteTable
     from ..runtime import Runtime
 
     settings = load_settings(config)
     u = URL(url)
     path, query = u.raw_path or "/", u.raw_query_string
     listener = "outbound"
-    inbound_port = None
 
     async def run() -> tuple[int, dict[str, Any]]:
         nonlocal listener

@@ -26,7 +26,7 @@ def _load() -> dict[str, bytes]:
 def add_dashboard(app: web.Application) -> None:
     files = _load()
 
-    def serve(name: str):  # type: ignore[no-untyped-def]
+    def serve(name: str):
         async def handler(request: web.Request) -> web.Response:
             return web.Response(body=files[name], content_type=_TYPES[name], charset="utf-8",
                                 headers={"Cache-Control": "no-cache", "Content-Security-Policy": _CSP,

@@ -75,7 +75,7 @@ class Pool:
             wait = min(wait, max(0.0, deadline - time.monotonic()))
         fut = self.loop.create_future()
         self._waiters.append(fut)
-        timer = self.loop.call_later(wait, lambda: fut.done() or fut.set_exception(
+        timer = self.loop.call_later(wait, lambda: None if fut.done() else fut.set_exception(
             _Failed("timeout", "no free upstream connection in time")))
         try:
             await fut
@@ -192,7 +192,7 @@ class FastPools:
     def pools(self) -> dict[str, dict[str, int]]:
         return {k[0]: p.stats() for k, p in self._pools.items()}
 
-    def retain(self, keep: set[tuple[str, bool, str | None]]) -> list[Pool]:
+    def retain(self, keep: set[tuple[str, bool, str | None] | None]) -> list[Pool]:
         gone = [p for k, p in self._pools.items() if k not in keep]
         self._pools = {k: p for k, p in self._pools.items() if k in keep}
         return gone
@@ -213,7 +213,7 @@ class ResumingContext(ssl.SSLContext):
 
     sessions: dict[str, ssl.SSLSession]
 
-    def wrap_bio(self, incoming, outgoing, server_side=False, server_hostname=None,  # type: ignore[override]
+    def wrap_bio(self, incoming, outgoing, server_side=False, server_hostname=None,
                  session=None):
         if session is None and not server_side and server_hostname is not None:
             session = self.sessions.get(server_hostname)

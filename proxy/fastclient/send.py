@@ -46,7 +46,7 @@ class FastUpstream:
         self.port = u.port
         self.base_path = u.raw_path.rstrip("/")
         default_port = 443 if u.scheme == "https" else 80
-        self.authority = u.raw_host if u.port == default_port else f"{u.raw_host}:{u.port}"
+        self.authority = (u.raw_host or "") if u.port == default_port else f"{u.raw_host}:{u.port}"
         self.pool = pool
         self.timeouts = timeouts
         # (origin, verify, ca_bundle): which pool this is (UpstreamPools.retain).

@@ -200,3 +200,98 @@ def test_validate_resolves_each_reference_once(tmp_path, moto, aws_env, capsys):
     assert any(f"aws-sm:{missing}" in w and "ResourceNotFoundException" in w for w in warnings)
     assert main(["validate", "--offline", "--config", str(path)]) == 0
     assert "warning:" not in capsys.readouterr().err
+
+
+async def test_optional_reference_fails_closed_while_aws_is_unreachable(sidecar_factory, client, upstream,
+                                                                       aws_env, moto, monkeypatch):
+    """`?` omits a secret that does not exist; AWS being unreachable is an outage
+    (docs/auth.md), so the header is not silently dropped then: 503."""
+    from tests.support.sidecar import free_port
+
+    monkeypatch.setenv("T_BEARER", "tok")
+    down = f"http://127.0.0.1:{free_port()}"   # nothing listens there
+    sc = await sidecar_factory({
+        "p": policy(upstream.url, 'type = "bearer"\nsecret = "env:T_BEARER"\n'
+                                  '[auth.headers]\n"X-Org" = "aws-sm:svc/org#ORG?"', "/p"),
+    }, aws_config(down) + 'startup_wait = "1s"\n')
+    async with client.get(sc.url + "/p/x") as r:
+        assert r.status == 503, (r.status, await r.text())
+        assert r.headers["X-Sidecar-Error"] == "secret_unavailable"
+    assert upstream.seen == []
+    # A secret AWS says does not exist is omitted, as documented.
+    sc2 = await sidecar_factory({
+        "p": policy(upstream.url, 'type = "bearer"\nsecret = "env:T_BEARER"\n'
+                                  f'[auth.headers]\n"X-Org" = "aws-sm:{unique("absent")}#ORG?"', "/p"),
+    }, aws_config(moto.url))
+    status, auth, body = await _bearer(client, sc2.url + "/p/x")
+    assert (status, auth) == (200, "Bearer tok") and "X-Org" not in body["headers"]
+
+
+@pytest.mark.parametrize("table", ["aws", "vault"])
+def test_max_stale_shorter_than_refresh_is_refused(tmp_path, table):
+    """A value is re-read every `refresh` and served until `max_stale` after
+    its last read: with max_stale <= refresh every value would go 503 for part
+    of each cycle while AWS (or Vault) is healthy."""
+    from proxy.cli import check
+
+    path = write_config(tmp_path, {}, f'[secrets.{table}]\nrefresh = "5m"\nmax_stale = "5m"\n')
+    problems = check(str(path))
+    assert len(problems) == 1 and f"secrets.{table}" in problems[0] and "max_stale" in problems[0], problems
+    ok = write_config(tmp_path / "ok", {}, f'[secrets.{table}]\nrefresh = "5m"\nmax_stale = "6m"\n')
+    assert check(str(ok)) == []
+
+
+async def test_webhook_secret_from_aws_sm_is_read_at_start_up(sidecar_factory, client, upstream, aws_env, moto,
+                                                              tmp_path):
+    """A webhook secret held in Secrets Manager is read with the other
+    references at start-up: the first webhook after a start is verified (not
+    503 while the reference is read for the first time), and ``sidecar
+    validate`` resolves it like any other aws-sm: reference."""
+    import hashlib
+    import hmac
+
+    from proxy.cli import check
+    from tests.support.inbound import inbound_config, inbound_url, webhook_policy
+
+    name = unique("hooks/github")
+    moto.client("secretsmanager").create_secret(Name=name, SecretString='{"secret": "gh-hook-secret"}')
+    hook = webhook_policy("/webhooks/gh", "github", [f"aws-sm:{name}#secret"], delivery="passthrough")
+    sc = await sidecar_factory({"gh": hook}, inbound_config(upstream.url, extra=aws_config(moto.url)))
+    body = b'{"zen": "first"}'
+    mac = hmac.new(b"gh-hook-secret", body, hashlib.sha256).hexdigest()
+    async with client.post(inbound_url(sc) + "/webhooks/gh", data=body, headers={
+            "X-Hub-Signature-256": f"sha256={mac}", "X-GitHub-Event": "push", "X-GitHub-Delivery": "d-1"}) as r:
+        assert r.status == 200, await r.text()
+    assert upstream.seen[-1].body == body
+    warnings: list[str] = []
+    missing = write_config(tmp_path / "v", {"gh": webhook_policy("/webhooks/gh", "github",
+                                                                  [f"aws-sm:{unique('absent')}#secret"])},
+                           aws_config(moto.url))
+    assert await asyncio.to_thread(check, str(missing), warnings, offline=False) == []
+    assert len(warnings) == 1 and "cannot be resolved now" in warnings[0], warnings
+
+
+async def test_optional_reference_to_a_deleted_secret_is_omitted_once_stale(sidecar_factory, client, upstream,
+                                                                            aws_env, moto, monkeypatch):
+    """A secret deleted from Secrets Manager: its last value serves until
+    max_stale (as for any reference), then an optional reference is omitted
+    (AWS said it does not exist), not 503 for ever."""
+    monkeypatch.setenv("T_BEARER", "tok")
+    sm = moto.client("secretsmanager")
+    name = unique("svc/org")
+    sm.create_secret(Name=name, SecretString='{"ORG": "org-1"}')
+    sc = await sidecar_factory({
+        "p": policy(upstream.url, 'type = "bearer"\nsecret = "env:T_BEARER"\n'
+                                  f'[auth.headers]\n"X-Org" = "aws-sm:{name}#ORG?"', "/p"),
+    }, aws_config(moto.url, refresh="0.2s", max_stale="1s"))
+    status, _, body = await _bearer(client, sc.url + "/p/x")
+    assert status == 200 and body["headers"]["X-Org"] == "org-1"
+    sm.delete_secret(SecretId=name, ForceDeleteWithoutRecovery=True)
+    end = time.monotonic() + 10
+    while True:
+        async with client.get(sc.url + "/p/x") as r:
+            assert r.status == 200, (r.status, await r.text())
+            if "X-Org" not in (await r.json())["headers"]:
+                break
+        assert time.monotonic() < end, "the deleted secret was never omitted"
+        await asyncio.sleep(0.05)

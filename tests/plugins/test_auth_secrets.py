@@ -97,8 +97,11 @@ def test_optional_remote_secret_gone_stale_still_fails_closed():
 
     ref = RemoteSecret("vault:p#k", max_stale=1.0)
     opt = OptionalSecret("vault:p#k?", ref)
-    assert opt.get_optional() is None            # never read: no value, omitted
-    ref.value, ref.confirmed = "v", time.monotonic()
+    with pytest.raises(SecretUnavailable):
+        opt.get_optional()                       # never read (not yet, or unreachable): an outage
+    ref.tried = ref.absent = True                # the service said it does not exist: omitted
+    assert opt.get_optional() is None
+    ref.value, ref.confirmed, ref.absent = "v", time.monotonic(), False
     assert opt.get_optional() == "v"
     ref.confirmed = time.monotonic() - 2.0       # last successful read older than max_stale
     with pytest.raises(SecretUnavailable):

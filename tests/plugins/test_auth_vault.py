@@ -304,7 +304,7 @@ async def test_forced_refresh_and_pinned_metadata(fake_vault, sidecar_factory, u
     sc = await sidecar_factory({
         "s": bearer(upstream.url, "/s", "vault:p/k#v"),
         "pin": bearer(upstream.url, "/pin", "vault:p/k#v@1"),
-    }, vault_config(fake_vault.address, 'token = "env:TEST_VAULT_TOKEN"', refresh="1h"))
+    }, vault_config(fake_vault.address, 'token = "env:TEST_VAULT_TOKEN"', refresh="1h", max_stale="2h"))
     fake_vault.write("p/k", {"v": "second-2222"})
     assert await get_auth(client, f"{sc.url}/s/x", upstream) == (200, "Bearer first-1111")
     async with client.post(sc.admin + "/admin/secrets/refresh") as r:
@@ -326,7 +326,7 @@ async def test_slow_vault_never_stalls_the_data_plane(fake_vault, sidecar_factor
     sc = await sidecar_factory({
         "s": bearer(upstream.url, "/s", "vault:p/k#v"),
         "e": bearer(upstream.url, "/e", "env:PLAIN_TOKEN"),
-    }, vault_config(fake_vault.address, 'token = "env:TEST_VAULT_TOKEN"', refresh="1h"))
+    }, vault_config(fake_vault.address, 'token = "env:TEST_VAULT_TOKEN"', refresh="1h", max_stale="2h"))
     fake_vault.delay = 1.5
     n = len(fake_vault.calls)
     refresh = asyncio.create_task(client.post(sc.admin + "/admin/secrets/refresh"))
@@ -389,3 +389,31 @@ async def test_login_problems_are_reported(fake_vault, sidecar_factory, upstream
         body = await r.json()
     assert body["vault"]["last_error"].startswith(why)
     assert body["vault"]["authenticated"] is False
+
+
+async def test_optional_reference_omitted_only_when_vault_says_it_does_not_exist(
+        fake_vault, sidecar_factory, upstream, client, monkeypatch):
+    """`?`: a path or key Vault does not have is omitted (docs/auth.md); Vault
+    unreachable from the start is an outage (503), not an absent setting."""
+    monkeypatch.setenv("TEST_VAULT_TOKEN", fake_vault.root_token)
+    monkeypatch.setenv("T_BEARER", "tok")
+    fake_vault.write("providers/openai", {"api_key": "sk-1"})
+
+    def opt(route: str, ref: str) -> str:
+        return (f'route = "{route}"\nupstream = "{upstream.url}"\n[auth]\ntype = "bearer"\nsecret = "env:T_BEARER"\n'
+                f'[auth.headers]\n"X-Opt" = "{ref}"\n')
+
+    sc = await sidecar_factory({"k": opt("/k", "vault:providers/openai#nope?"),
+                                "p": opt("/p", "vault:providers/absent#key?")},
+                               vault_config(fake_vault.address, 'token = "env:TEST_VAULT_TOKEN"'))
+    for route in ("/k", "/p"):
+        async with client.get(f"{sc.url}{route}/x") as r:
+            assert r.status == 200, (route, await r.text())
+        assert "X-Opt" not in upstream.seen[-1].headers
+    down = f"http://127.0.0.1:{free_port()}"
+    sc2 = await sidecar_factory({"k": opt("/k", "vault:providers/openai#api_key?")},
+                                vault_config(down, 'token = "env:TEST_VAULT_TOKEN"').replace('"3s"', '"1s"'))
+    seen = len(upstream.seen)
+    async with client.get(f"{sc2.url}/k/x") as r:
+        assert r.status == 503 and r.headers["X-Sidecar-Error"] == "secret_unavailable"
+    assert len(upstream.seen) == seen

@@ -525,7 +525,7 @@ async def test_streamed_bodies_are_teed_and_large_ones_not_kept(sidecar_factory,
             _, h1, b1 = await get(client, f"{sc.url}/p/s?n={n}")
             filt = sc.runtime.table.routes[0].filters[0]
             if cached:
-                await wait_for(lambda: filt.store.bytes > 0)
+                await wait_for(lambda f=filt: f.store.bytes > 0)
             _, h2, b2 = await get(client, f"{sc.url}/p/s?n={n}")
             assert b1 == b2 == chunk * n
             assert h2["X-Cache"] == ("HIT" if cached else "MISS")

@@ -97,7 +97,7 @@ async def test_opens_after_consecutive_failures_then_fails_fast(sidecar_factory,
     assert any("up: closed -> open" in r.getMessage() for r in caplog.records)
     async with client.get(f"{sc.admin}/metrics") as r:
         assert 'sidecar_circuit_state{route="up"} 1.0' in await r.text()
-    lines = [l for l in sc.access_lines() if l["status"] == 503]
+    lines = [line for line in sc.access_lines() if line["status"] == 503]
     assert lines and lines[-1]["error"] == "circuit_open"
 
 
@@ -248,7 +248,7 @@ async def test_client_disconnect_is_not_a_failure(sidecar_factory, upstream, cli
             async with client.get(f"{sc.url}/up/", timeout=aiohttp.ClientTimeout(total=0.15)):
                 pass
     await wait_for(lambda: len(upstream.seen) == 3)
-    await wait_for(lambda: [l["status"] for l in sc.access_lines()] == [499] * 3)
+    await wait_for(lambda: [line["status"] for line in sc.access_lines()] == [499] * 3)
     b = (await breakers(client, sc))["up"]
     assert b["state"] == "closed" and b["failures"] == 0
 
@@ -271,7 +271,7 @@ async def test_trial_cancelled_by_client_keeps_half_open(sidecar_factory, upstre
     with pytest.raises(asyncio.TimeoutError):
         async with client.get(f"{sc.url}/up/", timeout=aiohttp.ClientTimeout(total=1.0)):
             pass
-    await wait_for(lambda: [l["status"] for l in sc.access_lines()][-1:] == [499])
+    await wait_for(lambda: [line["status"] for line in sc.access_lines()][-1:] == [499])
     await wait_for_async(client, sc, lambda b: b["half_open_trials"] == 0)
     b = (await breakers(client, sc))["up"]
     assert b["state"] == "half_open"  # neither closed by a "success" nor reopened

@@ -146,3 +146,27 @@ async def test_any_origin_without_credentials(sidecar_factory, upstream, client)
         assert "Access-Control-Max-Age" not in r.headers
     async with client.get(url, headers={"Origin": "https://b.example"}) as r:
         assert r.headers["Access-Control-Allow-Origin"] == "*" and "Vary" not in r.headers
+
+
+async def test_vary_origin_is_added_to_every_vary_the_service_sent(sidecar_factory, upstream, client):
+    """A service may send Vary on several lines (RFC 9110 5.3: one list), or
+    name a header that merely contains "origin": none of its Vary values may be
+    lost, and Origin is still added (a shared cache must not hand one origin's
+    answer to another, nor one language's to another)."""
+    from aiohttp import web
+    from multidict import CIMultiDict
+
+    async def service(request, seen):
+        h = CIMultiDict([("Vary", "Accept-Encoding"), ("Vary", "Accept-Language")])
+        if request.path.endswith("/hint"):
+            h = CIMultiDict([("Vary", "X-Origin-Hint")])
+        return web.Response(text="ok", headers=h)
+
+    upstream.responder = service
+    sc = await sidecar_factory({}, cors_config(upstream.url, STRICT))
+    async with client.get(f"{inbound_url(sc)}/api/orders", headers={"Origin": APP}) as r:
+        tokens = [t.strip().lower() for v in r.headers.getall("Vary") for t in v.split(",")]
+        assert sorted(tokens) == ["accept-encoding", "accept-language", "origin"], r.headers.getall("Vary")
+    async with client.get(f"{inbound_url(sc)}/api/hint", headers={"Origin": APP}) as r:
+        tokens = [t.strip().lower() for v in r.headers.getall("Vary") for t in v.split(",")]
+        assert sorted(tokens) == ["origin", "x-origin-hint"], r.headers.getall("Vary")

@@ -77,7 +77,7 @@ async def test_open_circuit_is_answered_by_the_fallback_without_the_upstream(sid
     for _ in range(4):
         assert_fallback(*await call(client, f"{sc.url}/up/items"))
     assert len(upstream.seen) == 2  # then the circuit opened
-    decisions = [l["decisions"] for l in await sc.wait_access_lines(4)]
+    decisions = [line["decisions"] for line in await sc.wait_access_lines(4)]
     assert [d["fallback"] for d in decisions] == ["500", "500", "circuit_open", "circuit_open"]
     assert decisions[-1]["circuit_breaker"] == "open"
 

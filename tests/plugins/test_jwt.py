@@ -238,6 +238,27 @@ async def test_oversized_jwks_is_refused_like_an_unreachable_one(sidecar_factory
         await runner.cleanup()
 
 
+@pytest.mark.parametrize("path", ["/%61pi/orders", "/api%2Forders", "/%61p%69/orders"])
+async def test_a_percent_encoded_path_cannot_step_around_the_protected_prefix(
+        monkeypatch, sidecar_factory, upstream, client, path):
+    """`/%61pi/orders` is `/api/orders` to the service (its framework decodes
+    the path before routing, RFC 3986 6.2.2.2), so the sidecar must not match
+    it to a less protected enclosing route ("/" here) and forward it without
+    a token."""
+    monkeypatch.setenv("JWT_SECRET", SECRET)
+    sc = await sidecar_factory({}, inbound_config(upstream.url, extra=hs_route() + """
+        [inbound.routes."/".headers]
+        request = { set = { "X-Via" = "sidecar" } }
+        """))
+    from yarl import URL
+
+    status, _, body = await get(client, URL(inbound_url(sc) + path, encoded=True), None)   # sent as written
+    from urllib.parse import unquote
+
+    reached = [unquote(s.path_qs) for s in upstream.seen]   # as the service's framework routes it
+    assert status != 200 and not [p for p in reached if p.startswith("/api")], (status, reached, body)
+
+
 async def test_subject_is_hashed_in_the_access_log_with_hash_identifiers(monkeypatch, sidecar_factory, upstream,
                                                                          client):
     import hashlib

@@ -328,7 +328,7 @@ async def test_queue_mode_is_fifo_and_times_out(sidecar_factory, upstream, clien
     for i in range(4):
         tasks.append(asyncio.create_task(one(i)))
         # Start the next only once this one has been decided (queued or sent).
-        await wait_for(lambda: _decisions(sc) >= i + 1)
+        await wait_for(lambda n=i + 1: _decisions(sc) >= n)
     launched = time.monotonic() - t0
     results = await asyncio.gather(*tasks)
     # 0 goes now; 1 and 2 wait 500ms and 1s; 3 would wait about 1.5s > max_wait.

@@ -192,8 +192,7 @@ async def test_credential_keys_are_hashed_in_redis(sidecar_factory, upstream, cl
     finally:
         await r.aclose()
     assert "sk-live" not in key
-    # The hash tag (state's Redis Cluster layout) names the bucket's slot, not the credential.
-    assert re.fullmatch(r"sidecar:test:\{test/[0-9a-f]+\}:rl:api:-:10r20s10b:hmac-sha256:[0-9a-f]{32}", key), key
+    assert re.fullmatch(r"sidecar:test:\{test/[0-9a-f]{16}\}:rl:api:-:10r20s10b:hmac-sha256:[0-9a-f]{32}", key), key
     async with client.get(f"{sc.admin}/admin/rate_limits", params={"route": "api", "key": token}) as resp:
         data = await resp.json()
     assert data["limits"][0]["remaining"] == 9 and key.endswith(data["key_value"])

@@ -342,7 +342,7 @@ async def test_retry_budget_under_sustained_failure(sidecar_factory, upstream, c
     # 20 requests, 20% budget: 4 retries, not the 40 that attempts = 3 would send.
     assert len(upstream.seen) == 24
     assert await metric(client, sc, "503") == 4
-    decisions = [l["decisions"]["retry"] for l in await sc.wait_access_lines(20)]
+    decisions = [line["decisions"]["retry"] for line in await sc.wait_access_lines(20)]
     assert {d["gave_up"] for d in decisions} == {"budget"}
     assert sorted(d["attempts"] for d in decisions) == [1] * 16 + [2] * 4
 
@@ -391,7 +391,7 @@ async def test_client_disconnect_stops_retrying(sidecar_factory, upstream, clien
         async with client.get(f"{sc.url}/up/", timeout=aiohttp.ClientTimeout(total=0.2)):
             pass
     # The sidecar saw the disconnect (499) while waiting to retry, and stopped.
-    await wait_for(lambda: any(l["status"] == 499 for l in sc.access_lines()))
+    await wait_for(lambda: any(line["status"] == 499 for line in sc.access_lines()))
     assert sc.access_lines()[-1]["error"] == "client_closed"
     assert len(upstream.seen) == 1
 

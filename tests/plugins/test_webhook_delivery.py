@@ -407,3 +407,61 @@ async def _crash_mid_delivery(tmp_path, client, extra: str) -> None:
     finally:
         proc.kill()
         await service.stop()
+
+
+async def test_provider_hanging_up_mid_commit_keeps_the_dedupe_claim(sidecar_factory, upstream, client):
+    """The provider gives up while the event is being committed (a slow disk
+    here: another writer holds the SQLite lock). The commit goes on and the
+    event is stored, so the provider's retry of the same event must not be
+    stored a second time (the claim follows the commit, not the hang-up)."""
+    import time
+
+    import aiohttp
+
+    state = {"status": 503}        # keep the first event queued while we look
+    upstream.responder = scripted(state)
+    sc = await sidecar_factory({"stripe": stripe_policy()}, inbound_config(upstream.url))
+    url = inbound_url(sc)
+    assert (await send(client, url, "evt_warm"))[0] == 202   # the queue is open
+    db = sqlite3.connect(sc.dir / "data" / "webhooks.sqlite3", isolation_level=None, timeout=10)
+    db.execute("BEGIN IMMEDIATE")  # writers wait (busy timeout) until we let go
+    try:
+        body, headers = signed("evt_slow")
+        with pytest.raises(asyncio.TimeoutError):
+            async with client.post(url + "/webhooks/stripe", data=body, headers=headers,
+                                   timeout=aiohttp.ClientTimeout(total=0.5)) as r:
+                await r.read()
+        # The sidecar saw the hang-up (its handler was cancelled: logged 499).
+        end = time.monotonic() + 5
+        while not [a for a in sc.access_lines() if a["status"] == 499]:
+            assert time.monotonic() < end, sc.access_lines()
+            await asyncio.sleep(0.02)
+    finally:
+        db.execute("COMMIT")
+        db.close()
+    await wait_for(lambda: svc_of(sc).m.received.labels("stripe")._value.get() == 2)
+    end = time.monotonic() + 10
+    while len(await admin_events(client, sc)) < 2:     # the commit went on
+        assert time.monotonic() < end
+        await asyncio.sleep(0.05)
+    # The provider retries the event it never got an answer for.
+    status, h = await send(client, url, "evt_slow")
+    assert status in (200, 409), (status, h)
+    events = await admin_events(client, sc)
+    assert sorted(e["provider_id"] for e in events) == ["evt_slow", "evt_warm"], events
+
+
+async def test_webhook_added_by_reload_without_an_inbound_listener_is_refused(sidecar_factory, upstream, client):
+    """The inbound listener starts only when config.toml has [inbound] or a
+    policy has [webhook] at start-up. A reload that adds the first webhook to
+    a sidecar without it must say so (the set is refused, the old one keeps
+    serving) instead of reporting success for a path nothing listens on."""
+    sc = await sidecar_factory({"api": f'route = "/api"\nupstream = "{upstream.url}"\n'})
+    assert "inbound" not in sc.sidecar.ports
+    sc.write_policy("stripe", stripe_policy())
+    async with client.post(sc.admin + "/admin/reload") as r:
+        body = await r.text()
+        assert r.status != 200, body
+    assert "inbound listener" in body and "stripe.toml" in body, body
+    async with client.get(sc.url + "/api/x") as r:      # the old set keeps serving
+        assert r.status == 200

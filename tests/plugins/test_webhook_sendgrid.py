@@ -20,10 +20,10 @@ SIG = EventWebhookHeader.SIGNATURE
 TS = EventWebhookHeader.TIMESTAMP
 
 
-def keypair(curve: ec.EllipticCurve = ec.SECP256R1()) -> tuple[ec.EllipticCurvePrivateKey, str]:
+def keypair(curve: ec.EllipticCurve | None = None) -> tuple[ec.EllipticCurvePrivateKey, str]:
     """A private key and its public key as SendGrid's settings page shows it
     (base64 of the DER SubjectPublicKeyInfo, the PEM body on one line)."""
-    private = ec.generate_private_key(curve)
+    private = ec.generate_private_key(curve or ec.SECP256R1())
     der = private.public_key().public_bytes(serialization.Encoding.DER,
                                             serialization.PublicFormat.SubjectPublicKeyInfo)
     return private, base64.b64encode(der).decode()

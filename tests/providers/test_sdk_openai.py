@@ -60,7 +60,7 @@ async def test_streaming_arrives_chunk_by_chunk(env, provider, behind_sidecar):
     async def chat(request, seen):
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", **QUOTA})
         await resp.prepare(request)
-        for i, w in enumerate(words):
+        for w in words:
             chunk = {"id": "chatcmpl-s", "object": "chat.completion.chunk", "created": 1, "model": "gpt-4o-mini",
                      "choices": [{"index": 0, "delta": {"content": w}, "finish_reason": None}]}
             await resp.write(b"data: " + orjson.dumps(chunk) + b"\n\n")

@@ -65,3 +65,33 @@ async def test_verify_false(sidecar_factory, upstream, client, tls_identity):
     sc = await sidecar_factory({"p": policy(upstream.url, url)}, "[http_client]\nverify = false\n")
     async with client.get(f"{sc.url}/p/x", headers={"Authorization": "Bearer t"}) as r:
         assert r.status == 200
+
+
+@pytest.mark.parametrize("content", [None, "not a certificate\n"])
+def test_unreadable_ca_bundle_is_a_config_error(tmp_path, content):
+    """A ca_bundle that is missing or holds no certificate is refused at load
+    (file: field: reason), not found out by the first token fetch or webhook
+    delivery (which then fail, or retry, with an OSError)."""
+    from proxy.cli import check
+    from tests.support.sidecar import write_config
+
+    if content is not None:
+        (tmp_path / "bad.pem").write_text(content)
+    path = write_config(tmp_path, {}, '[http_client]\nca_bundle = "bad.pem"\n')
+    problems = check(str(path))
+    assert len(problems) == 1, problems
+    assert problems[0].startswith(f"{path}: http_client.ca_bundle: cannot load {tmp_path / 'bad.pem'}"), problems
+
+
+def test_unreadable_policy_ca_bundle_is_a_config_error(tmp_path):
+    """A policy's [tls] ca_bundle that cannot be loaded is a problem line of
+    `sidecar validate` (and a refused start or reload), not a traceback."""
+    from proxy.cli import check
+    from tests.support.sidecar import write_config
+
+    missing = tmp_path / "nowhere.pem"
+    path = write_config(tmp_path, {"p": f'route = "/p"\nupstream = "https://api.example.com"\n'
+                                        f'[tls]\nca_bundle = "{missing}"\n'})
+    problems = check(str(path))
+    assert problems == [f"{path.parent / 'policies' / 'p.toml'}: tls.ca_bundle: cannot load {missing}: "
+                        "No such file or directory"], problems

@@ -60,3 +60,28 @@ async def test_inbound_listener_drains_with_the_worker(sidecar_factory, upstream
     with pytest.raises(aiohttp.ClientConnectionError):
         async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/x"):
             pass
+
+
+async def test_percent_encoded_unreserved_characters_are_normalised(sidecar_factory, upstream, client):
+    """`/log%69n` is `/login` (RFC 3986 6.2.2.2) to the service: a per-path
+    rate limit on an inbound route must count it as `/login`, and the service
+    gets the normalised path."""
+    from yarl import URL
+
+    from tests.support.inbound import inbound_config, inbound_url
+
+    sc = await sidecar_factory({}, inbound_config(upstream.url, extra='''
+        [inbound.routes."/".rate_limit]
+        key = "const"
+        [[inbound.routes."/".rate_limit.overrides]]
+        match = "POST /login"
+        limits = [{ requests = 1, per = "1h" }]
+        '''))
+    got = []
+    for p in ["/login", "/log%69n", "/%6C%6Fgin"]:
+        async with client.post(URL(inbound_url(sc) + p, encoded=True), data=b"x") as r:
+            got.append(r.status)
+    assert got == [200, 429, 429], got
+    async with client.get(URL(inbound_url(sc) + "/a%7Eb/%41%2F%20?q=%61", encoded=True)) as r:
+        assert r.status == 200
+    assert upstream.seen[-1].path_qs == "/a~b/A%2F%20?q=%61"   # reserved escapes and the query untouched

@@ -270,3 +270,34 @@ async def test_two_policies_claiming_one_route_are_refused(sidecar_factory, upst
     pol = sc.dir / "policies"
     assert problems == [f"{pol / 'b.toml'}: route: '/x' is already the route of {pol / 'a.toml'}"]
     assert [r.name for r in sc.runtime.table.routes] == ["a"]
+
+
+async def test_a_filter_is_rebuilt_when_the_capabilities_of_its_route_change(sidecar_factory, upstream, client,
+                                                                             monkeypatch):
+    """A filter's build may read its route (``ctx.route_has``): the cache keys
+    per tenant only when a plugin injects credentials. A reload that adds
+    per-tenant [auth] to a route whose [cache] table is unchanged must not keep
+    the cache filter built without it, or one tenant's answer (fetched with its
+    key) is served to another tenant."""
+    from aiohttp import web
+
+    async def service(request, seen):
+        return web.json_response({"auth": request.headers.get("Authorization")},
+                                 headers={"Cache-Control": "max-age=60"})
+
+    upstream.responder = service
+    monkeypatch.setenv("T_KEY_ACME", "key-acme")
+    monkeypatch.setenv("T_KEY_GLOBEX", "key-globex")
+    cache = "[cache]\nauthorized = true\n"
+    sc = await sidecar_factory({"p": f'route = "/p"\nupstream = "{upstream.url}"\n{cache}'})
+    sc.write_policy("p", f'route = "/p"\nupstream = "{upstream.url}"\n{cache}'
+                         '[auth]\ntype = "bearer"\nsecret = "env:T_KEY_ACME"\nunknown_tenant = "reject"\n'
+                         '[auth.tenants.acme]\nsecret = "env:T_KEY_ACME"\n'
+                         '[auth.tenants.globex]\nsecret = "env:T_KEY_GLOBEX"\n')
+    assert await sc.runtime.reload() == []
+    got = {}
+    for tenant in ("acme", "globex"):
+        async with client.get(f"{sc.url}/p/report", headers={"X-Tenant-ID": tenant}) as r:
+            assert r.status == 200
+            got[tenant] = (await r.json())["auth"]
+    assert got == {"acme": "Bearer key-acme", "globex": "Bearer key-globex"}

@@ -9,6 +9,7 @@ import time
 
 import aiohttp
 import pytest
+from pydantic import ValidationError
 
 from proxy.config import StateSettings
 from proxy.state import MemoryState, RedisState, StateBackend, StateBackingOff, make_state
@@ -67,7 +68,8 @@ async def test_a_frozen_redis_costs_the_timeout_then_nothing_until_it_thaws(
         # connection, then a fresh one's handshake): no 2 s waits.
         paid = [await get(client, url) for _ in range(3)]
         assert [s for s, _, _ in paid] == [want] * 3
-        assert all(0.3 < t < 1.5 for _, _, t in paid), [t for _, _, t in paid]
+        # (upper bound generous: a loaded machine delays the loop, not Redis)
+        assert all(0.3 < t < 2.0 for _, _, t in paid), [t for _, _, t in paid]
         # Backing off: answered at once, per the plugin's fail-open setting,
         # every one refused before reaching Redis.
         guard = sc.runtime.state.guards[f"127.0.0.1:{own_redis.port}"]
@@ -80,7 +82,9 @@ async def test_a_frozen_redis_costs_the_timeout_then_nothing_until_it_thaws(
         assert {s for s, _, _ in quick} == {want}
         assert guard.refused - refused >= len(quick)
         times = sorted(t for _, _, t in quick)
-        assert times[len(times) // 2] < 0.1 and times[-1] < 0.4, times[-3:]  # none waited the timeout
+        # None waited for Redis: the guard refused each (counted above); the
+        # median shows it, while a loaded machine may stretch the odd one.
+        assert times[len(times) // 2] < 0.2, times[-3:]
         if not fail_open:
             assert quick[0][1]["X-Sidecar-Error"] == "rate_limit_unavailable"
     finally:
@@ -176,5 +180,5 @@ async def test_state_settings():
     assert st.kind == "memory" and st.redis is None
     with pytest.raises(Exception, match="url must start with"):
         StateSettings(url="http://redis:6379")
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="timeout"):
         StateSettings(timeout="0s")
