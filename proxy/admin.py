@@ -123,7 +123,7 @@ _SAFE = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 @web.middleware
-async def same_origin_actions(request: web.Request, handler):  # type: ignore[no-untyped-def]
+async def same_origin_actions(request: web.Request, handler):
     """An admin action (POST) from a browser page of another origin is refused
     (CSRF: a form on any site the operator visits can POST to 127.0.0.1:9901,
     and without [admin] token position is the only guard). A request with no

@@ -399,7 +399,7 @@ def worker_main(config_path: str | None, worker_id: int, admin: bool, reuse_port
         asyncio.run(_run_worker(settings, worker_id, admin, reuse_port))
     except ListenError as e:
         log.error("worker %d: %s", worker_id, e)
-        sys.exit(EXIT_CANNOT_LISTEN)
+        raise SystemExit(EXIT_CANNOT_LISTEN) from None
 
 
 def run(config_path: str | None) -> int:
