@@ -29,6 +29,7 @@ from pydantic import Field, model_validator
 from proxy.body import read_limited
 from proxy.chain import Exchange, Filter, Handler, ProxyResponse
 from proxy.client import HttpClient
+from proxy.logs import Identity
 from proxy.config import Model
 from proxy.errors import SidecarError
 from proxy.hookspecs import hookimpl
@@ -189,7 +190,8 @@ class JwtFilter(Filter):
         except jwt.PyJWTError:
             raise TokenInvalid("bearer token invalid", headers=self.challenge) from None
         ex.vars[NAME] = claims
-        ex.log[NAME] = {"sub": claims.get("sub")}
+        sub = claims.get("sub")
+        ex.log[NAME] = {"sub": None if sub is None else Identity(str(sub))}
         return await call_next(ex)
 
     def describe(self) -> dict[str, Any]:

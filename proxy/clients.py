@@ -28,9 +28,14 @@ def parse_networks(entries: Iterable[str]) -> list[Network]:
     out: list[Network] = []
     for e in entries:
         try:
-            out.append(ipaddress.ip_network(e.strip(), strict=False))
+            net = ipaddress.ip_network(e.strip(), strict=False)
         except ValueError:
             raise ValueError(f"{e!r} is not an IP address or CIDR (\"10.0.0.0/8\", \"::1\")") from None
+        # Peers in ::ffff:0:0/96 are compared as IPv4 (allows()), so an entry
+        # written that way (as a dual-stack socket shows the peer) is too.
+        if net.version == 6 and net.prefixlen >= 96 and net.network_address.ipv4_mapped is not None:
+            net = ipaddress.ip_network((net.network_address.ipv4_mapped, net.prefixlen - 96))
+        out.append(net)
     return out
 
 

@@ -27,7 +27,9 @@ import asyncio
 import hashlib
 import http
 import logging
+import os
 import re
+import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator
@@ -350,9 +352,16 @@ class Recorder:
     def _write(self, name: str, cassette: dict[str, Any]) -> None:
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
-            tmp = self.folder / f".{name}.tmp"
-            tmp.write_text(yaml.safe_dump(cassette, sort_keys=False, allow_unicode=True))
-            tmp.replace(self.folder / name)   # readers never see half a cassette
+            text = yaml.safe_dump(cassette, sort_keys=False, allow_unicode=True)
+            # A temporary file of this write's own: identical requests recorded
+            # at once (executor threads, workers) must not write into one file.
+            tmp = self.folder / f".{name}.{os.getpid()}-{threading.get_ident()}.tmp"
+            try:
+                tmp.write_text(text)
+                tmp.replace(self.folder / name)   # readers never see half a cassette
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
             self.counter.inc()
         except OSError as e:
             log.error("route %s: writing cassette %s failed: %s", self.route, name, e.strerror)

@@ -95,6 +95,30 @@ def mask_url(url: str) -> str:
 
 # ---- identities in access-log lines ---------------------------------------
 
+class Identity(str):
+    """A value in ``ex.log`` that names a client (a tenant, a token's subject):
+    written as is, or as its keyed hash under ``[logging] hash_identifiers``,
+    like the line's own ``tenant`` and ``client`` fields."""
+
+    __slots__ = ()
+
+
+def identity_hider(h: Callable[[str | None], str | None]) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """The ``decisions`` render under hash_identifiers: each Identity (at the
+    top or one table down, as ``{"jwt": {"sub": ...}}``) becomes its hash."""
+    def one(v: Any) -> Any:
+        if isinstance(v, Identity):
+            return h(v)
+        if isinstance(v, dict):
+            return {k: h(x) if isinstance(x, Identity) else x for k, x in v.items()}
+        return v
+
+    def hide(decisions: dict[str, Any]) -> dict[str, Any]:
+        return {k: one(v) for k, v in decisions.items()}
+
+    return hide
+
+
 def identifier_hasher(secrets: "SecretStore", settings: "Settings") -> Callable[[str | None], str | None]:
     """A client address or tenant as HMAC-SHA256(hash_key, value) hex truncated
     to 16 characters: stable across restarts and sidecars sharing the key, so

@@ -23,7 +23,7 @@ from .client import TABLE as CLIENT_TABLE, ClientSettings, HttpClient
 from .config import (Policy, Settings, config_digest, load_policies, validate_extra_settings)
 from .errors import ConfigError, RouteDisabled
 from .fixtures import terminal_for
-from .logs import identifier_hasher
+from .logs import identifier_hasher, identity_hider
 from .metrics import Metrics
 from .plugins import (MAKES_ROUTE, BuildContext, PluginSpec, collect_settings_models, collect_specs,
                       make_plugin_manager, ordered)
@@ -308,6 +308,7 @@ class Runtime:
             h = identifier_hasher(self.secrets, self.settings)
             al.add_field("tenant", render=h)
             al.add_field("client", _client_ip, render=h)
+            al.add_field("decisions", render=identity_hider(h))
         else:
             al.add_field("client", _client_ip)
         al.add_field("upstream_request_id", _upstream_request_id)

@@ -158,6 +158,9 @@ class EnvSecret(SecretRef):
 
     def reread(self) -> None:
         value = os.environ.get(self.name)
+        # As a file: secret is read: a Kubernetes Secret made from a file
+        # usually ends with a newline, which no header may carry.
+        value = value.strip() if value else value
         if not value:
             self.value, self.error = None, f"environment variable {self.name} is not set"
         elif value != self.value:

@@ -264,10 +264,22 @@ def bind(host: str, port: int, reuse_port: bool) -> socket.socket:
         sock.bind((host, port))
         sock.listen(2048)
         sock.setblocking(False)
+    except OSError as e:
+        sock.close()
+        # Which listener: "[Errno 98] Address already in use" alone names none.
+        raise ListenError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     except BaseException:
         sock.close()
         raise
     return sock
+
+
+class ListenError(OSError):
+    """A listener's address cannot be bound (in use, not ours): a clean exit, not a traceback."""
+
+
+#: A worker's exit status when it cannot bind: restarting it would not help.
+EXIT_CANNOT_LISTEN = 3
 
 
 def parser_limits(rt: Runtime) -> dict[str, int]:
@@ -489,7 +501,11 @@ def worker_main(config_path: str | None, worker_id: int, admin: bool, reuse_port
     settings = load_settings(config_path)
     setup_logging(settings.logging)
     install_uvloop()
-    asyncio.run(_run_worker(settings, worker_id, admin, reuse_port))
+    try:
+        asyncio.run(_run_worker(settings, worker_id, admin, reuse_port))
+    except ListenError as e:
+        log.error("worker %d: %s", worker_id, e)
+        raise SystemExit(EXIT_CANNOT_LISTEN) from None
 
 
 def run(config_path: str | None) -> int:
@@ -499,7 +515,11 @@ def run(config_path: str | None) -> int:
     workers = settings.sidecar.workers or os.cpu_count() or 1
     if workers == 1:
         install_uvloop()
-        asyncio.run(_run_worker(settings, 0, True, False))
+        try:
+            asyncio.run(_run_worker(settings, 0, True, False))
+        except ListenError as e:
+            log.error("%s", e)   # one log line, as every other (issue 12), not a traceback
+            return 1
         return 0
     return supervise(config_path, workers, settings)
 
@@ -544,6 +564,14 @@ def supervise(config_path: str | None, workers: int, settings: Settings) -> int:
             if stopping and not alive:
                 break
             for i, p in list(procs.items()):
+                if not p.is_alive() and not stopping and p.exitcode == EXIT_CANNOT_LISTEN:
+                    # Its address is taken by another program: stop, so the
+                    # orchestrator sees a failed start instead of a restart loop.
+                    log.error("worker %d cannot listen; stopping the sidecar", i)
+                    stopping = True
+                    for q in procs.values():
+                        if q.is_alive() and q.pid:
+                            os.kill(q.pid, signal.SIGTERM)
                 if not p.is_alive() and not stopping:
                     log.error("worker %d exited with %s; restarting", i, p.exitcode)
                     # Its live gauges (sidecar_inflight_requests) would keep

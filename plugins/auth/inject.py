@@ -15,6 +15,7 @@ from urllib.parse import quote, unquote_plus
 
 from proxy.chain import Exchange, Filter, Handler, ProxyResponse
 from proxy.errors import SidecarError
+from proxy.logs import Identity
 from proxy.secrets import SecretRef, SecretUnavailable
 
 if TYPE_CHECKING:
@@ -172,7 +173,7 @@ class AuthFilter(Filter):
         for slot in creds.slots:
             slot.apply(ex, override)
         if creds.label != "default":
-            ex.log["auth_tenant"] = creds.label
+            ex.log["auth_tenant"] = Identity(creds.label)
         return creds
 
     def _select(self, ex: Exchange) -> Credentials:

@@ -104,7 +104,8 @@ def build(config: Config, ctx: BuildContext) -> RateLimitFilter:
             ctx.route, config.upstream, key_function(config.key, frozenset(rt.redactor.headers), shared.salt), config.on_limit == "queue", config.max_wait,
             config.enforce, key("rl-upstream", ctx.route) + ":", shared.blocks,
             {r: batch(shared.upstream_decisions.labels(ctx.route, r))
-             for r in ("learned", "queued", "rejected", "shadow_rejected")}, errors, BACKEND_ERRORS)
+             for r in ("learned", "queued", "rejected", "shadow_rejected")}, errors, BACKEND_ERRORS,
+            key("rl-upstream-index", ctx.route))
     return RateLimitFilter(ctx.route, config, default, overrides, shared.store, errors, pacer,
                            secret_headers=frozenset(rt.redactor.headers), salt=shared.salt)
 

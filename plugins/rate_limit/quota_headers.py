@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 from typing import Any
 
@@ -55,6 +55,28 @@ def _rfc3339(value: str, now: float) -> float | None:
 
 RESET_PARSERS: dict[str, Callable[[str, float], float | None]] = {
     "epoch": _epoch, "seconds": _seconds, "duration": _duration, "rfc3339": _rfc3339}
+
+
+def provider_now(headers: Any, local: float) -> float:
+    """The provider's clock, which its absolute resets (epoch, RFC 3339, an
+    HTTP-date Retry-After) are on: its ``Date`` header (RFC 9110 6.6.1) when
+    that is more than 2 s from ours (Date has whole seconds), else ours. A host
+    clock minutes off would otherwise block a route for those minutes, or
+    not at all."""
+    date = headers.get("Date")
+    if not date:
+        return local
+    try:
+        when = parsedate_to_datetime(date)
+    except (TypeError, ValueError, IndexError):
+        return local
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    t = when.timestamp()
+    age = headers.get("Age")
+    if age and age.strip().isdigit():
+        t += int(age)   # kept by a cache on the way: Date is when it was made (RFC 9111 4.2.3)
+    return t if abs(t - local) > 2.0 else local
 
 
 def retry_after(value: str, now: float) -> float | None:
@@ -173,7 +195,7 @@ class Signals:
                 if float(rem) > reserve:
                     continue
                 reset = headers.get(reset_name)
-                secs = parse(reset, now) if reset else None
+                secs = parse(reset, provider_now(headers, now)) if reset else None
             except (ValueError, OverflowError):
                 continue
             if secs is not None and secs > longest:
@@ -186,7 +208,7 @@ class Signals:
                         longest, why = secs, f"RateLimit: r={rem_f:g}"
         if status in self.statuses:
             ra = headers.get("Retry-After")
-            secs = retry_after(ra, now) if ra else None
+            secs = retry_after(ra, provider_now(headers, now)) if ra else None
             if secs is not None and secs > longest:
                 longest, why = secs, f"{status} Retry-After: {ra.strip()[:32]}"
         if longest <= 0 or longest != longest:   # NaN from a malformed value

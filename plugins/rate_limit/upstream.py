@@ -131,12 +131,31 @@ return 1
 """
 
 
+# KEYS[1]: a route's index of blocks (sorted set: key value -> wall-clock ms of
+# its end); ARGV: key value, end ms, now ms, ms the index must outlive. The
+# admin listing reads it instead of scanning the keyspace (which a shared
+# Redis fills with millions of other keys). A separate key from the block:
+# each script touches one key, so no hash tag ties a route's blocks to one slot.
+_INDEX = """
+local cur = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not cur or tonumber(cur) < tonumber(ARGV[2]) then
+  redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[3])
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[4]) then
+  redis.call('PEXPIRE', KEYS[1], ARGV[4])
+end
+return 1
+"""
+
+
 class RedisBlocks:
     """Blocks shared by every sidecar on the Redis (``runtime.state.redis``)."""
 
     def __init__(self, client: Any) -> None:
         self.client = client
         self.script = client.register_script(_LEARN)
+        self.index_script = client.register_script(_INDEX)
 
     async def left(self, key: str) -> tuple[float, str]:
         pipe = self.client.pipeline(transaction=False)
@@ -147,25 +166,32 @@ class RedisBlocks:
             return 0.0, ""
         return ms / 1000.0, (reason or b"").decode("utf-8", "replace")
 
-    async def put(self, key: str, seconds: float, reason: str) -> None:
-        await self.script(keys=[key], args=[max(1, math.ceil(seconds * 1000)), reason])
+    async def put(self, prefix: str, key: str, seconds: float, reason: str, index: str) -> None:
+        ms = max(1, math.ceil(seconds * 1000))
+        await self.script(keys=[prefix + key], args=[ms, reason])
+        now_ms = int(time.time() * 1000)
+        # Clocks of sidecars differ: the index only finds candidates, the
+        # blocks' own PTTL (the Redis clock) decides; it outlives them by a minute.
+        await self.index_script(keys=[index], args=[key, now_ms + ms, now_ms - 60_000, ms + 60_000])
 
-    async def listing(self, prefix: str) -> list[dict[str, Any]]:
-        out = []
+    async def listing(self, prefix: str, index: str) -> list[dict[str, Any]]:
         now = time.time()
-        async for raw in self.client.scan_iter(match=_glob_escape(prefix) + "*", count=200):
-            key = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
-            secs, reason = await self.left(key)
-            if secs > 0:
-                out.append({"key": key[len(prefix):], "blocked_for_seconds": round(secs, 3),
-                            "until": round(now + secs, 3), "reason": reason})
-            if len(out) >= 1000:
-                break
+        members = await self.client.zrangebyscore(index, int(now * 1000) - 60_000, "+inf", start=0, num=1000)
+        keys = [m.decode("utf-8", "surrogateescape") if isinstance(m, bytes) else m for m in members]
+        if not keys:
+            return []
+        pipe = self.client.pipeline(transaction=False)
+        for key in keys:
+            pipe.pttl(prefix + key)
+            pipe.get(prefix + key)
+        answers = await pipe.execute()
+        out = []
+        for key, ms, reason in zip(keys, answers[::2], answers[1::2]):
+            if ms is not None and ms > 0:
+                secs = ms / 1000.0
+                out.append({"key": key, "blocked_for_seconds": round(secs, 3), "until": round(now + secs, 3),
+                            "reason": (reason or b"").decode("utf-8", "replace")})
         return sorted(out, key=lambda d: d["key"])
-
-
-def _glob_escape(s: str) -> str:
-    return "".join("\\" + c if c in "*?[]\\" else c for c in s)
 
 
 # ---- the pacer the rate-limit filter runs around the upstream ---------------
@@ -173,7 +199,8 @@ def _glob_escape(s: str) -> str:
 class UpstreamPacer:
     def __init__(self, route: str, config: UpstreamQuota, key_of: Callable[[Exchange], str] | None,
                  queue: bool, max_wait: float, enforce: bool, prefix: str, shared: RedisBlocks | None,
-                 counter: Any, backend_errors: Any, backend_errors_ok: tuple[type[BaseException], ...]) -> None:
+                 counter: Any, backend_errors: Any, backend_errors_ok: tuple[type[BaseException], ...],
+                 index: str) -> None:
         self.route = route
         self.config = config
         self.signals = Signals(config)
@@ -182,6 +209,7 @@ class UpstreamPacer:
         self.max_wait = max_wait
         self.enforce = enforce
         self.prefix = prefix
+        self.index = index   # outside ``prefix``: no client key value can name it
         self.local = LocalBlocks()
         self.shared = shared
         self.counter = counter          # result -> counter child
@@ -247,7 +275,7 @@ class UpstreamPacer:
         self.local.put(key, secs, why, time.monotonic())
         if self.shared is not None:
             try:
-                await self.shared.put(self.prefix + key, secs, why)
+                await self.shared.put(self.prefix, key, secs, why, self.index)
             except self.errors as e:
                 self._backend_down(e)
 
@@ -265,7 +293,7 @@ class UpstreamPacer:
                                "signals": self.signals.describe, "shared": self.shared is not None}
         if self.shared is not None:
             try:
-                out["learned"] = await self.shared.listing(self.prefix)
+                out["learned"] = await self.shared.listing(self.prefix, self.index)
                 return out
             except self.errors:
                 out["shared_error"] = "the rate-limit backend is unavailable; showing this sidecar's view"

@@ -16,7 +16,7 @@ from yarl import URL
 
 from proxy.body import read_limited
 from proxy.config import Policy, config_digest
-from proxy.errors import ConfigError, UpstreamUnavailable
+from proxy.errors import ConfigError, RouteDisabled, UpstreamUnavailable
 from proxy.inbound import inbound_of
 
 from .config import Config as WebhookConfig
@@ -31,6 +31,10 @@ if TYPE_CHECKING:
     from proxy.runtime import Runtime
 
 log = logging.getLogger("sidecar.webhook")
+
+
+async def _disabled(ex: Any) -> Any:
+    raise RouteDisabled()
 
 NAME = "webhook"
 POLL = 0.25           # how often an idle loop looks at the queue (other workers/sidecars enqueue too)
@@ -163,10 +167,15 @@ class WebhookService:
             # The route's own limits: the webhook's max_body bounds the body.
             limits = p.core.limits.model_copy(update={"max_request_body": config.max_body})
             core = p.core.model_copy(update={"limits": limits, "route": None, "upstream": None})
+            if not p.core.enabled:
+                # enabled = false turns the whole policy off, its webhook too
+                # (503 route_disabled: the provider retries later); events
+                # already accepted are still delivered.
+                plugins = {}
             policy = Policy(f"webhook:{p.name}", p.file, core, plugins,
                             {k: v for k, v in p.raw.items() if k in plugins})
-            routes.append(build(policy, plugins, prefix=config.path, scope="inbound", terminal=ep,
-                                where=str(p.file), exact=True))
+            routes.append(build(policy, plugins, prefix=config.path, scope="inbound",
+                                terminal=ep if p.core.enabled else _disabled, where=str(p.file), exact=True))
         self._candidate = now
         return routes
 

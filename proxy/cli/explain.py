@@ -110,6 +110,8 @@ def _auth(f: Any, c: Any, ex: Exchange) -> dict[str, Any]:
         inject["Authorization"] = f"Basic base64({ref('username')}:{ref('password')})"
     elif t == "query":
         inject[f"?{c.param}="] = ref("secret")
+    elif t == "oauth2_jwt_bearer" and not c.token_url:
+        inject["Authorization"] = f"Bearer <access token from the token_uri of {ref('credentials')[1:-1]} (RFC 7523)>"
     elif t is not None and "oauth2" in t:
         inject["Authorization"] = f"Bearer <access token from {c.token_url}>"
     for name, value in c.headers.items():
@@ -225,9 +227,12 @@ def explain(config: str | None, method: str, url: str, headers: CIMultiDict[str]
                 if path in hooks:
                     p = hooks[path]
                     cfg = p.plugins["webhook"]
-                    out.update({"webhook": {"policy": p.name, "file": str(p.file),
-                                            "settings": redact(cfg.model_dump(mode="json"), rt.redactor.headers)},
-                                "forwards_to": inbound.settings.service_url + (cfg.forward_to or path)})
+                    out["webhook"] = {"policy": p.name, "file": str(p.file),
+                                      "settings": redact(cfg.model_dump(mode="json"), rt.redactor.headers)}
+                    if not p.core.enabled:
+                        out["decision"] = "503 route_disabled: the policy sets enabled = false"
+                    else:
+                        out["forwards_to"] = inbound.settings.service_url + (cfg.forward_to or path)
                     return 0, out
                 table = rt.tables.get("inbound") or RouteTable([])
                 prefixes = sorted(hooks) + [r.prefix for r in table.routes if not r.exact]
@@ -285,7 +290,10 @@ def render_text(out: dict[str, Any]) -> str:
     if "webhook" in out:
         w = out["webhook"]
         lines.append(f"webhook endpoint of policy {w['policy']} ({w['file']})")
-        lines.append(f"  verified with scheme {w['settings'].get('scheme')}, then sent to {out['forwards_to']}")
+        if "decision" in out:
+            lines.append(f"decision: {out['decision']}")
+        else:
+            lines.append(f"  verified with scheme {w['settings'].get('scheme')}, then sent to {out['forwards_to']}")
         return "\n".join(lines)
     r = out["route"]
     lines.append(f"route:    {r['prefix']}  (policy {r['name']}, {r['file']})")

@@ -223,8 +223,11 @@ document.getElementById("token-form").addEventListener("submit", (ev) => {
   refresh();
 });
 
+let refreshing = false;   // one refresh at a time: a slow endpoint must not pile requests up
+
 async function refresh() {
-  if (needToken) return;
+  if (needToken || refreshing) return;
+  refreshing = true;
   const status = document.getElementById("status");
   try {
     const [health, routes, stats, breakers, rl, cache, pending, dead, secrets, config] = await Promise.all([
@@ -248,6 +251,8 @@ async function refresh() {
     if (e instanceof Unauthorized) { askToken(token() ? "the token was refused" : ""); return; }
     status.textContent = "unreachable";
     status.className = "pill error";
+  } finally {
+    refreshing = false;
   }
 }
 

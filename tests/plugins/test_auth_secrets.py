@@ -106,3 +106,17 @@ def test_optional_remote_secret_gone_stale_still_fails_closed():
     ref.confirmed = time.monotonic() - 2.0       # last successful read older than max_stale
     with pytest.raises(SecretUnavailable):
         opt.get_optional()
+
+
+@pytest.mark.parametrize("client_kind", ["fast", "aiohttp"])
+async def test_an_env_secret_with_a_trailing_newline_is_sent_without_it(sidecar_factory, client, upstream,
+                                                                        monkeypatch, client_kind):
+    """A Kubernetes Secret made from a file (kubectl create secret --from-file)
+    usually ends with a newline; as an env variable the credential must read
+    as the key itself (as a file: secret does), not break every request."""
+    monkeypatch.setenv("NL_SECRET_KEY", "sk-key-with-newline\n")
+    sc = await sidecar_factory({"p": policy(upstream.url, 'type = "bearer"\nsecret = "env:NL_SECRET_KEY"', "/p")},
+                               outbound=f'client = "{client_kind}"')
+    async with client.get(f"{sc.url}/p/x") as r:
+        assert r.status == 200, await r.text()
+    assert upstream.seen[-1].headers["Authorization"] == "Bearer sk-key-with-newline"

@@ -257,3 +257,21 @@ async def test_a_percent_encoded_path_cannot_step_around_the_protected_prefix(
 
     reached = [unquote(s.path_qs) for s in upstream.seen]   # as the service's framework routes it
     assert status != 200 and not [p for p in reached if p.startswith("/api")], (status, reached, body)
+
+
+async def test_subject_is_hashed_in_the_access_log_with_hash_identifiers(monkeypatch, sidecar_factory, upstream,
+                                                                         client):
+    import hashlib
+    import hmac
+
+    monkeypatch.setenv("JWT_SECRET", SECRET)
+    monkeypatch.setenv("TEST_LOG_HASH_KEY", "k3y-for-audit")
+    sc = await sidecar_factory({}, inbound_config(upstream.url, extra=hs_route()),
+                               logging='hash_identifiers = true\nhash_key = "env:TEST_LOG_HASH_KEY"')
+    token = jwt.encode(claims(sub="alice@example.com"), SECRET, algorithm="HS256")
+    status, _, _ = await get(client, f"{inbound_url(sc)}/api/orders", token)
+    assert status == 200
+    [line] = await sc.wait_access_lines(1)
+    hashed = hmac.new(b"k3y-for-audit", b"alice@example.com", hashlib.sha256).hexdigest()[:16]
+    assert line["decisions"]["jwt"] == {"sub": hashed}
+    assert "alice" not in orjson.dumps(line).decode()

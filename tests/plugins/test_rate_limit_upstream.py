@@ -350,3 +350,66 @@ async def test_redis_down_paces_on_what_this_sidecar_learned(sidecar_factory, cl
     async with client.get(f"{sc.admin}/admin/rate_limits?route=ai") as r:
         view = await r.json()
     assert "shared_error" in view["upstream"] and len(view["upstream"]["learned"]) == 1
+
+
+async def test_admin_listing_costs_the_same_in_a_full_redis(sidecar_factory, client, provider):
+    """/admin/rate_limits (polled every 2 s by the dashboard) reads the learned
+    blocks without walking the whole keyspace: its Redis commands do not grow
+    with the keys other plugins keep (a shared Redis holds millions)."""
+    import redis
+
+    from tests.support.redis import ThrowawayRedis
+
+    server = ThrowawayRedis().start()
+    try:
+        r = redis.Redis(port=server.port)
+        pipe = r.pipeline(transaction=False)
+        for i in range(20000):
+            pipe.set(f"sidecar:test:{{test/k{i % 97}}}:cache:{i}", b"v")
+        pipe.execute()
+        state = f'[state]\nbackend = "redis"\nurl = "{server.url}"\n'
+        sc = await sidecar_factory({"ai": policy(provider.up.url, 'key = "header:X-Org"')}, state)
+        for org in ("a", "b"):
+            async with client.get(f"{sc.url}/ai/x", headers={"X-Org": org}) as resp:
+                assert resp.status == 200
+        before = r.info("stats")["total_commands_processed"]
+        async with client.get(f"{sc.admin}/admin/rate_limits?route=ai") as resp:
+            view = await resp.json()
+        spent = r.info("stats")["total_commands_processed"] - before - 1   # less this INFO
+        assert sorted(b["key"] for b in view["upstream"]["learned"]) == ["a", "b"]
+        assert all(0 < b["blocked_for_seconds"] <= 2 for b in view["upstream"]["learned"])
+        assert spent <= 10, spent
+        r.close()
+    finally:
+        server.cleanup()
+
+
+@pytest.mark.parametrize("skew", [300.0, -300.0], ids=["provider-clock-ahead", "provider-clock-behind"])
+async def test_absolute_resets_are_read_on_the_providers_clock(sidecar_factory, client, skew):
+    """An epoch or RFC 3339 reset is a moment on the provider's clock: measured
+    against its Date header, a host clock minutes off neither blocks the route
+    for those minutes nor misses the block altogether."""
+    async def github(request: web.Request, seen) -> web.Response:
+        provider_now = time.time() + skew
+        return web.json_response({}, headers={
+            "Date": format_datetime(datetime.fromtimestamp(provider_now, timezone.utc), usegmt=True),
+            "x-ratelimit-remaining": "0", "x-ratelimit-reset": str(int(provider_now) + 3)})
+
+    async with FakeUpstream(github) as up:
+        sc = await sidecar_factory({"gh": f'route = "/gh"\nupstream = "{up.url}"\n[rate_limit]\n'
+                                          '[rate_limit.upstream]\npreset = "github"\n'})
+        async with client.get(f"{sc.url}/gh/x") as r:
+            assert r.status == 200
+        async with client.get(f"{sc.admin}/admin/rate_limits?route=gh") as r:
+            learned = (await r.json())["upstream"]["learned"]
+        assert len(learned) == 1, learned
+        assert 1 <= learned[0]["blocked_for_seconds"] <= 4, learned
+
+
+def test_a_response_served_from_a_cache_on_the_way_counts_its_age():
+    """RFC 9111 4.2.3: a response a shared cache kept for Age seconds carries
+    the Date of when it was made; the provider's 'now' is Date + Age."""
+    made = NOW - 600
+    headers = h(date=format_datetime(datetime.fromtimestamp(made, timezone.utc), usegmt=True), age="600",
+                x_ratelimit_remaining="0", x_ratelimit_reset=str(int(NOW) + 30))
+    assert signals(preset="github").block(200, headers, NOW)[0] == pytest.approx(30.0, abs=1.0)

@@ -573,3 +573,24 @@ secret = "{key}"
     assert st == 200 and len(upstream.seen) == 1
     st, h, _ = await post(client, url, b"{}", {"Authorization": f"Bearer {good}"})
     assert st == 401 and h["X-Sidecar-Error"] == "signature_missing"
+
+
+async def test_a_disabled_policy_turns_its_webhook_off_too(monkeypatch, sidecar_factory, upstream, client):
+    """enabled = false turns the whole policy off, as removing its file would:
+    its webhook endpoint answers 503 route_disabled (the provider retries
+    later) and nothing reaches the service; enabled again by a reload."""
+    monkeypatch.setenv("WH_STRIPE", STRIPE_SECRET)
+    hook = webhook_policy("/webhooks/stripe", "stripe", ["env:WH_STRIPE"], delivery="passthrough")
+    both = f'route = "/stripe"\nupstream = "{upstream.url}"\n' + hook
+    sc = await sidecar_factory({"stripe": "enabled = false\n" + both}, inbound_config(upstream.url))
+    body = orjson.dumps({"id": "evt_off", "type": "charge.succeeded", "data": {}})
+    headers = {"Stripe-Signature": stripe.WebhookSignature.generate_signature_header(body.decode(), STRIPE_SECRET),
+               "Content-Type": "application/json"}
+    async with client.post(inbound_url(sc) + "/webhooks/stripe", data=body, headers=headers) as r:
+        assert r.status == 503 and r.headers["X-Sidecar-Error"] == "route_disabled"
+    assert upstream.seen == []
+    sc.write_policy("stripe", both)
+    assert await sc.runtime.reload() == []
+    async with client.post(inbound_url(sc) + "/webhooks/stripe", data=body, headers=headers) as r:
+        assert r.status == 200
+    assert [s.path_qs for s in upstream.seen] == ["/webhooks/stripe"]

@@ -328,6 +328,41 @@ def test_explain_text_and_disabled_route_and_webhook(tmp_path):
     assert out["forwards_to"] == "http://127.0.0.1:8000/hooks/gh"
 
 
+
+def test_explain_a_disabled_policys_webhook(tmp_path):
+    path = write_config(tmp_path, {"hooks": """\
+            enabled = false
+            [webhook]
+            path = "/webhooks/gh"
+            scheme = "github"
+            secrets = ["env:GH_SECRET"]
+            """}, '[inbound]\nlisten = "127.0.0.1:18443"\nservice_url = "http://127.0.0.1:8000"\n')
+    r = sidecar("explain", "POST", "http://127.0.0.1:18443/webhooks/gh", "--config", str(path), "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["webhook"]["policy"] == "hooks"
+    assert out["decision"].startswith("503 route_disabled") and "forwards_to" not in out
+    r = sidecar("explain", "POST", "http://127.0.0.1:18443/webhooks/gh", "--config", str(path))
+    assert "decision: 503 route_disabled" in r.stdout
+
+
+
+def test_explain_a_service_account_route_names_where_its_token_comes_from(tmp_path):
+    path = write_config(tmp_path, {"sheets": """\
+            route = "/sheets"
+            upstream = "https://sheets.googleapis.com"
+            [auth]
+            type = "oauth2_jwt_bearer"
+            credentials = "env:EXPLAIN_SA_JSON"
+            scopes = ["https://www.googleapis.com/auth/spreadsheets"]
+            """})
+    r = sidecar("explain", "GET", "/sheets/v4/spreadsheets/x", "--config", str(path), "--json")
+    assert r.returncode == 0, r.stderr
+    chain = {s["plugin"]: s for s in json.loads(r.stdout)["chain"]}
+    injected = chain["auth"]["would"]["injects"]["Authorization"]
+    assert injected == "Bearer <access token from the token_uri of env:EXPLAIN_SA_JSON (RFC 7523)>", injected
+
+
 def test_explain_unmatched_url_exits_1_naming_the_nearest_prefixes(tmp_path):
     path = explain_tree(tmp_path)
     r = sidecar("explain", "GET", "/opnai/v1/models", "--config", str(path))

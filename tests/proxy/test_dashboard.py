@@ -153,3 +153,41 @@ async def test_dashboard_page_is_static_and_self_contained(sidecar_factory, upst
         js = await r.text()
     assert "innerHTML" not in js and "https://" not in js
     assert "setInterval(refresh, REFRESH_MS)" in js and "const REFRESH_MS = 2000" in js
+
+
+async def test_dashboard_never_overlaps_its_refreshes(sidecar_factory, upstream, tmp_path, monkeypatch):
+    """An admin endpoint slower than the 2 s refresh (a SCAN of a large Redis,
+    a Vault probe) must not make the page pile up requests: a refresh starts
+    only once the previous one ended."""
+    from playwright.async_api import async_playwright
+
+    (tmp_path / "slow_health_plugin.py").write_text(
+        "import asyncio\n"
+        "from proxy.hookspecs import hookimpl\n"
+        "STATE = {'calls': 0, 'inside': 0, 'most': 0}\n"
+        "@hookimpl\n"
+        "def sidecar_health_checks(runtime):\n"
+        "    async def slow():\n"
+        "        STATE['calls'] += 1\n"
+        "        STATE['inside'] += 1\n"
+        "        STATE['most'] = max(STATE['most'], STATE['inside'])\n"
+        "        try:\n"
+        "            await asyncio.sleep(2.5)\n"
+        "        finally:\n"
+        "            STATE['inside'] -= 1\n"
+        "        return {'status': 'ok'}\n"
+        "    return {'slow': slow}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import slow_health_plugin
+
+    sc = await sidecar_factory({"p": f'route = "/p"\nupstream = "{upstream.url}"\n'},
+                               sidecar='plugins = ["slow_health_plugin"]')
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        try:
+            page = await browser.new_page()
+            await page.goto(sc.admin + "/")
+            await wait_for(lambda: slow_health_plugin.STATE["calls"] >= 2, timeout=20)
+        finally:
+            await browser.close()
+    assert slow_health_plugin.STATE["most"] == 1, slow_health_plugin.STATE

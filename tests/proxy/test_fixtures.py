@@ -264,3 +264,37 @@ async def test_a_bad_cassette_on_reload_keeps_the_last_good_set(env, sidecar_fac
         assert r.status == 422 and "b.yaml" in await r.text()
     async with client.get(f"{sc.url}/p/v1/x") as r:
         assert (await r.json()) == {"v": 1}
+
+
+async def test_concurrent_identical_exchanges_leave_one_whole_cassette(env, sidecar_factory, client, caplog):
+    """Identical requests recorded at once write the same cassette name: each
+    write goes through its own temporary file, so the cassette left is one
+    whole recording (never two interleaved) and no write fails."""
+    big = {"rows": ["x" * 64 for _ in range(8000)]}   # half a MB of YAML: writes overlap
+
+    async def large(request: web.Request, seen) -> web.Response:
+        return web.json_response(big)
+
+    async with FakeUpstream(large) as up:
+        sc = await sidecar_factory({"p": policy(up.url, "record")})
+
+        async def one() -> int:
+            async with client.get(f"{sc.url}/p/v1/rows") as r:
+                await r.read()
+                return r.status
+
+        with caplog.at_level("ERROR", logger="sidecar.fixtures"):
+            assert await asyncio.gather(*(one() for _ in range(12))) == [200] * 12
+
+            def settled() -> bool:   # every write ended: stored (counted) or failed (logged)
+                text = sc.runtime.metrics.exposition().decode()
+                stored = [ln for ln in text.splitlines() if ln.startswith('sidecar_recorded_exchanges_total{route="p"}')]
+                done = float(stored[0].split()[-1]) if stored else 0.0
+                return done + len(caplog.records) >= 12
+
+            await wait_for(settled, timeout=60)
+        assert not [r for r in caplog.records if "writing cassette" in r.getMessage()]
+    [path] = cassettes(sc)
+    data = yaml.safe_load(path.read_text())
+    assert orjson.loads(data["interactions"][0]["response"]["body"]["string"]) == big
+    assert not list((sc.dir / "cassettes").glob(".*.tmp"))

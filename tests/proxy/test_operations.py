@@ -190,6 +190,33 @@ async def test_admin_token_guards_every_admin_endpoint(sidecar_factory, upstream
         assert r.headers["X-Sidecar-Error"] == "admin_token_unavailable"
 
 
+
+async def test_admin_actions_refuse_a_cross_site_browser(sidecar_factory, upstream, client):
+    """Without a token the admin listener trusts its position (loopback), but a
+    page on another site open in the operator's browser can send it a form
+    POST: an action (reload, breaker reset, webhook re-delivery, purge) from a
+    foreign Origin is 403; curl (no Origin) and the dashboard (same origin) act."""
+    sc = await sidecar_factory({"p": policy(upstream.url)})
+    host = sc.admin.removeprefix("http://")
+    async with client.post(f"{sc.admin}/admin/reload", headers={"Origin": "https://evil.example"}) as r:
+        assert r.status == 403 and r.headers["X-Sidecar-Error"] == "cross_origin_refused"
+    async with client.post(f"{sc.admin}/admin/reload", headers={"Sec-Fetch-Site": "cross-site"}) as r:
+        assert r.status == 403
+    async with client.post(f"{sc.admin}/admin/reload", headers={"Origin": "null"}) as r:
+        assert r.status == 403      # a sandboxed frame or a file: page
+    async with client.post(f"{sc.admin}/admin/reload", headers={"Origin": f"http://{host}"}) as r:
+        assert r.status == 200
+    async with client.post(f"{sc.admin}/admin/reload", headers={"Origin": "https://admin.example",
+                                                               "Host": "admin.example"}) as r:
+        assert r.status == 200      # the dashboard behind a TLS-terminating ingress
+    async with client.post(f"{sc.admin}/admin/reload", headers={"Origin": f"http://{host}.evil.example"}) as r:
+        assert r.status == 403
+    async with client.post(f"{sc.admin}/admin/reload") as r:
+        assert r.status == 200
+    async with client.get(f"{sc.admin}/admin/routes", headers={"Origin": "https://evil.example"}) as r:
+        assert r.status == 200      # reads are the browser's same-origin policy's to guard
+
+
 def test_admin_token_must_be_a_reference(tmp_path):
     from proxy.cli import check
 
@@ -253,6 +280,29 @@ async def test_allowed_clients_refuses_other_peers_loopback_included(sidecar_fac
         assert r.status == 200
 
 
+
+async def test_allowed_clients_written_as_ipv4_mapped_match_ipv4_peers(tmp_path, upstream, client):
+    """On a dual-stack listener ("[::]") an IPv4 peer is "::ffff:127.0.0.1"; an
+    entry written that way (or as a mapped network) allows it, as the same
+    entry in IPv4 form does."""
+    from proxy.config import load_settings
+    from proxy.server import Sidecar
+    from tests.support.sidecar import RunningSidecar
+
+    for n, listen, entry in ((1, "[::]:0", "::ffff:127.0.0.1"), (2, "0.0.0.0:0", "::ffff:127.0.0.0/104")):
+        path = write_config(tmp_path / str(n), {"p": policy(upstream.url)},
+                            outbound=f'allowed_clients = ["{entry}"]')
+        path.write_text(path.read_text().replace('listen = "127.0.0.1:0"\nallowed_clients',
+                                                 f'listen = "{listen}"\nallowed_clients', 1))
+        sc = Sidecar(load_settings(path))
+        await sc.start()
+        try:
+            async with client.get(f"{RunningSidecar(sc, path).url}/p/x") as r:
+                assert r.status == 200, (listen, entry, r.headers.get("X-Sidecar-Error"))
+        finally:
+            await sc.stop()
+
+
 def test_client_allow_list_rules():
     from proxy.clients import ClientAllowList, is_loopback
 
@@ -260,6 +310,9 @@ def test_client_allow_list_rules():
     assert allow.allows("10.1.2.3") and allow.allows("::ffff:10.1.2.3") and allow.allows("2001:db8::1")
     assert not allow.allows("127.0.0.1") and not allow.allows("11.0.0.1") and not allow.allows(None)
     assert not allow.allows("garbage")
+    mapped = ClientAllowList(["::ffff:10.0.0.0/104", "::ffff:192.0.2.7"])
+    assert mapped.allows("10.1.2.3") and mapped.allows("::ffff:10.1.2.3") and mapped.allows("192.0.2.7")
+    assert not mapped.allows("11.0.0.1") and not mapped.allows("::ffff:192.0.2.8")
     assert ClientAllowList(None).allows("203.0.113.9")
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("") and not is_loopback("10.0.0.1")
@@ -301,6 +354,63 @@ def test_application_logs_are_json_lines_with_a_startup_summary(tmp_path, upstre
     assert "pw-do-not-log" not in err
 
 
+
+def test_a_listener_that_cannot_bind_is_one_json_error_line_not_a_traceback(tmp_path, upstream):
+    """A port in use: the process exits non-zero and says which listener,
+    as a JSON log line like every other, not a Python traceback."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from tests.support.sidecar import REPO
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        path = write_config(tmp_path, {"p": policy(upstream.url)}, outbound_port=port, admin_port=free_port())
+        env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        done = subprocess.run([sys.executable, "-m", "proxy", "run", "--config", str(path)], cwd=tmp_path,
+                              env=env, capture_output=True, timeout=60)
+    err = done.stderr.decode()
+    assert done.returncode != 0, err
+    assert "Traceback" not in err, err
+    records = [json.loads(line) for line in err.splitlines() if line.strip()]
+    [failed] = [r for r in records if r["level"] == "error"]
+    assert f"127.0.0.1:{port}" in failed["msg"] and "in use" in failed["msg"], failed
+
+
+
+def test_workers_that_cannot_bind_stop_the_sidecar_instead_of_restarting_forever(tmp_path, upstream):
+    """workers > 1 and the port taken by another program: a restart cannot
+    help, so the supervisor stops and exits non-zero (the orchestrator sees a
+    failed start) rather than restarting the workers every second."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from tests.support.sidecar import REPO
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        path = write_config(tmp_path, {"p": policy(upstream.url)}, outbound_port=port, admin_port=free_port(),
+                            workers=2)
+        env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        try:
+            done = subprocess.run([sys.executable, "-m", "proxy", "run", "--config", str(path)], cwd=tmp_path,
+                                  env=env, capture_output=True, timeout=60)
+        except subprocess.TimeoutExpired as e:
+            raise AssertionError(f"still restarting after 60 s: {(e.stderr or b'').decode()[-800:]}") from None
+    err = done.stderr.decode()
+    assert done.returncode != 0, err
+    records = [json.loads(line) for line in err.splitlines() if line.strip()]
+    assert any(f"127.0.0.1:{port}" in r["msg"] and "in use" in r["msg"] for r in records), err
+
+
 def test_text_log_format(tmp_path, upstream):
     proc = _process(tmp_path, {"p": policy(upstream.url)}, '')
     cfg = proc.config_path.read_text().replace("[logging]\n", '[logging]\nformat = "text"\n', 1)
@@ -338,6 +448,27 @@ async def test_hashed_identities_in_access_log(sidecar_factory, upstream, client
         assert r.status == 200
     [line] = await plain.wait_access_lines(1)
     assert line["tenant"] == "acme-corp" and line["client"] == "127.0.0.1"
+
+
+
+async def test_hashed_identities_leave_no_tenant_in_clear_in_decisions(sidecar_factory, upstream, client,
+                                                                       monkeypatch):
+    """A plugin decision naming the tenant (auth's per-tenant credentials) is
+    hashed like the tenant field: the line holds the identity nowhere in clear."""
+    monkeypatch.setenv("TEST_LOG_HASH_KEY", "k3y-for-audit")
+    monkeypatch.setenv("TEST_ACME_KEY", "a-key-1234")
+    auth = ('[auth]\ntype = "bearer"\nsecret = "env:TEST_ACME_KEY"\n'
+            '[auth.tenants.acme-corp]\nsecret = "env:TEST_ACME_KEY"\n')
+    sc = await sidecar_factory({"p": policy(upstream.url, extra=auth)},
+                               logging='hash_identifiers = true\nhash_key = "env:TEST_LOG_HASH_KEY"')
+    async with client.get(f"{sc.url}/p/x", headers={"X-Tenant-ID": "acme-corp"}) as r:
+        assert r.status == 200
+    assert upstream.seen[-1].headers["Authorization"] == "Bearer a-key-1234"
+    [line] = await sc.wait_access_lines(1)
+    hashed = hmac.new(b"k3y-for-audit", b"acme-corp", hashlib.sha256).hexdigest()[:16]
+    assert line["tenant"] == hashed
+    assert line["decisions"]["auth_tenant"] == hashed     # still correlates with the tenant field
+    assert "acme-corp" not in json.dumps(line)
 
 
 async def test_hashed_identities_refuse_to_start_without_the_key(sidecar_factory, upstream, monkeypatch):

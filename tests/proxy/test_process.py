@@ -117,3 +117,21 @@ def test_two_workers_share_the_port_and_aggregate_metrics(tmp_path):
     finally:
         sc.kill()
         up.stop()
+
+
+def test_the_kit_kill_leaves_no_worker_behind(tmp_path):
+    """SidecarProcess.kill() (a test's cleanup) SIGKILLs the supervisor; its
+    spawned workers must go too, or each such test leaves two sidecar workers
+    running (and listening) for the rest of the session."""
+    import psutil
+
+    out, adm = free_port(), free_port()
+    cfg = write_config(tmp_path, {"p": 'route = "/p"\nupstream = "http://127.0.0.1:9"\n'},
+                       outbound_port=out, admin_port=adm, workers=2)
+    sc = SidecarProcess(cfg, out, adm).start()
+    sc.wait_workers(2)
+    children = psutil.Process(sc.proc.pid).children(recursive=True)
+    assert children
+    sc.kill()
+    _, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive, [p.pid for p in alive]

@@ -290,6 +290,40 @@ async def test_a_frozen_master_costs_the_timeout_for_its_keys_only(sidecar_facto
 
 
 
+# ---- rate_limit.upstream (provider quota pacing) -----------------------------
+
+async def test_provider_quota_blocks_are_shared_and_listed_on_a_cluster(sidecar_factory, client, cluster):
+    """A block one sidecar learned stops the other; /admin/rate_limits lists
+    every key's block, wherever its slot lives."""
+    from tests.support.upstream import FakeUpstream
+
+    async def exhausted(request, seen):
+        return web.json_response({}, headers={"x-ratelimit-remaining-requests": "0",
+                                              "x-ratelimit-reset-requests": "30s"})
+
+    async with FakeUpstream(exhausted) as provider:
+        pol = (f'route = "/ai"\nupstream = "{provider.url}"\n[rate_limit]\nkey = "header:X-Org"\n'
+               '[rate_limit.upstream]\npreset = "openai"\n')
+        a = await sidecar_factory({"ai": pol}, state_config(cluster))
+        b = await sidecar_factory({"ai": pol}, state_config(cluster))
+        orgs = [f"org{i}" for i in range(12)]
+        for org in orgs:
+            status, _, _ = await get(client, f"{a.url}/ai/x", headers={"X-Org": org})
+            assert status == 200
+        for org in orgs:
+            status, h, _ = await get(client, f"{b.url}/ai/x", headers={"X-Org": org})
+            assert status == 429 and h["X-Sidecar-Error"] == "upstream_quota_exhausted"
+        assert len(provider.seen) == len(orgs)
+        keys = await cluster_keys(cluster, "sidecar:test:rl-upstream:ai:*")
+        assert len(masters_holding(cluster, keys)) >= 2      # no tag ties a route's blocks to one slot
+        status, _, body = await get(client, f"{b.admin}/admin/rate_limits?route=ai")
+        assert status == 200
+        view = orjson.loads(body)["upstream"]
+        assert "shared_error" not in view
+        assert sorted(x["key"] for x in view["learned"]) == sorted(orgs)
+        assert all(25 < x["blocked_for_seconds"] <= 30 for x in view["learned"])
+
+
 async def test_a_killed_master_fails_its_keys_per_fail_open_then_recovers(
         sidecar_factory, upstream, client, cluster):
     closed = f'route = "/closed"\nupstream = "{upstream.url}"\n{ONE_LIMIT}fail_open = false\n'

@@ -88,8 +88,21 @@ class SidecarProcess:
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
+            import psutil
+
+            # The supervisor's spawned workers (and multiprocessing's tracker)
+            # outlive a SIGKILLed parent: kill them too.
+            try:
+                children = psutil.Process(self.proc.pid).children(recursive=True)
+            except psutil.Error:
+                children = []
             self.proc.kill()
             self.proc.wait(10)
+            for child in children:
+                try:
+                    child.kill()
+                except psutil.Error:
+                    pass
 
     def output(self) -> tuple[str, str]:
         assert self.proc is not None
