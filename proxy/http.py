@@ -13,6 +13,14 @@ def new_request_id() -> str:
     return os.urandom(16).hex()
 
 
+def authority(raw_host: str, port: int | None, scheme: str) -> str:
+    """The Host header value for an upstream: the port only when not the
+    scheme's default, and an IPv6 literal bracketed (RFC 9110 7.2, RFC 3986
+    3.2.2; yarl's ``raw_host`` drops the brackets)."""
+    host = f"[{raw_host}]" if ":" in raw_host else raw_host
+    return host if port == (443 if scheme == "https" else 80) else f"{host}:{port}"
+
+
 # RFC 9110 7.6.1, plus the legacy names every proxy strips (nginx, Envoy).
 HOP_BY_HOP = frozenset(istr(h) for h in (
     "Connection", "Proxy-Connection", "Keep-Alive", "TE", "Transfer-Encoding",

@@ -161,7 +161,7 @@ class OutboundHandler:
              status: int, started: float, error: str | None) -> None:
         self.rt.access(request.method, request.raw_path.partition("?")[0],
                        route.name if route is not None else "", ex, rid, status, started, error,
-                       request.headers)
+                       request.headers, client=request.remote if ex is None else None)
 
     def match(self, path: str) -> "tuple[Route, str] | None":
         """The route for ``path`` in this listener's table."""

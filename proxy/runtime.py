@@ -375,12 +375,14 @@ class Runtime:
 
     def access(self, method: str, path: str, route_name: str, ex: Exchange | None, rid: str,
                status: int, started: float, error: str | None,
-               headers: Any = None) -> None:
+               headers: Any = None, client: str | None = None) -> None:
         """Record one request: access-log line and metrics (any listener).
 
         ``path`` is the request path without the query; ``route_name`` is ""
         when no route matched; ``headers`` (the client's, a mapping) is only
-        read when ``[logging] log_headers`` asks for some.
+        read when ``[logging] log_headers`` asks for some; ``client`` is the
+        peer address, logged when there is no ``ex`` (a request refused
+        before a route matched is still traceable to who sent it).
         """
         took = time.monotonic() - started
         name = route_name
@@ -404,7 +406,12 @@ class Runtime:
         hdrs = (self.redactor.headers_dict(headers, self._log_headers)
                 if self._log_headers and headers is not None else None)
         caps = al.captures
-        extra = tuple([c(ex) for c in caps]) if caps else None
+        if not caps:
+            extra = None
+        elif ex is not None or client is None:
+            extra = tuple([c(ex) for c in caps])
+        else:
+            extra = tuple([client if c is _client_ip else c(None) for c in caps])
         if ex is not None:
             al.append((time.time(), rid, name, ex.tenant, method, path, status, took,
                        ex.vars.get("upstream_ms"), ex.attempt, ex.log or None, error, hdrs, extra))

@@ -19,7 +19,7 @@ from yarl import URL
 from .chain import Exchange, ProxyResponse
 from .errors import (RequestBodyTooLarge, UpstreamBadResponse, UpstreamTimeout, UpstreamTLSError,
                      UpstreamUnavailable)
-from .http import strip_hop_by_hop
+from .http import authority, strip_hop_by_hop
 
 if TYPE_CHECKING:
     from .config import TLS, Limits, Timeouts
@@ -57,8 +57,7 @@ class Upstream:
         self.port = u.port
         self.origin = str(u.origin())
         self.base_path = u.raw_path.rstrip("/")
-        default_port = 443 if u.scheme == "https" else 80
-        self.authority = (u.raw_host or "") if u.port == default_port else f"{u.raw_host}:{u.port}"
+        self.authority = authority(u.raw_host or "", u.port, u.scheme)
         self.session = session
         self.timeouts = timeouts
         self.pool_key: tuple[str, bool, str | None] = ("", True, None)  # set by UpstreamPools.get

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote
 
 from proxy.chain import Defer, Exchange, Filter, Handler, ProxyResponse
 from proxy.errors import SidecarError
@@ -146,6 +147,11 @@ class RateLimitFilter(Filter):
         self.decide_one = getattr(store, "decide_one", None) if self.store_sync else None
 
     def group_for(self, method: str, path: str) -> Group | None:
+        if "%" in path:
+            # Overrides match the decoded path, as routes do (proxy/admission.py)
+            # and as the service routes it: else "/api%2Flogin" dodges a
+            # "/api/login" limit.
+            path = unquote(path)
         for m, p, prefix, group in self.overrides:
             if (m is None or m == method) and (path.startswith(p) if prefix else path == p):
                 return group

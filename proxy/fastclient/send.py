@@ -11,6 +11,7 @@ from yarl import URL
 
 from ..chain import Exchange, ProxyResponse
 from ..errors import RequestBodyTooLarge, SidecarError, UpstreamTimeout, UpstreamUnavailable
+from ..http import authority
 from ..rawexchange import RawExchange
 from .conn import Conn, _Failed, _Lease, _map
 from .upgrade import Upgraded, upgrade_headers
@@ -45,8 +46,7 @@ class FastUpstream:
         self.host = u.host or ""
         self.port = u.port
         self.base_path = u.raw_path.rstrip("/")
-        default_port = 443 if u.scheme == "https" else 80
-        self.authority = (u.raw_host or "") if u.port == default_port else f"{u.raw_host}:{u.port}"
+        self.authority = authority(u.raw_host or "", u.port, u.scheme)
         self.pool = pool
         self.timeouts = timeouts
         # (origin, verify, ca_bundle): which pool this is (UpstreamPools.retain).

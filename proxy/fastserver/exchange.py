@@ -82,7 +82,8 @@ def _log(srv: Any, head: "FastHead", route: "Route | None", ex: Exchange | None,
          status: int, error: str | None) -> None:
     srv.rt.access(head.method, head.target.partition("?")[0], route.name if route is not None else "",
                   ex, rid, status, head.started, error,
-                  head.headers_view() if srv.rt._log_headers else None)
+                  head.headers_view() if srv.rt._log_headers else None,
+                  client=head.peer if ex is None else None)
 
 
 async def respond(conn: "ServerConnection", head: "FastHead", resp: ProxyResponse,

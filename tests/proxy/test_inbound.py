@@ -85,3 +85,26 @@ async def test_percent_encoded_unreserved_characters_are_normalised(sidecar_fact
     async with client.get(URL(inbound_url(sc) + "/a%7Eb/%41%2F%20?q=%61", encoded=True)) as r:
         assert r.status == 200
     assert upstream.seen[-1].path_qs == "/a~b/A%2F%20?q=%61"   # reserved escapes and the query untouched
+
+
+async def test_per_path_rate_limit_counts_an_encoded_slash(sidecar_factory, upstream, client):
+    """`/api%2Flogin` is routed decoded (proxy/admission.py), and many service
+    frameworks decode it to `/api/login`: the `/api/login` override must count
+    it, not fall back to the route's looser default."""
+    from yarl import URL
+
+    from tests.support.inbound import inbound_config, inbound_url
+
+    sc = await sidecar_factory({}, inbound_config(upstream.url, extra='''
+        [inbound.routes."/".rate_limit]
+        key = "const"
+        limits = [{ requests = 100, per = "1h" }]
+        [[inbound.routes."/".rate_limit.overrides]]
+        match = "POST /api/login"
+        limits = [{ requests = 1, per = "1h" }]
+        '''))
+    got = []
+    for p in ["/api/login", "/api%2Flogin", "/api%2flogin", "/api/other"]:
+        async with client.post(URL(inbound_url(sc) + p, encoded=True), data=b"x") as r:
+            got.append(r.status)
+    assert got == [200, 429, 429, 200], got

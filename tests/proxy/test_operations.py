@@ -4,12 +4,14 @@ application logs and hashed identities. Real sockets throughout."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
 import textwrap
 import time
 
+import pytest
 from aiohttp import web
 
 from tests.support.sidecar import SidecarProcess, free_port, write_config
@@ -279,6 +281,46 @@ async def test_allowed_clients_refuses_other_peers_loopback_included(sidecar_fac
     async with client.get(f"{sc2.url}/p/x") as r:
         assert r.status == 200
 
+
+
+@pytest.mark.parametrize("server", ["fast", "aiohttp"])
+@pytest.mark.parametrize("hashed", [False, True])
+async def test_requests_refused_before_routing_log_the_peer(sidecar_factory, upstream, client, monkeypatch,
+                                                            server, hashed):
+    """A 404 no_route and a 403 client_not_allowed have no Exchange, yet their
+    access-log lines name the peer (hashed under hash_identifiers), so a
+    refused client is traceable."""
+    kw = {}
+    expect = "127.0.0.1"
+    if hashed:
+        monkeypatch.setenv("TEST_LOG_HASH_KEY", "k3y-for-audit")
+        kw["logging"] = 'hash_identifiers = true\nhash_key = "env:TEST_LOG_HASH_KEY"'
+        expect = hmac.new(b"k3y-for-audit", b"127.0.0.1", hashlib.sha256).hexdigest()[:16]
+    open_sc = await sidecar_factory({"p": policy(upstream.url)}, outbound=f'server = "{server}"', **kw)
+    closed_sc = await sidecar_factory({"p": policy(upstream.url)},
+                                      outbound=f'server = "{server}"\nallowed_clients = ["10.0.0.0/8"]', **kw)
+    for sc, status, code in ((open_sc, 404, "no_route"), (closed_sc, 403, "client_not_allowed")):
+        async with client.get(f"{sc.url}/nowhere/x") as r:
+            assert r.status == status
+            assert r.headers["X-Sidecar-Error"] == code
+        [line] = await sc.wait_access_lines(1)
+        assert line["status"] == status and line["route"] == ""
+        assert line["client"] == expect, line
+        if hashed:
+            assert "127.0.0.1" not in json.dumps(line)
+    # A 400 bad target (a dot segment) and, on the fast server, a head refused
+    # at parse level (HTTP/1.1 without Host): sent raw, as clients would not.
+    raws = [b"GET /p/../x HTTP/1.1\r\nHost: x\r\n\r\n"]
+    if server == "fast":
+        raws.append(b"GET /p/x HTTP/1.1\r\n\r\n")
+    for n, raw in enumerate(raws, start=2):
+        reader, writer = await asyncio.open_connection("127.0.0.1", open_sc.sidecar.ports["outbound"])
+        writer.write(raw)
+        assert (await reader.readline()).startswith(b"HTTP/1.1 400 ")
+        writer.close()
+        lines = await open_sc.wait_access_lines(n)
+        assert lines[-1]["status"] == 400 and lines[-1]["client"] == expect, lines[-1]
+    assert upstream.seen == []
 
 
 async def test_allowed_clients_written_as_ipv4_mapped_match_ipv4_peers(tmp_path, upstream, client):
