@@ -165,6 +165,38 @@ def _glob_escape(s: str) -> str:
     return "".join("\\" + c if c in "*?[]\\" else c for c in s)
 
 
+# The admin count of a route's keys without walking the keyspace (which a
+# shared Redis fills with millions of other keys, and the dashboard asks every
+# 2 s): a per-route index, a sorted set of store key -> expiry in ms on the
+# Redis clock (TIME, so skewed sidecars agree). It is its own key in its own
+# slot (Redis Cluster), so it is written after the entry's SET/MULTI, never
+# inside it. Every write drops the members already expired and keeps the index
+# alive as long as its longest entry.
+# KEYS[1]: the index; ARGV: store key, TTL ms, store key, TTL ms, ...
+_INDEX_ADD = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local longest = 0
+for i = 1, #ARGV, 2 do
+  local ttl = tonumber(ARGV[i + 1])
+  redis.call('ZADD', KEYS[1], now + ttl, ARGV[i])
+  if ttl > longest then longest = ttl end
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('PTTL', KEYS[1]) < longest then
+  redis.call('PEXPIRE', KEYS[1], longest)
+end
+return 1
+"""
+
+# KEYS[1]: the index. Members not yet expired: O(log n).
+_INDEX_COUNT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+return redis.call('ZCOUNT', KEYS[1], '(' .. string.format('%d', now), '+inf')
+"""
+
+
 class RedisStore:
     """Entries in Redis (one or a cluster) with a TTL per key.
 
@@ -186,6 +218,10 @@ class RedisStore:
         self.route = route
         self._tagged = state.tagged
         self._match = _glob_escape(state.namespace) + "{*}:cache:" + _glob_escape(route) + ":*"
+        # Not matched by _match (":cache-index:"), so purge's SCAN leaves it to purge itself.
+        self._index = state.tagged("cache-index/" + route, "cache-index", route)
+        self._index_add = self.redis.register_script(_INDEX_ADD)
+        self._index_count = self.redis.register_script(_INDEX_COUNT)
         self.errors = 0
 
     def _key(self, key: str) -> str:
@@ -206,24 +242,30 @@ class RedisStore:
 
     async def put_many(self, items: list[tuple[str, Item]]) -> None:
         now = time.time()
-        sets = [(self._key(k), item.encode(), int((item.expires_at() - now) * 1000)) for k, item in items]
-        sets = [s for s in sets if s[2] > 0]
+        sets = [(k, self._key(k), item.encode(), int((item.expires_at() - now) * 1000)) for k, item in items]
+        sets = [s for s in sets if s[3] > 0]
         if not sets:
             return
         try:
             if len(sets) == 1:
-                await self.redis.set(sets[0][0], sets[0][1], px=sets[0][2])
-                return
-            async with self.redis.pipeline(transaction=True) as p:
-                for k, v, ttl_ms in sets:
-                    p.set(k, v, px=ttl_ms)
-                await p.execute()
+                await self.redis.set(sets[0][1], sets[0][2], px=sets[0][3])
+            else:
+                async with self.redis.pipeline(transaction=True) as p:
+                    for _, k, v, ttl_ms in sets:
+                        p.set(k, v, px=ttl_ms)
+                    await p.execute()
         except Exception as e:
             self._failed("write", e)
+            return
+        try:
+            await self._index_add(keys=[self._index], args=[a for k, _, _, ttl_ms in sets for a in (k, ttl_ms)])
+        except Exception as e:
+            self._failed("index", e)
 
     async def delete(self, key: str) -> None:
         try:
             await self.redis.delete(self._key(key))
+            await self.redis.zrem(self._index, key)
         except Exception as e:
             self._failed("delete", e)
 
@@ -241,17 +283,17 @@ class RedisStore:
                 batch.clear()
         if batch:
             n += await self.redis.unlink(*batch)
+        await self.redis.unlink(self._index)
         return n
 
     async def stats(self) -> dict[str, Any]:
-        entries = 0
+        entries: int | None
         try:
-            async for _ in self.redis.scan_iter(match=self._match, count=500):
-                entries += 1
+            entries = int(await self._index_count(keys=[self._index]))
         except Exception as e:
-            self._failed("scan", e)
-            entries = None  # type: ignore[assignment]
-        # Counts keys (entries and Vary markers); bytes are Redis's to report.
+            self._failed("count", e)
+            entries = None
+        # Counts keys (entries and Vary markers) from the index; bytes are Redis's to report.
         return {"store": "redis", "entries": entries, "bytes": None, "errors": self.errors}
 
     async def close(self) -> None:

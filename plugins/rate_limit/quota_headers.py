@@ -164,6 +164,36 @@ PRESET_SIGNALS: dict[str, tuple[tuple[str, str, str], ...]] = {
 # GitHub's secondary rate limits answer 403 with Retry-After (its REST docs).
 RETRY_AFTER_STATUSES = {"github": frozenset({403, 429})}
 
+# GitHub keeps a separate quota per resource and names the one a response
+# counted against in x-ratelimit-resource (core, search, code_search, graphql,
+# ...; docs.github.com "Rate limits for the REST API" and GET /rate_limit).
+GITHUB_RESOURCE = "x-ratelimit-resource"
+UNSCOPED = "*"   # a block that holds for every resource (secondary limits' Retry-After)
+
+
+def github_resource(path: str) -> str:
+    """The quota a request will count against, by GitHub's documented split:
+    the code search endpoint has its own, the rest of /search/ shares one,
+    GraphQL its own, everything else is ``core``. GitHub Enterprise Server
+    serves the same under /api/v3 and GraphQL at /api/graphql."""
+    if path.startswith("/api/v3/"):
+        path = path[7:]
+    elif path == "/api/graphql":
+        return "graphql"
+    if path.startswith("/search/"):
+        return "code_search" if path == "/search/code" else "search"
+    return "graphql" if path == "/graphql" else "core"
+
+
+def _resource_name(value: str | None) -> str:
+    """The response's resource as a block scope; anything but a plain name
+    (absent, garbage) scopes the block to every resource, as before."""
+    if value:
+        value = value.strip().lower()
+        if 0 < len(value) <= 40 and value.isascii() and value.replace("_", "").isalpha():
+            return value
+    return UNSCOPED
+
 
 class Signals:
     """What one preset reads from a response: the longest block it implies."""
@@ -179,13 +209,22 @@ class Signals:
         self.reserve = config.reserve
         self.statuses = RETRY_AFTER_STATUSES.get(config.preset, frozenset({429}))
         self.max_block = config.max_block
+        # Blocks scoped per resource (github): a spent search quota leaves core open.
+        self.by_resource = config.preset == "github"
         self.describe = [{"remaining": r, "reset": s, "reset_format": f} for r, s, f in triples]
         if self.ietf:
             self.describe.insert(0, {"field": "RateLimit", "syntax": "draft-ietf-httpapi-ratelimit-headers-09"})
 
     def block(self, status: int, headers: Any, now: float) -> tuple[float, str]:
         """Seconds the quota is exhausted for (0: not exhausted), and why."""
-        longest, why = 0.0, ""
+        secs, why, _ = self.block_scoped(status, headers, now)
+        return secs, why
+
+    def block_scoped(self, status: int, headers: Any, now: float) -> tuple[float, str, str]:
+        """``block`` and the scope it holds for: the resource the response
+        names for a spent quota (``by_resource``), else ``UNSCOPED``; a
+        Retry-After (GitHub's secondary limits) holds for every resource."""
+        longest, why, scope = 0.0, "", UNSCOPED
         reserve = self.reserve
         for rem_name, reset_name, parse in self.signals:
             rem = headers.get(rem_name)
@@ -200,6 +239,8 @@ class Signals:
                 continue
             if secs is not None and secs > longest:
                 longest, why = secs, f"{rem_name}: {rem.strip()[:32]}"
+                if self.by_resource:
+                    scope = _resource_name(headers.get(GITHUB_RESOURCE))
         if self.ietf:
             field = headers.get("RateLimit")
             if field:
@@ -210,7 +251,7 @@ class Signals:
             ra = headers.get("Retry-After")
             secs = retry_after(ra, provider_now(headers, now)) if ra else None
             if secs is not None and secs > longest:
-                longest, why = secs, f"{status} Retry-After: {ra.strip()[:32]}"
+                longest, why, scope = secs, f"{status} Retry-After: {ra.strip()[:32]}", UNSCOPED
         if longest <= 0 or longest != longest:   # NaN from a malformed value
-            return 0.0, ""
-        return min(longest, self.max_block), why
+            return 0.0, "", UNSCOPED
+        return min(longest, self.max_block), why, scope

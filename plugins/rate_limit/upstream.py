@@ -34,7 +34,7 @@ from proxy.config import Model
 from proxy.errors import SidecarError
 from proxy.units import Duration
 
-from .quota_headers import Signals
+from .quota_headers import UNSCOPED, Signals, github_resource
 
 log = logging.getLogger("sidecar.rate_limit")
 
@@ -157,14 +157,20 @@ class RedisBlocks:
         self.script = client.register_script(_LEARN)
         self.index_script = client.register_script(_INDEX)
 
-    async def left(self, key: str) -> tuple[float, str]:
+    async def left(self, keys: tuple[str, ...]) -> tuple[float, str, int]:
+        """The longest block among ``keys`` (one round trip), its reason and index."""
         pipe = self.client.pipeline(transaction=False)
-        pipe.pttl(key)
-        pipe.get(key)
-        ms, reason = await pipe.execute()
-        if ms is None or ms <= 0:
-            return 0.0, ""
-        return ms / 1000.0, (reason or b"").decode("utf-8", "replace")
+        for key in keys:
+            pipe.pttl(key)
+            pipe.get(key)
+        answers = await pipe.execute()
+        best, reason, which = 0, None, 0
+        for i, (ms, why) in enumerate(zip(answers[::2], answers[1::2])):
+            if ms is not None and ms > best:
+                best, reason, which = ms, why, i
+        if best <= 0:
+            return 0.0, "", 0
+        return best / 1000.0, (reason or b"").decode("utf-8", "replace"), which
 
     async def put(self, prefix: str, key: str, seconds: float, reason: str, index: str) -> None:
         ms = max(1, math.ceil(seconds * 1000))
@@ -217,35 +223,38 @@ class UpstreamPacer:
         self.errors = backend_errors_ok
         self._last_warning = 0.0
 
-    async def _left(self, key: str) -> float:
+    async def _left(self, keys: tuple[str, ...]) -> float:
         now = time.monotonic()
-        left = self.local.left(key, now)
+        left = max(self.local.left(key, now) for key in keys)
         if left > 0 or self.shared is None:
             return left
         try:
-            left, reason = await self.shared.left(self.prefix + key)
+            left, reason, which = await self.shared.left(tuple(self.prefix + key for key in keys))
         except self.errors as e:
             self._backend_down(e)
             return 0.0
         if left > 0:
             # Learned by another sidecar: keep a local copy so the requests
             # behind this one do not ask Redis again until the reset.
-            self.local.put(key, left, reason, now)
+            self.local.put(keys[which], left, reason, now)
         return left
 
     async def handle(self, ex: Exchange, call_next: Handler) -> ProxyResponse:
         key = self.key_of(ex) if self.key_of is not None else "-"
-        left = await self._left(key)
+        # github: a request waits only for its own resource's block and for
+        # blocks that hold for all ("<resource>/<key>"; a resource has no "/").
+        keys = (f"{github_resource(ex.path)}/{key}", f"{UNSCOPED}/{key}") if self.signals.by_resource else (key,)
+        left = await self._left(keys)
         if left > 0:
-            await self._wait_or_refuse(ex, key, left)
+            await self._wait_or_refuse(ex, keys, left)
         resp = await call_next(ex)
         if resp.upstream and not resp.headers.get("X-Cache", "").startswith(("HIT", "STALE")):
-            secs, why = self.signals.block(resp.status, resp.headers, time.time())
+            secs, why, scope = self.signals.block_scoped(resp.status, resp.headers, time.time())
             if secs > 0:
-                await self._learn(key, secs, why)
+                await self._learn(f"{scope}/{key}" if self.signals.by_resource else key, secs, why)
         return resp
 
-    async def _wait_or_refuse(self, ex: Exchange, key: str, left: float) -> None:
+    async def _wait_or_refuse(self, ex: Exchange, keys: tuple[str, ...], left: float) -> None:
         if not self.enforce:
             self.counter["shadow_rejected"].inc()
             ex.log["upstream_quota"] = {"result": "shadow_rejected", "blocked_ms": round(left * 1000)}
@@ -258,7 +267,7 @@ class UpstreamPacer:
             while left > 0 and time.monotonic() + left <= end:
                 await asyncio.sleep(left)
                 waited += left
-                left = await self._left(key)   # another response may have moved the reset
+                left = await self._left(keys)   # another response may have moved the reset
             if left <= 0:
                 self.counter["queued"].inc()
                 ex.log["upstream_quota"] = {"result": "queued", "wait_ms": round(waited * 1000, 1)}

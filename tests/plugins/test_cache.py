@@ -688,3 +688,59 @@ async def test_redis_store_is_shared_by_two_sidecars(sidecar_factory, client, or
         assert (await resp.json())["purged"] >= 2
     _, h, _ = await get(client, f"{b.url}/p/x", headers={"Accept": "text/plain"})
     assert h["X-Cache"] == "MISS"
+
+
+async def test_admin_cache_counts_redis_entries_without_a_scan(sidecar_factory, client, origin):
+    """/admin/cache (the dashboard asks every 2 s) counts a route's Redis keys
+    from its index, not with a SCAN of a keyspace a shared Redis fills with
+    millions of other keys; the count is right, expired entries drop out."""
+    import redis
+
+    from tests.support.redis import ThrowawayRedis
+
+    server = ThrowawayRedis().start()
+    try:
+        r = redis.Redis(port=server.port)
+        pipe = r.pipeline(transaction=False)
+        for i in range(5000):
+            pipe.set(f"sidecar:test:{{test/k{i % 97}}}:other:{i}", b"v")
+        pipe.execute()
+        sc = await sidecar_factory({"p": policy(origin.up.url)},
+                                   f'[state]\nbackend = "redis"\nurl = "{server.url}"\n')
+
+        def ours() -> int:
+            return sum(1 for _ in r.scan_iter(match="sidecar:test:{*}:cache:p:*", count=1000))
+
+        for path in ("/p/a", "/p/b"):
+            await get(client, sc.url + path)
+        origin.headers = {"Cache-Control": "max-age=60", "Vary": "Accept"}
+        for accept in ("text/plain", "text/html"):                # a Vary marker and two variants
+            await get(client, f"{sc.url}/p/v", headers={"Accept": accept})
+        origin.headers = {"Cache-Control": "max-age=1"}
+        await get(client, f"{sc.url}/p/short")
+        await wait_for(lambda: ours() == 6, timeout=5)           # the Redis write follows the last byte
+
+        def scans() -> int:
+            return int(r.info("commandstats").get("cmdstat_scan", {}).get("calls", 0))
+
+        before = scans()
+        async with client.get(f"{sc.admin}/admin/cache") as resp:
+            view = (await resp.json())["routes"]["p"]
+        assert scans() == before
+        assert view["store"] == "redis" and view["entries"] == 6 == ours()
+        # /p/short expires after its second: Redis drops the key, the index stops counting it.
+        await wait_for(lambda: ours() == 5, timeout=5)
+        async with client.get(f"{sc.admin}/admin/cache") as resp:
+            assert (await resp.json())["routes"]["p"]["entries"] == 5
+        await get(client, f"{sc.url}/p/a", method="DELETE")      # invalidated (RFC 9111 4.4)
+        assert ours() == 4
+        async with client.get(f"{sc.admin}/admin/cache") as resp:
+            assert (await resp.json())["routes"]["p"]["entries"] == 4
+        async with client.post(f"{sc.admin}/admin/cache/p/purge") as resp:
+            assert (await resp.json())["purged"] == 4
+        async with client.get(f"{sc.admin}/admin/cache") as resp:
+            assert (await resp.json())["routes"]["p"]["entries"] == 0
+        assert scans() > before                                  # purge still walks (an operator's rare act)
+        r.close()
+    finally:
+        server.cleanup()

@@ -413,3 +413,88 @@ def test_a_response_served_from_a_cache_on_the_way_counts_its_age():
     headers = h(date=format_datetime(datetime.fromtimestamp(made, timezone.utc), usegmt=True), age="600",
                 x_ratelimit_remaining="0", x_ratelimit_reset=str(int(NOW) + 30))
     assert signals(preset="github").block(200, headers, NOW)[0] == pytest.approx(30.0, abs=1.0)
+
+
+# ---- GitHub: one quota per resource -------------------------------------------------
+
+
+class GitHub:
+    """A fake GitHub whose search quota is spent (reset 2 s ahead) while core,
+    code_search and graphql still have room; records the paths it answered."""
+
+    def __init__(self) -> None:
+        self.paths: list[str] = []
+        self.up = FakeUpstream(self.respond)
+
+    async def respond(self, request: web.Request, seen) -> web.Response:
+        self.paths.append(request.path)
+        if request.path.startswith("/search/") and request.path != "/search/code":
+            resource, left = "search", 0
+        else:
+            resource = {"/search/code": "code_search", "/graphql": "graphql"}.get(request.path, "core")
+            left = 4999
+        return web.json_response({}, headers={
+            "x-ratelimit-resource": resource, "x-ratelimit-remaining": str(left),
+            "x-ratelimit-reset": str(int(time.time() + 2.5))})
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+async def test_github_spent_search_quota_leaves_core_open(sidecar_factory, client, redis_url, backend):
+    gh = GitHub()
+    async with gh.up:
+        pol = {"gh": f'route = "/gh"\nupstream = "{gh.up.url}"\n[rate_limit]\n[rate_limit.upstream]\npreset = "github"\n'}
+        state = f'[state]\nbackend = "redis"\nurl = "{redis_url}"\n' if backend == "redis" else ""
+        a = await sidecar_factory(pol, state)
+        # With Redis a second sidecar, which never saw the answer, paces by what a learned.
+        b = await sidecar_factory(pol, state) if backend == "redis" else a
+        async with client.get(f"{a.url}/gh/search/issues?q=x") as r:
+            assert r.status == 200                      # announced search remaining = 0
+        async with client.get(f"{b.url}/gh/search/repositories?q=y") as r:
+            assert r.status == 429 and r.headers["X-Sidecar-Error"] == "upstream_quota_exhausted"
+            assert 1 <= int(r.headers["Retry-After"]) <= 3
+        # Same window: core, code search and GraphQL are other quotas and reach GitHub.
+        for path in ("/repos/o/r", "/search/code", "/graphql"):
+            async with client.request("POST" if path == "/graphql" else "GET", f"{b.url}/gh{path}") as r:
+                assert r.status == 200, path
+        async with client.get(f"{b.url}/gh/search/commits?q=z") as r:
+            assert r.status == 429 and r.headers["X-Sidecar-Error"] == "upstream_quota_exhausted"
+        assert gh.paths == ["/search/issues", "/repos/o/r", "/search/code", "/graphql"]
+        async with client.get(f"{b.admin}/admin/rate_limits?route=gh") as r:
+            (block,) = (await r.json())["upstream"]["learned"]
+        assert block["key"] == "search/-" and block["reason"].startswith("x-ratelimit-remaining")
+
+
+async def test_github_queue_mode_waits_only_for_the_spent_resource(sidecar_factory, client):
+    gh = GitHub()
+    async with gh.up:
+        sc = await sidecar_factory({"gh": f'route = "/gh"\nupstream = "{gh.up.url}"\n[rate_limit]\n'
+                                          'on_limit = "queue"\nmax_wait = "5s"\n'
+                                          '[rate_limit.upstream]\npreset = "github"\n'})
+        async with client.get(f"{sc.url}/gh/search/issues") as r:
+            assert r.status == 200
+        t0 = time.monotonic()
+        async with client.get(f"{sc.url}/gh/user") as r:
+            assert r.status == 200
+        assert time.monotonic() - t0 < 1.0             # core is not waiting for search's reset
+        async with client.get(f"{sc.url}/gh/search/issues") as r:
+            assert r.status == 200
+        assert time.monotonic() - t0 >= 1.0            # search waited for its reset
+        assert gh.paths == ["/search/issues", "/user", "/search/issues"]
+
+
+def test_github_resource_by_path_and_secondary_limits_hold_for_all():
+    from plugins.rate_limit.quota_headers import github_resource
+    assert [github_resource(p) for p in ("/search/code", "/search/issues", "/graphql", "/repos/o/r",
+                                         "/api/v3/search/code", "/api/graphql", "/searchx")] == \
+        ["code_search", "search", "graphql", "core", "code_search", "graphql", "core"]
+    s = signals(preset="github")
+    reset = str(int(NOW) + 60)
+    assert s.block_scoped(200, h(x_ratelimit_remaining="0", x_ratelimit_reset=reset,
+                                 x_ratelimit_resource="search"), NOW) == (60.0, "x-ratelimit-remaining: 0", "search")
+    assert s.block_scoped(200, h(x_ratelimit_remaining="0", x_ratelimit_reset=reset), NOW)[2] == "*"
+    assert s.block_scoped(200, h(x_ratelimit_remaining="0", x_ratelimit_reset=reset,
+                                 x_ratelimit_resource="a/b"), NOW)[2] == "*"
+    assert s.block_scoped(403, h(retry_after="90", x_ratelimit_resource="core"), NOW)[2] == "*"
+    assert signals(preset="openai").block_scoped(200, h(x_ratelimit_remaining_requests="0",
+                                                        x_ratelimit_reset_requests="1s",
+                                                        x_ratelimit_resource="search"), NOW)[2] == "*"

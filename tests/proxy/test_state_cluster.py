@@ -166,6 +166,8 @@ async def test_cache_entries_and_vary_markers_are_shared(sidecar_factory, upstre
         by_tag.setdefault(k[k.index("{"):k.index("}") + 1], set()).add(cluster.slot_owner(k).port)
     assert len(by_tag) == len(paths) and all(len(ports) == 1 for ports in by_tag.values())
     assert len(masters_holding(cluster, keys)) >= 2
+    async with client.get(f"{b.admin}/admin/cache") as r:
+        assert (await r.json())["routes"]["p"]["entries"] == len(keys)  # from the route's index, no SCAN
     async with client.post(f"{a.admin}/admin/cache/p/purge") as r:
         assert (await r.json())["purged"] == len(keys)  # scanned on every master
     _, h, _ = await get(client, b.url + paths[1], headers={"Accept": "text/plain"})
