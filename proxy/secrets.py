@@ -16,10 +16,12 @@ omitted when the secret is not set, instead of answering 503 (issue 12).
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -213,6 +215,86 @@ class FileSecret(SecretRef):
 
 
 SecretFactory = Callable[[str], SecretRef]
+
+
+async def stop_background(task: "asyncio.Task[Any] | None", executor: ThreadPoolExecutor | None) -> None:
+    """Cancel a source's refresh task and drop its worker thread (at shutdown)."""
+    if task is not None:
+        task.cancel()
+        try:
+            await task
+        except (asyncio.CancelledError, Exception):
+            pass
+    if executor is not None:
+        executor.shutdown(wait=False, cancel_futures=True)
+
+
+class RemoteSource:
+    """What every background secret source (``vault:``, ``aws-sm:``) shares:
+    the factory the SecretStore calls for each reference, one worker thread
+    for the service's blocking client (hvac, botocore: never on the event
+    loop), and a refresh loop that a reload adding a reference wakes at once.
+
+    A subclass sets ``name``, makes its references in ``new_ref`` and reads
+    them in ``_loop``; ``settings`` has ``refresh`` and ``startup_wait``.
+    """
+
+    name = "remote"
+
+    def __init__(self, settings: Any) -> None:
+        self.settings = settings
+        self.refs: list[Any] = []
+        self._executor: ThreadPoolExecutor | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._wake: asyncio.Event | None = None
+        self._lock: asyncio.Lock | None = None
+        self._closed = False
+
+    def new_ref(self, raw: str) -> RemoteSecret:
+        raise NotImplementedError
+
+    def __call__(self, raw: str) -> Any:
+        ref = self.new_ref(raw)
+        self.refs.append(ref)
+        if self._wake is not None:
+            self._wake.set()   # a reload added a reference: read it now
+        return ref
+
+    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` in this source's thread."""
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"sidecar-{self.name}")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def start(self) -> None:
+        """Start the background refresh loop (idempotent; called on every policy load)."""
+        if self._task is None and not self._closed:
+            self._wake = asyncio.Event()
+            self._lock = asyncio.Lock()
+            self._task = asyncio.create_task(self._loop(), name=f"sidecar-{self.name}-refresh")
+
+    async def _loop(self) -> None:
+        raise NotImplementedError
+
+    async def first_read(self) -> None:
+        """Wait (up to ``startup_wait``) until every reference was tried once."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + self.settings.startup_wait
+        while any(not r.tried for r in self.refs):
+            if loop.time() > end or self._task is None or self._task.done():
+                return
+            await asyncio.sleep(0.02)
+
+    def due(self, force: bool) -> list[Any]:
+        """The references to read now: all when ``force``, else those never
+        confirmed or confirmed most of a refresh interval ago."""
+        now = time.monotonic()
+        every = self.settings.refresh * 0.9
+        return [r for r in self.refs if force or r.confirmed is None or now - r.confirmed >= every]
+
+    async def close(self) -> None:
+        self._closed = True
+        await stop_background(self._task, self._executor)
 
 
 class SecretStore:

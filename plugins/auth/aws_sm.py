@@ -25,12 +25,11 @@ import logging
 import os
 import re
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from proxy.secrets import RemoteSecret
+from proxy.secrets import RemoteSecret, RemoteSource
 
 from .settings import AwsSettings
 
@@ -153,53 +152,25 @@ def _not_found(e: BaseException) -> bool:
         "ResourceNotFoundException"
 
 
-class AwsSecretsBackend:
+class AwsSecretsBackend(RemoteSource):
     """The ``aws-sm:`` source of one runtime: a factory for refs and a refresh loop."""
 
+    name = "aws-sm"
+    settings: AwsSettings
+
     def __init__(self, settings: AwsSettings, refreshes: "Counter") -> None:
-        self.settings = settings
+        super().__init__(settings)
         self.refreshes = refreshes
-        self.refs: list[AwsSmSecret] = []
         self.region = settings.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-        self._executor: ThreadPoolExecutor | None = None
         self._client: Any = None            # botocore client, touched only in the thread
         self.last_error: str | None = None
         self.last_success: float | None = None   # wall time
         self._logged: dict[tuple[str, Pin], str] = {}   # each secret's failure logged once, not per cycle
-        self._task: asyncio.Task[None] | None = None
-        self._wake: asyncio.Event | None = None
-        self._lock: asyncio.Lock | None = None
-        self._closed = False
 
-    def __call__(self, raw: str) -> AwsSmSecret:
-        ref = AwsSmSecret(raw, self)
-        self.refs.append(ref)
-        if self._wake is not None:
-            self._wake.set()   # a reload added a reference: read it now
-        return ref
+    def new_ref(self, raw: str) -> AwsSmSecret:
+        return AwsSmSecret(raw, self)
 
     # ---- loop side -------------------------------------------------------
-
-    async def run(self, fn: Any, *args: Any) -> Any:
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sidecar-aws-sm")
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
-
-    def start(self) -> None:
-        """Start the background refresh loop (idempotent; called on every policy load)."""
-        if self._task is None and not self._closed:
-            self._wake = asyncio.Event()
-            self._lock = asyncio.Lock()
-            self._task = asyncio.create_task(self._loop(), name="sidecar-aws-sm-refresh")
-
-    async def first_read(self) -> None:
-        """Wait (up to ``startup_wait``) until every reference was tried once."""
-        loop = asyncio.get_running_loop()
-        end = loop.time() + self.settings.startup_wait
-        while any(not r.tried for r in self.refs):
-            if loop.time() > end or self._task is None or self._task.done():
-                return
-            await asyncio.sleep(0.02)
 
     async def _loop(self) -> None:
         assert self._wake is not None
@@ -225,9 +196,7 @@ class AwsSecretsBackend:
         if self._lock is None:
             self._lock = asyncio.Lock()
         async with self._lock:
-            now = time.monotonic()
-            due = [r for r in self.refs
-                   if force or r.confirmed is None or now - r.confirmed >= self.settings.refresh * 0.9]
+            due = self.due(force)
             if not due:
                 return
             # One GetSecretValue per (secret, pin) however many keys are read from it.
@@ -256,17 +225,6 @@ class AwsSecretsBackend:
             r.value, r.version = value, version
             r.confirmed, r.updated, r.error, r.absent = now, wall, None, False
             self.refreshes.labels(r.raw, "aws-sm", "ok").inc()
-
-    async def close(self) -> None:
-        self._closed = True
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
 
     def describe(self) -> dict[str, Any]:
         """For /admin/secrets: never a credential or a value."""

@@ -40,7 +40,7 @@ from botocore.credentials import ReadOnlyCredentials
 
 from proxy.chain import Exchange
 from proxy.errors import SidecarError
-from proxy.secrets import SecretUnavailable
+from proxy.secrets import SecretUnavailable, stop_background
 
 if TYPE_CHECKING:
     from .inject import Secret
@@ -185,14 +185,7 @@ class ChainCredentials:
 
     async def close(self) -> None:
         self._closed = True
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
+        await stop_background(self._task, self._executor)
 
     def describe(self) -> dict[str, Any]:
         """Never a key: where the credentials came from and whether there are any."""

@@ -23,11 +23,10 @@ import asyncio
 import logging
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from proxy.secrets import RemoteSecret, SecretStore, SecretUnavailable
+from proxy.secrets import RemoteSecret, RemoteSource, SecretStore, SecretUnavailable
 
 from .settings import SecretsSettings, VaultSettings
 
@@ -101,23 +100,24 @@ def _why(e: BaseException) -> str:
     return f"Vault call failed ({type(e).__name__})"
 
 
-class VaultBackend:
+class VaultBackend(RemoteSource):
     """The ``vault:`` source of one runtime: a factory for refs, a token, a refresh loop."""
+
+    name = "vault"
+    settings: VaultSettings
 
     def __init__(self, settings: VaultSettings, store: SecretStore, ops: "Counter",
                  refreshes: "Counter") -> None:
-        self.settings = settings
+        super().__init__(settings)
         self.store = store
         self.ops = ops
         self.refreshes = refreshes
-        self.refs: list[VaultSecret] = []
         self.address = settings.address or os.environ.get("VAULT_ADDR") or "http://127.0.0.1:8200"
         # References used to log in, resolved in the thread at login time.
         token = settings.token or ("env:VAULT_TOKEN" if settings.auth == "token" else None)
         self._token_ref = store.ref(token) if token else None
         self._secret_id_ref = store.ref(settings.secret_id) if settings.secret_id else None
         self._role_id_ref = store.ref(settings.role_id) if settings.role_id else None
-        self._executor: ThreadPoolExecutor | None = None
         self._client: Any = None            # hvac.Client, touched only in the thread
         self._renew_at: float | None = None
         self._expires_at: float | None = None
@@ -125,37 +125,11 @@ class VaultBackend:
         self.authenticated = False
         self.last_error: str | None = None
         self.last_success: float | None = None   # wall time
-        self._task: asyncio.Task[None] | None = None
-        self._wake: asyncio.Event | None = None
-        self._lock: asyncio.Lock | None = None
-        self._closed = False
 
-    # ---- the factory the SecretStore calls -------------------------------
-
-    def __call__(self, raw: str) -> VaultSecret:
-        ref = VaultSecret(raw, self)
-        self.refs.append(ref)
-        if self._wake is not None:
-            self._wake.set()   # a reload added a reference: read it now
-        return ref
+    def new_ref(self, raw: str) -> VaultSecret:
+        return VaultSecret(raw, self)
 
     # ---- loop side -------------------------------------------------------
-
-    def start(self) -> None:
-        """Start the background refresh loop (idempotent; called on every policy load)."""
-        if self._task is None and not self._closed:
-            self._wake = asyncio.Event()
-            self._lock = asyncio.Lock()
-            self._task = asyncio.create_task(self._loop(), name="sidecar-vault-refresh")
-
-    async def first_read(self) -> None:
-        """Wait (up to ``startup_wait``) until every reference was tried once."""
-        loop = asyncio.get_running_loop()
-        end = loop.time() + self.settings.startup_wait
-        while any(not r.tried for r in self.refs):
-            if loop.time() > end or self._task is None or self._task.done():
-                return
-            await asyncio.sleep(0.02)
 
     async def _loop(self) -> None:
         assert self._wake is not None
@@ -187,8 +161,7 @@ class VaultBackend:
             self._lock = asyncio.Lock()
         async with self._lock:
             now = time.monotonic()
-            due = [r for r in self.refs
-                   if force or r.confirmed is None or now - r.confirmed >= self.settings.refresh * 0.9]
+            due = self.due(force)
             renew_due = self._renew_at is not None and now >= self._renew_at
             if not due and not renew_due:
                 return
@@ -198,9 +171,7 @@ class VaultBackend:
                 k = (r.path, r.pin)
                 meta_only[k] = meta_only.get(k, True) and r.pin is not None and r.value is not None
             groups = [(p, v, m) for (p, v), m in meta_only.items()]
-            if self._executor is None:
-                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sidecar-vault")
-            results = await asyncio.get_running_loop().run_in_executor(self._executor, self._cycle, groups)
+            results = await self.run(self._cycle, groups)
             self._apply(due, results)
 
     def _apply(self, due: list[VaultSecret], results: dict[tuple[str, int | None], Any]) -> None:
@@ -228,17 +199,6 @@ class VaultBackend:
                 r.version = str(version)
             r.confirmed, r.updated, r.error, r.absent = now, wall, None, False
             self.refreshes.labels(r.raw, "vault", "ok").inc()
-
-    async def close(self) -> None:
-        self._closed = True
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
 
     def describe(self) -> dict[str, Any]:
         """For /admin/secrets: never a token or a value."""
