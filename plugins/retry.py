@@ -29,7 +29,6 @@ import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator
-from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, field_validator, model_validator
@@ -39,7 +38,7 @@ from proxy.chain import Exchange, Filter, Handler, ProxyResponse
 from proxy.config import Model
 from proxy.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from proxy.hookspecs import hookimpl
-from proxy.http import check_header_name
+from proxy.http import check_header_name, retry_after
 from proxy.plugins import BuildContext, PluginSpec
 from proxy.units import Duration, Size
 
@@ -147,22 +146,6 @@ class RetryBudget:
         bucket[2] += 1
         self.retries += 1
         return True
-
-
-def retry_after(value: str | None, now: float) -> float | None:
-    """Seconds from a Retry-After header (RFC 9110 10.2.3: delay-seconds or HTTP-date)."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when is None:
-        return None
-    return max(0.0, when.timestamp() - now)
 
 
 async def _chain(head: list[bytes], rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import unicodedata
+from email.utils import parsedate_to_datetime
 
 from multidict import CIMultiDict, CIMultiDictProxy, istr
 
@@ -148,3 +149,21 @@ def check_header_value(name: str, value: str) -> str:
             raise ValueError(f"header {name!r}: value must not contain a control character "
                              f"(CR, LF or NUL included), found {c!r}")
     return value
+
+
+def retry_after(value: str | None, now: float) -> float | None:
+    """Seconds a Retry-After header asks to wait (RFC 9110 10.2.3: delay-seconds or an
+    HTTP-date; a date in the past is 0); None when absent or unreadable. The retry
+    plugin and upstream quota pacing read it the same way."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None:
+        return None
+    return max(0.0, when.timestamp() - now)

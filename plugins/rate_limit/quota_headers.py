@@ -13,6 +13,8 @@ from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 from typing import Any
 
+from proxy.http import retry_after
+
 # Go's time.Duration text, as OpenAI sends it: "6m0s", "1s", "20ms", "1h2m3.5s".
 _GO_DURATION = re.compile(r"(\d+(?:\.\d*)?)(ns|us|µs|ms|s|m|h)")
 _UNIT = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -77,18 +79,6 @@ def provider_now(headers: Any, local: float) -> float:
     if age and age.strip().isdigit():
         t += int(age)   # kept by a cache on the way: Date is when it was made (RFC 9111 4.2.3)
     return t if abs(t - local) > 2.0 else local
-
-
-def retry_after(value: str, now: float) -> float | None:
-    """RFC 9110 10.2.3: delay-seconds or an HTTP-date."""
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    return None if when is None else when.timestamp() - now
 
 
 def parse_ratelimit_field(value: str) -> list[tuple[float, float]]:
