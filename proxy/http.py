@@ -6,6 +6,7 @@ import os
 import re
 import unicodedata
 from email.utils import parsedate_to_datetime
+from typing import Any
 
 from multidict import CIMultiDict, CIMultiDictProxy, istr
 
@@ -167,3 +168,33 @@ def retry_after(value: str | None, now: float) -> float | None:
     if when is None:
         return None
     return max(0.0, when.timestamp() - now)
+
+
+class HeaderLineBreak(ValueError):
+    """A start line, header name or value holding CR or LF (CWE-113)."""
+
+
+def message_head(start_line: str, headers: Any) -> bytes:
+    """An HTTP/1.1 message head: the start line, one line per header, the empty line.
+
+    SECURITY: CR or LF inside the start line, a name or a value would split
+    the message (CWE-113, request or response splitting); every line must end
+    exactly where it is ended here, else HeaderLineBreak.
+    """
+    lines = [start_line]
+    lines.extend([f"{k}: {v}" for k, v in headers.items()])
+    lines.append("\r\n")
+    text = "\r\n".join(lines)
+    n = len(lines)
+    if text.count("\n") != n or text.count("\r") != n:
+        raise HeaderLineBreak("a header contains a line break")
+    return text.encode("utf-8", "surrogateescape")
+
+
+def chunk(data: bytes) -> bytes:
+    """One chunk of a chunked body (RFC 9112 7.1)."""
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+#: The last chunk and the empty trailer section.
+LAST_CHUNK = b"0\r\n\r\n"

@@ -11,7 +11,8 @@ from yarl import URL
 
 from ..chain import Exchange, ProxyResponse
 from ..errors import RequestBodyTooLarge, SidecarError, UpstreamTimeout, UpstreamUnavailable
-from ..http import authority
+from ..http import LAST_CHUNK, HeaderLineBreak, authority, message_head
+from ..http import chunk as http_chunk
 from ..rawexchange import RawExchange
 from .conn import Conn, _Failed, _Lease, _map
 from .upgrade import Upgraded, upgrade_headers
@@ -26,10 +27,6 @@ if TYPE_CHECKING:
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 # aiohttp sends "Content-Length: 0" on bodiless requests of other methods; so do we.
 _NO_BODY_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
-
-
-def _chunked(data: bytes) -> bytes:
-    return b"%x\r\n%b\r\n" % (len(data), data)
 
 
 class FastUpstream:
@@ -130,16 +127,10 @@ class FastUpstream:
         target = self.base_path + ex.path
         if ex.query:
             target += "?" + ex.query
-        lines = [f"{method} {target} HTTP/1.1"]
-        lines.extend([f"{k}: {v}" for k, v in headers.items()])
-        lines.append("\r\n")
-        head = "\r\n".join(lines)
-        # SECURITY: CR or LF inside a method, target, name or value would split
-        # the request (CWE-113); every line must end exactly where we ended it.
-        n = len(lines)
-        if head.count("\n") != n or head.count("\r") != n:
-            raise UpstreamUnavailable("request header contains a line break; not sent")
-        data = head.encode("utf-8", "surrogateescape")
+        try:
+            data = message_head(f"{method} {target} HTTP/1.1", headers)
+        except HeaderLineBreak:
+            raise UpstreamUnavailable("request header contains a line break; not sent") from None
         return data, payload, stream, stream is not None and "Transfer-Encoding" in headers
 
     async def _exchange(self, ex: Exchange, data: bytes, payload: bytes,
@@ -250,8 +241,8 @@ class FastUpstream:
                 raise conn._error or _Failed("reset", "upstream closed the connection", got_nothing=True)
             if not chunk:
                 continue
-            write(_chunked(chunk) if chunked else chunk)
+            write(http_chunk(chunk) if chunked else chunk)
             if conn._paused_writing:
                 await conn.drain()
         if chunked and not conn.closed:
-            write(b"0\r\n\r\n")
+            write(LAST_CHUNK)

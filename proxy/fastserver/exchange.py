@@ -10,8 +10,8 @@ from ..admission import finish_headers, request_id
 from ..chain import Exchange, ProxyResponse
 from ..errors import SidecarError
 from ..fastclient.upgrade import Upgraded
-from ..http import new_request_id
-from .response import EMPTY_STATUS, LAST_CHUNK, BadHeader, chunk, http_date, serialize
+from ..http import LAST_CHUNK, HeaderLineBreak, chunk, new_request_id
+from .response import EMPTY_STATUS, http_date, serialize
 from .tunnel import Tunnel
 
 if TYPE_CHECKING:
@@ -60,7 +60,7 @@ async def handle(conn: "ServerConnection", head: "FastHead") -> None:
         try:
             try:
                 keep, error = await respond(conn, head, resp, ex, rid)
-            except BadHeader:
+            except HeaderLineBreak:
                 # Nothing was written yet: a 500 instead of a split response (CWE-113).
                 log.error("request %s: a response header contains a line break; answered 500", rid)
                 resp.close()

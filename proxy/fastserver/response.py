@@ -13,6 +13,8 @@ from email.utils import formatdate
 from http import HTTPStatus
 from typing import Any
 
+from ..http import message_head
+
 REASONS = {s.value: s.phrase for s in HTTPStatus}
 # RFC 9110 6.4.1 / 9.3.2: never a body, whatever the headers say.
 EMPTY_STATUS = frozenset({204, 304, *range(100, 200)})
@@ -31,26 +33,9 @@ def http_date() -> str:
     return _date_text
 
 
-class BadHeader(ValueError):
-    """A header name or value would split the response (CWE-113)."""
-
-
 def serialize(version: str, status: int, reason: str | None, headers: Any) -> bytes:
-    """Status line and header lines, ending with the empty line."""
+    """Status line and header lines, ending with the empty line (HeaderLineBreak
+    when a header would split the response)."""
     if reason is None:
         reason = REASONS.get(status, "")
-    lines = [f"HTTP/{version} {status} {reason}"]
-    lines.extend([f"{k}: {v}" for k, v in headers.items()])
-    lines.append("\r\n")
-    text = "\r\n".join(lines)
-    n = len(lines)
-    if text.count("\n") != n or text.count("\r") != n:
-        raise BadHeader("a response header contains a line break")
-    return text.encode("utf-8", "surrogateescape")
-
-
-def chunk(data: bytes) -> bytes:
-    return b"%x\r\n%b\r\n" % (len(data), data)
-
-
-LAST_CHUNK = b"0\r\n\r\n"
+    return message_head(f"HTTP/{version} {status} {reason}", headers)
