@@ -6,44 +6,11 @@ the same requests (issue 10)."""
 from __future__ import annotations
 
 import asyncio
-import gzip
 import re
 
 import orjson
-from aiohttp import web
 
-from tests.support.upstream import FakeUpstream
-
-
-async def respond(request: web.Request, seen) -> web.StreamResponse:
-    p = request.path
-    if p.endswith("/chunked"):
-        resp = web.StreamResponse(headers={"X-Kind": "chunked"})
-        resp.enable_chunked_encoding()
-        await resp.prepare(request)
-        for i in range(5):
-            await resp.write(b"part-%d;" % i)
-        await resp.write_eof()
-        return resp
-    if p.endswith("/204"):
-        return web.Response(status=204, headers={"X-Kind": "empty"})
-    if p.endswith("/304"):
-        return web.Response(status=304, headers={"ETag": '"v1"'})
-    if p.endswith("/cookies"):
-        resp = web.Response(status=201, reason="Custom Reason", text="made")
-        resp.headers.add("Set-Cookie", "a=1; Path=/")
-        resp.headers.add("Set-Cookie", "b=2; HttpOnly")
-        return resp
-    if p.endswith("/gzip"):
-        return web.Response(body=gzip.compress(b"z" * 1000, mtime=0),
-                            headers={"Content-Encoding": "gzip", "Content-Type": "text/plain"})
-    if p.endswith("/hop"):
-        return web.Response(text="hop", headers={"Connection": "X-Secret-Hop", "X-Secret-Hop": "1",
-                                                 "Keep-Alive": "timeout=5", "Proxy-Authenticate": "Basic"})
-    if p.endswith("/status"):
-        return web.Response(status=int(request.query["s"]), text="s")
-    body = orjson.dumps({"method": seen.method, "path": seen.path_qs, "len": len(seen.body)})
-    return web.Response(body=body, content_type="application/json")
+from tests.support.upstream import FakeUpstream, varied
 
 
 def req(line: str, *headers: str, body: bytes = b"") -> bytes:
@@ -262,7 +229,7 @@ remove = ["X-Drop"]
 
 
 async def test_fast_and_aiohttp_servers_agree(sidecar_factory):
-    up = await FakeUpstream(respond).start()
+    up = await FakeUpstream(varied).start()
     try:
         results: dict[str, dict[str, tuple]] = {}
         for server in ("aiohttp", "fast"):

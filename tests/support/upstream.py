@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 from collections.abc import Callable
 
+import orjson
 from aiohttp import web
 
 from proxy.testing import FakeUpstream, Responder, Seen, echo, serve, wait_for
@@ -61,3 +63,39 @@ class ThreadedApp:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(5)
+
+
+async def varied(request: web.Request, seen: Seen) -> web.StreamResponse:
+    """The upstream of the differential tests (both upstream clients, both
+    servers): chunked, 204, 304, repeated Set-Cookie, gzip, hop-by-hop response
+    headers, a chosen status, else what it received as JSON."""
+    p = request.path
+    if p.endswith("/chunked"):
+        resp = web.StreamResponse(headers={"X-Kind": "chunked"})
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        for i in range(5):
+            await resp.write(b"part-%d;" % i)
+        await resp.write_eof()
+        return resp
+    if p.endswith("/204"):
+        return web.Response(status=204, headers={"X-Kind": "empty"})
+    if p.endswith("/304"):
+        return web.Response(status=304, headers={"ETag": '"v1"'})
+    if p.endswith("/cookies"):
+        resp = web.Response(status=201, reason="Custom Reason", text="made")
+        resp.headers.add("Set-Cookie", "a=1; Path=/")
+        resp.headers.add("Set-Cookie", "b=2; HttpOnly")
+        resp.headers["X-Odd"] = "  spaced  value"
+        return resp
+    if p.endswith("/gzip"):
+        return web.Response(body=gzip.compress(b"z" * 1000, mtime=0),
+                            headers={"Content-Encoding": "gzip", "Content-Type": "text/plain"})
+    if p.endswith("/hop"):
+        # Hop-by-hop response headers, one named in Connection: all stripped.
+        return web.Response(text="hop", headers={"Connection": "X-Secret-Hop", "X-Secret-Hop": "1",
+                                                 "Keep-Alive": "timeout=5", "Proxy-Authenticate": "Basic"})
+    if p.endswith("/status"):
+        return web.Response(status=int(request.query["s"]), text="s")
+    body = orjson.dumps({"method": seen.method, "path": seen.path_qs, "len": len(seen.body)})
+    return web.Response(body=body, content_type="application/json")
