@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -23,18 +22,10 @@ import pytest
 # The kit's fixtures (upstream, client, sidecar_factory): the project's tests
 # use the same ones a third-party plugin's tests do.
 from proxy.testing import client, sidecar_factory, upstream  # noqa: F401
+from tests.support.redis import answers
 from tests.support.sidecar import free_port
 
 REDIS_DB = int(os.environ.get("SIDECAR_TEST_REDIS_DB", "13"))
-
-
-def _redis_answers(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.5) as s:
-            s.sendall(b"PING\r\n")
-            return s.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
 
 
 @pytest.fixture(scope="session")
@@ -47,7 +38,7 @@ def redis_server() -> Iterator[tuple[str, int]]:
 
         u = urlparse(url)
         host, port = u.hostname or host, u.port or port
-    if _redis_answers(host, port):
+    if answers(port, host):
         yield host, port
         return
     binary = shutil.which("redis-server")
@@ -63,7 +54,7 @@ def redis_server() -> Iterator[tuple[str, int]]:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         for _ in range(100):
-            if _redis_answers("127.0.0.1", port):
+            if answers(port):
                 break
             time.sleep(0.05)
         else:
