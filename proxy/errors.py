@@ -7,6 +7,8 @@ so a service can tell a sidecar error from a provider's.
 
 from __future__ import annotations
 
+from http import HTTPStatus
+
 import orjson
 
 
@@ -109,3 +111,17 @@ def error_body(code: str, message: str, request_id: str | None) -> bytes:
     # Anthropic SDKs read, so they show the message instead of a raw dict.
     return orjson.dumps({"type": "error", "error": {"type": code, "code": code, "message": message,
                                                     "request_id": request_id}})
+
+
+def closing_error_response(err: SidecarError, request_id: str) -> bytes:
+    """A whole HTTP/1.1 response carrying ``err`` that ends the connection: what
+    a listener writes to the socket itself, outside any route (a request head
+    that did not arrive within header_timeout, a malformed request)."""
+    body = error_body(err.code, err.message, request_id)
+    try:
+        reason = HTTPStatus(err.status).phrase.encode()
+    except ValueError:
+        reason = b""
+    return (b"HTTP/1.1 %d %b\r\nContent-Type: application/json\r\nX-Sidecar-Error: %b\r\n"
+            b"X-Request-ID: %b\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%b"
+            % (err.status, reason, err.code.encode(), request_id.encode(), len(body), body))

@@ -31,7 +31,7 @@ from prometheus_client.multiprocess import mark_process_dead
 from .admin import make_admin_app
 from .admission import RequestTimeout, admission_for
 from .config import Listener, Settings, load_settings
-from .errors import error_body
+from .errors import closing_error_response, error_body
 from .fastserver.accept import Acceptor
 from .http import new_request_id
 from .logs import log_startup, setup_logging
@@ -158,12 +158,7 @@ class JsonErrorRequestHandler(RequestHandler):
         if self._request_in_progress or self._messages:
             return  # re-armed when the response before this head is written
         log.info("request head from %s did not arrive within %.1fs", self.peername, self._header_timeout)
-        err = RequestTimeout()
-        rid = new_request_id()
-        body = error_body(err.code, err.message, rid)
-        transport.write(b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
-                        b"X-Sidecar-Error: %b\r\nX-Request-ID: %b\r\nContent-Length: %d\r\n"
-                        b"Connection: close\r\n\r\n%b" % (err.code.encode(), rid.encode(), len(body), body))
+        transport.write(closing_error_response(RequestTimeout(), new_request_id()))
         self.force_close()
 
     def handle_error(self, request: BaseRequest, status: int = 500, exc: BaseException | None = None,

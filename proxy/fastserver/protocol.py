@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import httptools
 
 from ..admission import RequestTimeout
-from ..errors import BadRequest, HeadersTooLarge, SidecarError, error_body
+from ..errors import BadRequest, HeadersTooLarge, SidecarError, closing_error_response
 from ..http import new_request_id
 from .body import ClientGone, RequestBody
 from .exchange import serve
@@ -312,12 +312,7 @@ class ServerConnection(asyncio.Protocol):
         """A sidecar JSON error (with a fresh request id) outside any route, then close."""
         if self.transport is None or self.closed or self.transport.is_closing():
             return
-        rid = new_request_id()
-        body = error_body(err.code, err.message, rid)
-        self.transport.write(
-            b"HTTP/1.1 %d %b\r\nContent-Type: application/json\r\nX-Sidecar-Error: %b\r\n"
-            b"X-Request-ID: %b\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%b"
-            % (err.status, _reason(err.status), err.code.encode(), rid.encode(), len(body), body))
+        self.transport.write(closing_error_response(err, new_request_id()))
         self._close()
 
     def expire(self) -> None:
@@ -349,9 +344,3 @@ class ServerConnection(asyncio.Protocol):
     def abort(self) -> None:
         if self.transport is not None:
             self.transport.abort()
-
-
-def _reason(status: int) -> bytes:
-    from .response import REASONS
-
-    return REASONS.get(status, "").encode()
