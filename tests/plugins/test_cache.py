@@ -716,7 +716,10 @@ async def test_admin_cache_counts_redis_entries_without_a_scan(sidecar_factory, 
         origin.headers = {"Cache-Control": "max-age=60", "Vary": "Accept"}
         for accept in ("text/plain", "text/html"):                # a Vary marker and two variants
             await get(client, f"{sc.url}/p/v", headers={"Accept": accept})
-        origin.headers = {"Cache-Control": "max-age=1"}
+        # max-age=3, not 1: freshness counts from the whole-second Date header, so a
+        # max-age=1 entry lives 0-1 s and was sometimes gone (or never written)
+        # before the checks below that expect it (one CI run in several failed).
+        origin.headers = {"Cache-Control": "max-age=3"}
         await get(client, f"{sc.url}/p/short")
         await wait_for(lambda: ours() == 6, timeout=5)           # the Redis write follows the last byte
 
@@ -728,8 +731,8 @@ async def test_admin_cache_counts_redis_entries_without_a_scan(sidecar_factory, 
             view = (await resp.json())["routes"]["p"]
         assert scans() == before
         assert view["store"] == "redis" and view["entries"] == 6 == ours()
-        # /p/short expires after its second: Redis drops the key, the index stops counting it.
-        await wait_for(lambda: ours() == 5, timeout=5)
+        # /p/short expires after its 3 s: Redis drops the key, the index stops counting it.
+        await wait_for(lambda: ours() == 5, timeout=10)
         async with client.get(f"{sc.admin}/admin/cache") as resp:
             assert (await resp.json())["routes"]["p"]["entries"] == 5
         await get(client, f"{sc.url}/p/a", method="DELETE")      # invalidated (RFC 9111 4.4)
