@@ -6,7 +6,7 @@ set -e
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO=sudo
 $SUDO apt-get update
-$SUDO DEBIAN_FRONTEND=noninteractive apt-get install -y nginx haproxy wrk
+$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y nginx haproxy wrk
 # The packaged nginx starts a system service on port 80; the bench runs its own.
 $SUDO systemctl disable --now nginx 2>/dev/null || true
 python -m pip install -e '.[bench]'
