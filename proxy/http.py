@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
-import os
 import re
 import unicodedata
 from email.utils import parsedate_to_datetime
+from random import getrandbits as _getrandbits
 from typing import Any
 
 from multidict import CIMultiDict, CIMultiDictProxy, istr
 
 def new_request_id() -> str:
-    """A fresh X-Request-ID (128 random bits, hex)."""
-    return os.urandom(16).hex()
+    """A fresh X-Request-ID (128 random bits, hex).
+
+    From the ``random`` module's generator (seeded from the OS at import and
+    reseeded in every forked worker), not ``os.urandom``: a request id must be
+    unique, not secret, and ``getrandom`` was one syscall per request
+    (issue 10; ~2 µs end to end)."""
+    return "%032x" % _getrandbits(128)
 
 
 def authority(raw_host: str, port: int | None, scheme: str) -> str:
