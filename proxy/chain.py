@@ -285,8 +285,46 @@ async def _raise(exc: BaseException) -> ProxyResponse:
     raise exc
 
 
+class Fused:
+    """A run of sync filters fused around ``nxt``: ``call`` is the chain
+    layer; the fast server's express path (proxy/fastserver/express.py) runs
+    the same pieces from protocol callbacks, without a coroutine:
+
+    - ``steps``: the befores, ``(position, before)``, outer to inner;
+    - ``slow(ex, i, r)``: the awaitable continuing after the before at ``i``
+      answered ``r`` (not None), exactly as ``call`` would;
+    - ``errored(entered, ex, exc)``: the filters that passed their before
+      see ``exc`` inner to outer; returns the exception to raise;
+    - ``after_all(ex, resp)``: every filter passed and ``resp`` came back:
+      the afters inner to outer (raises, the response closed, when one does);
+    - ``around_all(ex, aw)``: the same around an awaitable of the response.
+    """
+
+    __slots__ = ("n", "steps", "slow", "errored", "after_all", "around_all", "call", "unwinds")
+
+    def __init__(self, n: int, steps: tuple[tuple[int, Callable[[Exchange], Any]], ...],
+                 slow: Callable[[Exchange, int, Any], Awaitable[ProxyResponse]],
+                 errored: Callable[[int, Exchange, BaseException], BaseException],
+                 after_all: Callable[[Exchange, ProxyResponse], ProxyResponse],
+                 around_all: Callable[..., Awaitable[ProxyResponse]],
+                 call: Handler, unwinds: bool) -> None:
+        self.n = n
+        self.steps = steps
+        self.slow = slow
+        self.errored = errored
+        self.after_all = after_all
+        self.around_all = around_all
+        self.call = call
+        self.unwinds = unwinds
+
+
 def _fuse(group: list[Filter], nxt: Handler) -> Handler:
-    """One layer for a run of sync filters around ``nxt``.
+    """One layer for a run of sync filters around ``nxt`` (``Fused.call``)."""
+    return fuse(group, nxt).call if group else nxt
+
+
+def fuse(group: list[Filter], nxt: Handler) -> Fused:
+    """Fuse a run of sync filters around ``nxt``.
 
     Semantics are those of nesting each filter's ``handle`` (the onion):
     befores run outer to inner; a filter answering early (ProxyResponse or
@@ -295,8 +333,6 @@ def _fuse(group: list[Filter], nxt: Handler) -> Handler:
     (``after_error``); afters run inner to outer; an ``after`` that raises
     closes the response and the filters outside it see that exception.
     """
-    if not group:
-        return nxt
     n = len(group)
     befores = [_hook(f, "before") for f in group]
     afters = [_hook(f, "after") for f in group]
@@ -367,14 +403,7 @@ def _fuse(group: list[Filter], nxt: Handler) -> Handler:
     # The common case, every filter passed: the afters inner to outer.
     afters_rev = tuple((j, a) for j, a in reversed(list(enumerate(afters))) if a is not None)
 
-    async def around_all(ex: Exchange) -> ProxyResponse:
-        try:
-            resp = await nxt(ex)
-        except BaseException as e:
-            exc = errored(n, ex, e)
-            if exc is e:
-                raise
-            raise exc from None
+    def after_all(ex: Exchange, resp: ProxyResponse) -> ProxyResponse:
         j = n
         try:
             for j, a in afters_rev:  # noqa: B007 -- j names the failing filter in the except below
@@ -383,6 +412,16 @@ def _fuse(group: list[Filter], nxt: Handler) -> Handler:
             resp.close()
             raise errored(j, ex, e) from None
         return resp
+
+    async def around_all(ex: Exchange, aw: Awaitable[ProxyResponse] | None = None) -> ProxyResponse:
+        try:
+            resp = await (nxt(ex) if aw is None else aw)
+        except BaseException as e:
+            exc = errored(n, ex, e)
+            if exc is e:
+                raise
+            raise exc from None
+        return after_all(ex, resp)
 
     def call(ex: Exchange) -> Awaitable[ProxyResponse]:
         i = 0
@@ -399,4 +438,5 @@ def _fuse(group: list[Filter], nxt: Handler) -> Handler:
             return around_all(ex)
         return nxt(ex)
 
-    return call
+    return Fused(n=n, steps=steps, slow=slow, errored=errored, after_all=after_all, around_all=around_all,
+                 call=call, unwinds=unwinds)

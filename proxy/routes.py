@@ -32,6 +32,9 @@ class Route:
     # True: ``prefix`` is an exact path (a webhook endpoint), matched before
     # any prefix route of its table.
     exact: bool = False
+    # The express path of the fast server (proxy/fastserver/express.py):
+    # set when every filter is sync and the upstream is the fast client.
+    express: Any = None
 
 
 class RouteTable:

@@ -49,7 +49,7 @@ class Conn(asyncio.Protocol):
                  "_error", "_got_bytes", "_head_request", "_keep_alive", "_eof_body", "_framed_by_length",
                  "_timer", "_timer_when", "_wait_until", "_waiting", "_deadline", "_idle", "_poisoned", "counted",
                  "_upgrade", "_tail", "tunnel", "_head_left", "_max_head", "_max_headers", "_too_big",
-                 "__weakref__")
+                 "_express", "__weakref__")
 
     def __init__(self, pool: "Pool") -> None:
         self.pool = pool
@@ -69,7 +69,7 @@ class Conn(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_when = 0.0
         self._wait_until = 0.0
-        self._waiting: asyncio.Future | None = None
+        self._waiting: Any = None  # what the timer times out: a future or an express request
         self.counted = False  # holds one of the pool's ``limit`` slots
         # WebSocket passthrough: the request asked to upgrade; after a 101 the
         # bytes past the head (_tail) and all later ones go to ``tunnel``.
@@ -79,6 +79,10 @@ class Conn(asyncio.Protocol):
         self._head_left = -1
         self._max_head = 0
         self._max_headers = 0
+        # The express path (proxy/fastserver/express.py) waits with a callback
+        # instead of a future: called once, when the response head arrived
+        # (with or without its whole body) or the exchange failed.
+        self._express: Any = None
         self._reset()
 
     def _reset(self) -> None:
@@ -146,6 +150,8 @@ class Conn(asyncio.Protocol):
                 self._fail(_Failed("bad_response", self._too_big))
             else:
                 self._fail(_Failed("bad_response", f"upstream sent a malformed response ({type(e).__name__})"))
+        if self._express is not None and self._status:
+            self._call_express()
 
     def eof_received(self) -> bool | None:
         self._lost(None)
@@ -245,6 +251,19 @@ class Conn(asyncio.Protocol):
         for w in (self._head_waiter, self._body_waiter, self._drain_waiter):
             if w is not None and not w.done():
                 w.set_result(None)
+        if self._express is not None:
+            self._call_express()
+
+    def _call_express(self) -> None:
+        cb, self._express = self._express, None
+        self._waiting = None
+        cb(self)
+
+    def start_express(self, callback: Any, waiter: Any) -> None:
+        """Wait for the response with ``callback(conn)`` instead of a future;
+        ``waiter.done()`` tells the timer whether it is still waited for."""
+        self._express = callback
+        self._arm(waiter, self.pool.loop)
 
     def _lost(self, exc: Exception | None) -> None:
         if self.tunnel is not None:
@@ -281,7 +300,7 @@ class Conn(asyncio.Protocol):
 
     # ---- one request ---------------------------------------------------------
 
-    def _arm(self, waiter: asyncio.Future, loop: asyncio.AbstractEventLoop) -> None:
+    def _arm(self, waiter: Any, loop: asyncio.AbstractEventLoop) -> None:
         """Time out ``waiter`` after the idle timeout or at the total deadline.
 
         One lazily re-armed timer per connection instead of a call_later and a

@@ -42,11 +42,10 @@ class Pool:
         return {"open": self.open, "idle": len(self.idle), "in_use": self.open - len(self.idle),
                 "connecting": self.connecting, "waiting": len(self._waiters), "created": self.created}
 
-    async def acquire(self, connect_timeout: float, deadline: float | None, fresh: bool = False) -> Conn:
-        if self.loop is None:
-            self.loop = asyncio.get_running_loop()
+    def take_idle(self) -> Conn | None:
+        """The warmest idle connection that is still usable, or None (no wait)."""
         idle = self.idle
-        if not fresh:
+        if idle:
             now = time.monotonic()
             while idle:
                 conn = idle.pop()
@@ -56,6 +55,16 @@ class Pool:
                 if now - conn.idle_since > self.idle_timeout:
                     conn.close()
                     continue
+                return conn
+        return None
+
+    async def acquire(self, connect_timeout: float, deadline: float | None, fresh: bool = False) -> Conn:
+        if self.loop is None:
+            self.loop = asyncio.get_running_loop()
+        idle = self.idle
+        if not fresh:
+            conn = self.take_idle()
+            if conn is not None:
                 return conn
         while self.open + self.connecting >= self.limit:
             if fresh and idle:

@@ -29,6 +29,14 @@ IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 _NO_BODY_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 
 
+def retry_fresh(e: _Failed, reused: bool, method: str) -> bool:
+    """A reused keep-alive connection the upstream had already closed (nginx
+    after keepalive_requests or its idle timeout) failed before any response
+    byte: the request is sent again on a fresh connection when repeating it
+    is safe (the body must be replayable too)."""
+    return reused and e.kind == "reset" and e.got_nothing and method in IDEMPOTENT
+
+
 class FastUpstream:
     """One upstream base URL on the fast client (same contract as upstream.Upstream)."""
 
@@ -97,12 +105,15 @@ class FastUpstream:
 
         A plain function returning the exchange's coroutine: one coroutine
         layer fewer per request (docs/performance.md)."""
+        data, payload, stream, chunked = self.prepare(ex)
+        return self._exchange(ex, data, payload, stream, chunked)
+
+    def prepare(self, ex: Exchange) -> tuple[bytes, bytes, AsyncIterator[bytes] | None, bool]:
+        """The request head, a bytes payload, a body stream, whether it is chunked."""
         lines = ex.raw_head() if type(ex) is RawExchange else None
         if lines is not None:
-            data, payload, stream, chunked = self._raw_request(ex, lines)  # type: ignore[arg-type]
-        else:
-            data, payload, stream, chunked = self._request(ex)
-        return self._exchange(ex, data, payload, stream, chunked)
+            return self._raw_request(ex, lines)  # type: ignore[arg-type]
+        return self._request(ex)
 
     def _request(self, ex: Exchange) -> tuple[bytes, bytes, AsyncIterator[bytes] | None, bool]:
         headers = ex.headers
@@ -134,7 +145,8 @@ class FastUpstream:
         return data, payload, stream, stream is not None and "Transfer-Encoding" in headers
 
     async def _exchange(self, ex: Exchange, data: bytes, payload: bytes,
-                        stream: AsyncIterator[bytes] | None, chunked: bool) -> ProxyResponse:
+                        stream: AsyncIterator[bytes] | None, chunked: bool, fresh: bool = False) -> ProxyResponse:
+        """``fresh``: on a new connection (the express path's pooled one was stale)."""
         method = ex.method
         deadline = ex.deadline
         if deadline is not None and deadline - time.monotonic() <= 0:
@@ -143,7 +155,6 @@ class FastUpstream:
         upgrade = "_websocket" in ex.vars
         replayable = stream is None
         pool = self.pool
-        fresh = False
         while True:
             try:
                 conn = await pool.acquire(self._connect, deadline, fresh)
@@ -167,8 +178,7 @@ class FastUpstream:
                 # A reused keep-alive connection the upstream had already
                 # closed (nginx after keepalive_requests or its idle timeout):
                 # retry once on a fresh one when repeating it is safe.
-                if (reused and not fresh and replayable and e.kind == "reset" and e.got_nothing
-                        and method in IDEMPOTENT):
+                if not fresh and replayable and retry_fresh(e, reused, method):
                     fresh = True
                     continue
                 raise _map(e, pool) from None
@@ -186,6 +196,12 @@ class FastUpstream:
             # 413, 401...): the connection is mid-request, so it cannot be reused.
             pump.cancel()
             conn._poisoned = True
+        return self.response(conn)
+
+    @staticmethod
+    def response(conn: Conn) -> ProxyResponse:
+        """The response whose head ``conn`` received (the body whole when it
+        already arrived with a Content-Length, else streaming from ``conn``)."""
         status = conn._status
         if status == 101:
             up = Upgraded(conn)

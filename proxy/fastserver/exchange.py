@@ -25,38 +25,71 @@ CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 def serve(conn: "ServerConnection", head: "FastHead") -> Any:
-    """Start answering ``head``; returns what connection_lost cancels."""
-    from .drive import drive
+    """Start answering ``head``; returns what connection_lost cancels (a
+    Driven coroutine, or an express request: proxy/fastserver/express.py)."""
+    from .express import start
 
-    return drive(handle(conn, head), conn.loop)
+    return start(conn, head)
 
 
-async def handle(conn: "ServerConnection", head: "FastHead") -> None:
+class Admitted:
+    """A request the express path admitted, handed to the coroutine path:
+    ``aw`` (when set) is the awaitable of its response, else the route's chain
+    runs; ``resp`` (when set) is a response to write (a streamed one)."""
+
+    __slots__ = ("rid", "route", "ex", "continue_", "aw", "resp")
+
+    def __init__(self, rid: str, route: "Route", ex: Exchange, continue_: bool = False,
+                 aw: Any = None, resp: ProxyResponse | None = None) -> None:
+        self.rid = rid
+        self.route = route
+        self.ex = ex
+        self.continue_ = continue_
+        self.aw = aw
+        self.resp = resp
+
+
+def failure(e: BaseException, rid: str) -> ProxyResponse:
+    """The response for what a request's chain raised (not a cancellation)."""
+    if isinstance(e, SidecarError):
+        return ProxyResponse.error(e, rid)
+    log.error("request %s failed inside the sidecar", rid, exc_info=e)
+    return ProxyResponse.error(SidecarError(), rid)
+
+
+async def handle(conn: "ServerConnection", head: "FastHead", pre: Admitted | None = None) -> None:
     srv = conn.server
     rt = srv.rt
-    # A malformed head's own X-Request-ID is not trusted (as for parse errors).
-    rid = new_request_id() if head.malformed else request_id(head)
     route: Route | None = None
     ex: Exchange | None = None
     metrics = rt.metrics
-    metrics.enter()
+    if pre is None:
+        # A malformed head's own X-Request-ID is not trusted (as for parse errors).
+        rid = new_request_id() if head.malformed else request_id(head)
+        metrics.enter()
+    else:
+        # The express path admitted it (and counted it in metrics.enter).
+        rid, route, ex = pre.rid, pre.route, pre.ex
     keep = False
     try:
-        try:
-            if head.reject is not None:
-                raise head.reject
-            route, ex, continue_ = srv.admission.admit(head, srv.match, rid, head.started)
-            if continue_ and head.version == "1.1":
-                conn.transport.write(CONTINUE)  # type: ignore[union-attr]
-            resp = await route.handler(ex)
-        except SidecarError as e:
-            resp = ProxyResponse.error(e, rid)
-        except asyncio.CancelledError:
-            _log(srv, head, route, ex, rid, 499, "client_closed")
-            raise
-        except Exception:
-            log.exception("request %s failed inside the sidecar", rid)
-            resp = ProxyResponse.error(SidecarError(), rid)
+        resp = pre.resp if pre is not None else None
+        if resp is None:
+            try:
+                if pre is None:
+                    if head.reject is not None:
+                        raise head.reject
+                    route, ex, continue_ = srv.admission.admit(head, srv.match, rid, head.started)
+                else:
+                    continue_ = pre.continue_
+                if continue_ and head.version == "1.1":
+                    conn.transport.write(CONTINUE)  # type: ignore[union-attr]
+                assert route is not None and ex is not None
+                resp = await (pre.aw if pre is not None and pre.aw is not None else route.handler(ex))
+            except asyncio.CancelledError:
+                _log(srv, head, route, ex, rid, 499, "client_closed")
+                raise
+            except Exception as e:
+                resp = failure(e, rid)
         try:
             try:
                 keep, error = await respond(conn, head, resp, ex, rid)
@@ -78,6 +111,26 @@ async def handle(conn: "ServerConnection", head: "FastHead") -> None:
         conn.finished(head, keep)
 
 
+def answer(conn: "ServerConnection", head: "FastHead", route: "Route | None", ex: Exchange | None,
+           rid: str, resp: ProxyResponse) -> None:
+    """Write a response whose body is bytes, log it and finish the request
+    (the express path's end: no coroutine; ``handle`` does the same)."""
+    srv = conn.server
+    keep = False
+    try:
+        try:
+            keep = respond_whole(conn, head, resp, ex, rid)
+        except HeaderLineBreak:
+            log.error("request %s: a response header contains a line break; answered 500", rid)
+            resp.close()
+            resp = ProxyResponse.error(SidecarError(), rid)
+            keep = respond_whole(conn, head, resp, None, rid)
+        _log(srv, head, route, ex, rid, resp.status, None if resp.upstream else resp.headers.get("X-Sidecar-Error"))
+    finally:
+        srv.rt.metrics.leave()
+        conn.finished(head, keep)
+
+
 def _log(srv: Any, head: "FastHead", route: "Route | None", ex: Exchange | None, rid: str,
          status: int, error: str | None) -> None:
     srv.rt.access(head.method, head.target.partition("?")[0], route.name if route is not None else "",
@@ -90,36 +143,16 @@ async def respond(conn: "ServerConnection", head: "FastHead", resp: ProxyRespons
                   ex: Exchange | None, rid: str) -> tuple[bool, str | None]:
     """Write ``resp``; returns (keep the connection, error code when the
     upstream failed after the status line went out)."""
-    headers = finish_headers(resp, ex, rid)
+    headers, version, keep, no_body = _prepare(conn, head, resp, ex, rid)
     status = resp.status
     method = head.method
-    version = head.version if head.version == "1.0" else "1.1"
-    keep = head.keep_alive and not conn.closing
-    if conn.input_done and not conn.queue and conn.pending_error is None:
-        keep = False  # nothing after this request can be parsed (an upgrade, HTTP/0.9)
-    if head.has_body and not head.complete:
-        # Answered before the request body was read (an error, a cached or
-        # short-circuit answer): do not leave the connection mid-body.
-        keep = False
-    no_body = status in EMPTY_STATUS or method == "HEAD"
-    if "Date" not in headers:
-        headers["Date"] = http_date()
     body = resp.body
     transport = conn.transport
     assert transport is not None
     if status == 101 and isinstance(body, Upgraded) and ex is not None and "_websocket" in ex.vars:
         return await _tunnel(conn, resp, body, ex, headers)
     if isinstance(body, bytes | bytearray):
-        if method != "HEAD" or not resp.upstream:
-            # RFC 9110 9.3.2: a HEAD answer says what a GET would get.
-            headers["Content-Length"] = str(len(body))
-        if status in EMPTY_STATUS:
-            headers.popall("Content-Length", None)
-        _connection(headers, keep, version)
-        # Headers and body in one write (one syscall).
-        data = serialize(version, status, resp.reason, headers)
-        transport.write(data if no_body or not body else data + body)
-        resp.done()
+        _write_whole(transport, version, method, status, keep, no_body, body, resp, headers)
         return keep, None
     chunked = False
     if no_body:
@@ -194,3 +227,45 @@ def _connection(headers: Any, keep: bool, version: str) -> None:
                 headers["Connection"] = "keep-alive"
         elif version == "1.1":
             headers["Connection"] = "close"
+
+
+def _prepare(conn: "ServerConnection", head: "FastHead", resp: ProxyResponse, ex: Exchange | None,
+             rid: str) -> tuple[Any, str, bool, bool]:
+    """The finished response headers, the HTTP version to answer in, whether
+    the connection is kept, whether the response has no body."""
+    headers = finish_headers(resp, ex, rid)
+    version = head.version if head.version == "1.0" else "1.1"
+    keep = head.keep_alive and not conn.closing
+    if conn.input_done and not conn.queue and conn.pending_error is None:
+        keep = False  # nothing after this request can be parsed (an upgrade, HTTP/0.9)
+    if head.has_body and not head.complete:
+        # Answered before the request body was read (an error, a cached or
+        # short-circuit answer): do not leave the connection mid-body.
+        keep = False
+    if "Date" not in headers:
+        headers["Date"] = http_date()
+    return headers, version, keep, resp.status in EMPTY_STATUS or head.method == "HEAD"
+
+
+def respond_whole(conn: "ServerConnection", head: "FastHead", resp: ProxyResponse, ex: Exchange | None,
+                  rid: str) -> bool:
+    """Write ``resp`` (its body is bytes) at once; returns whether the connection is kept."""
+    headers, version, keep, no_body = _prepare(conn, head, resp, ex, rid)
+    assert conn.transport is not None
+    _write_whole(conn.transport, version, head.method, resp.status, keep, no_body, resp.body,  # type: ignore[arg-type]
+                 resp, headers)
+    return keep
+
+
+def _write_whole(transport: Any, version: str, method: str, status: int, keep: bool, no_body: bool,
+                 body: bytes, resp: ProxyResponse, headers: Any) -> None:
+    if method != "HEAD" or not resp.upstream:
+        # RFC 9110 9.3.2: a HEAD answer says what a GET would get.
+        headers["Content-Length"] = str(len(body))
+    if status in EMPTY_STATUS:
+        headers.popall("Content-Length", None)
+    _connection(headers, keep, version)
+    # Headers and body in one write (one syscall).
+    data = serialize(version, status, resp.reason, headers)
+    transport.write(data if no_body or not body else data + body)
+    resp.done()

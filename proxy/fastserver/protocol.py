@@ -49,7 +49,7 @@ class ServerConnection(asyncio.Protocol):
         self.closing = False         # draining or told to close: no further request
         self.input_done = False      # parse error or upgrade: bytes are no longer parsed
         self.active: FastHead | None = None
-        self.task: asyncio.Future[Any] | None = None
+        self.task: Any = None  # the request's Driven coroutine or express request
         self.queue: collections.deque[FastHead] = collections.deque()
         self.parsing: FastHead | None = None
         self.in_head = False
@@ -64,6 +64,7 @@ class ServerConnection(asyncio.Protocol):
         self.pending_error: SidecarError | None = None
         self.tunnel: Tunnel | None = None
         self.upgrade_tail = b""
+        self._starting = False
 
     # ---- asyncio.Protocol --------------------------------------------------
 
@@ -228,12 +229,23 @@ class ServerConnection(asyncio.Protocol):
     # ---- requests --------------------------------------------------------------
 
     def _next(self) -> None:
-        if self.active is not None or not self.queue or self.closed or self.transport.is_closing():  # type: ignore[union-attr]
+        # A request may be answered before serve() returns (an error, the
+        # express path's pipelined answers): finished() then calls back here,
+        # and this loop, not a deeper call, starts the next one.
+        if self._starting:
             return
-        head = self.queue.popleft()
-        self.active = head
-        self._update_reading()
-        self.task = serve(self, head)
+        self._starting = True
+        try:
+            while self.active is None and self.queue and not self.closed \
+                    and not self.transport.is_closing():  # type: ignore[union-attr]
+                head = self.queue.popleft()
+                self.active = head
+                self._update_reading()
+                task = serve(self, head)
+                if self.active is head:
+                    self.task = task
+        finally:
+            self._starting = False
 
     def finished(self, head: FastHead, keep: bool) -> None:
         """The response to ``head`` is written (or abandoned)."""
