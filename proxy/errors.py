@@ -113,6 +113,15 @@ def error_body(code: str, message: str, request_id: str | None) -> bytes:
                                                     "request_id": request_id}})
 
 
+#: Seconds a listener keeps reading (and discarding) what a client still sends
+#: after an answer that ends the connection, before closing it: closing a socket
+#: with unread bytes makes the kernel send RST, and a client that is still
+#: sending (a trickled head, a body the sidecar refused) can then lose the
+#: answer itself. nginx's ``lingering_close`` (30 s there; a local client needs
+#: far less). The write side is shut (FIN) at once, so the client sees the end.
+LINGER = 2.0
+
+
 def closing_error_response(err: SidecarError, request_id: str) -> bytes:
     """A whole HTTP/1.1 response carrying ``err`` that ends the connection: what
     a listener writes to the socket itself, outside any route (a request head

@@ -31,7 +31,7 @@ from prometheus_client.multiprocess import mark_process_dead
 from .admin import make_admin_app
 from .admission import RequestTimeout, admission_for
 from .config import Listener, Settings, load_settings
-from .errors import closing_error_response, error_body
+from .errors import LINGER, closing_error_response, error_body
 from .fastserver.accept import Acceptor
 from .http import new_request_id
 from .logs import log_startup, setup_logging
@@ -75,6 +75,7 @@ class JsonErrorRequestHandler(RequestHandler):
         # The latest request (message, body): while its body is open, the
         # bytes that come belong to it.
         self._last: tuple[Any, Any] | None = None
+        self._lingering = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -84,6 +85,8 @@ class JsonErrorRequestHandler(RequestHandler):
             self._arm_head_timer()
 
     def data_received(self, data: bytes) -> None:
+        if self._lingering:
+            return  # after a closing answer: read and dropped (errors.LINGER)
         if not self._header_timeout:
             super().data_received(data)
             return
@@ -159,7 +162,15 @@ class JsonErrorRequestHandler(RequestHandler):
             return  # re-armed when the response before this head is written
         log.info("request head from %s did not arrive within %.1fs", self.peername, self._header_timeout)
         transport.write(closing_error_response(RequestTimeout(), new_request_id()))
-        self.force_close()
+        # Lingering close (errors.LINGER): FIN now, what the client still
+        # sends is read and dropped, the socket closes on its EOF or LINGER.
+        self._lingering = True
+        try:
+            transport.write_eof()
+        except (OSError, RuntimeError):
+            self.force_close()
+            return
+        self._loop.call_later(LINGER, self.force_close)
 
     def handle_error(self, request: BaseRequest, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:

@@ -63,6 +63,9 @@ async def handle(conn: "ServerConnection", head: "FastHead", pre: Admitted | Non
     route: Route | None = None
     ex: Exchange | None = None
     metrics = rt.metrics
+    # What the requests before this one left in the write batch goes first:
+    # this path writes to the transport directly.
+    conn.flush()
     if pre is None:
         # A malformed head's own X-Request-ID is not trusted (as for parse errors).
         rid = new_request_id() if head.malformed else request_id(head)
@@ -152,7 +155,7 @@ async def respond(conn: "ServerConnection", head: "FastHead", resp: ProxyRespons
     if status == 101 and isinstance(body, Upgraded) and ex is not None and "_websocket" in ex.vars:
         return await _tunnel(conn, resp, body, ex, headers)
     if isinstance(body, bytes | bytearray):
-        _write_whole(transport, version, method, status, keep, no_body, body, resp, headers)
+        _write_whole(conn, version, method, status, keep, no_body, body, resp, headers)
         return keep, None
     chunked = False
     if no_body:
@@ -251,13 +254,12 @@ def respond_whole(conn: "ServerConnection", head: "FastHead", resp: ProxyRespons
                   rid: str) -> bool:
     """Write ``resp`` (its body is bytes) at once; returns whether the connection is kept."""
     headers, version, keep, no_body = _prepare(conn, head, resp, ex, rid)
-    assert conn.transport is not None
-    _write_whole(conn.transport, version, head.method, resp.status, keep, no_body, resp.body,  # type: ignore[arg-type]
+    _write_whole(conn, version, head.method, resp.status, keep, no_body, resp.body,  # type: ignore[arg-type]
                  resp, headers)
     return keep
 
 
-def _write_whole(transport: Any, version: str, method: str, status: int, keep: bool, no_body: bool,
+def _write_whole(conn: "ServerConnection", version: str, method: str, status: int, keep: bool, no_body: bool,
                  body: bytes, resp: ProxyResponse, headers: Any) -> None:
     if method != "HEAD" or not resp.upstream:
         # RFC 9110 9.3.2: a HEAD answer says what a GET would get.
@@ -265,7 +267,8 @@ def _write_whole(transport: Any, version: str, method: str, status: int, keep: b
     if status in EMPTY_STATUS:
         headers.popall("Content-Length", None)
     _connection(headers, keep, version)
-    # Headers and body in one write (one syscall).
+    # Headers and body in one write (one syscall), sent with the loop pass's
+    # other writes (batch.py).
     data = serialize(version, status, resp.reason, headers)
-    transport.write(data if no_body or not body else data + body)
+    conn.write_soon(data if no_body or not body else data + body)
     resp.done()

@@ -102,7 +102,7 @@ def start(conn: "ServerConnection", head: "FastHead") -> Any:
     upc.begin(ex.method == "HEAD", up._idle, deadline, up._max_head, up._max_headers)
     upc._upgrade = False
     upc.start_express(req.on_upstream, req)
-    upc.transport.write(data + payload if payload else data)
+    srv.batch.write(upc.transport, data + payload if payload else data)
     return req
 
 

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..admission import Admission
 from .accept import Acceptor
+from .batch import WriteBatch
 from .protocol import ServerConnection
 
 if TYPE_CHECKING:
@@ -40,6 +41,7 @@ class FastServer:
         self.max_field = max_field
         self.max_headers = max_headers
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
+        self.batch: WriteBatch = None  # type: ignore[assignment]
         self.conns: set[ServerConnection] = set()
         self.acceptor: Acceptor | None = None
         self.port = 0
@@ -48,6 +50,7 @@ class FastServer:
 
     async def start(self, sock: socket.socket) -> None:
         self.loop = asyncio.get_running_loop()
+        self.batch = WriteBatch(self.loop)
         self._empty = asyncio.Event()
         self.acceptor = Acceptor(sock, lambda: ServerConnection(self), self.max_connections, "outbound")
         # Deadlines are checked by one sweep per listener, not a timer per

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import httptools
 
 from ..admission import RequestTimeout
-from ..errors import BadRequest, HeadersTooLarge, SidecarError, closing_error_response
+from ..errors import LINGER, BadRequest, HeadersTooLarge, SidecarError, closing_error_response
 from ..http import new_request_id
 from .body import ClientGone, RequestBody
 from .exchange import serve
@@ -65,6 +65,8 @@ class ServerConnection(asyncio.Protocol):
         self.tunnel: Tunnel | None = None
         self.upgrade_tail = b""
         self._starting = False
+        self._batched = False  # bytes of this connection wait in the server's WriteBatch
+        self.lingering = False   # answered and half-closed: input is read and dropped
 
     # ---- asyncio.Protocol --------------------------------------------------
 
@@ -258,7 +260,10 @@ class ServerConnection(asyncio.Protocol):
             body.paused = False
             self._body_full = False
         if not keep or not head.complete:
-            self._close()
+            if not head.complete or self.queue or self.input_done:
+                self._linger()  # the client may still be sending
+            else:
+                self._close()
             return
         if self.queue:
             self._next()
@@ -286,7 +291,7 @@ class ServerConnection(asyncio.Protocol):
         t = self.transport
         if t is None or self.closed:
             return
-        pause = self._body_full or bool(self.queue) or self.input_done
+        pause = not self.lingering and (self._body_full or bool(self.queue) or self.input_done)
         if pause != self._reading_paused:
             self._reading_paused = pause
             if pause:
@@ -320,12 +325,43 @@ class ServerConnection(asyncio.Protocol):
             # nginx answers the requests before the malformed one first.
             self.pending_error = err
 
+    def write_soon(self, data: bytes) -> None:
+        """Write ``data`` with the other writes of this loop pass (batch.py)."""
+        self._batched = True
+        self.server.batch.write(self.transport, data)  # type: ignore[arg-type]
+
+    def flush(self) -> None:
+        """Send what ``write_soon`` holds, before a direct write or a close."""
+        if self._batched:
+            self._batched = False
+            self.server.batch.flush()
+
     def error_and_close(self, err: SidecarError) -> None:
         """A sidecar JSON error (with a fresh request id) outside any route, then close."""
         if self.transport is None or self.closed or self.transport.is_closing():
             return
+        self.flush()
         self.transport.write(closing_error_response(err, new_request_id()))
-        self._close()
+        self._linger()
+
+    def _linger(self) -> None:
+        """Close after an answer that ends the connection while the client
+        may still be sending: FIN now, read and drop what comes, close at
+        its EOF or after errors.LINGER (nginx's lingering_close)."""
+        t = self.transport
+        if t is None or self.closed or t.is_closing():
+            return
+        self.deadline = None
+        self.input_done = True
+        self.lingering = True
+        self.flush()
+        try:
+            t.write_eof()
+        except (OSError, RuntimeError):
+            t.close()
+            return
+        self._update_reading()
+        self.loop.call_later(LINGER, self._close)
 
     def expire(self) -> None:
         """The deadline passed: 408 for a head that did not arrive, close an idle connection."""
@@ -351,6 +387,7 @@ class ServerConnection(asyncio.Protocol):
     def _close(self) -> None:
         self.deadline = None
         if self.transport is not None and not self.transport.is_closing():
+            self.flush()
             self.transport.close()
 
     def abort(self) -> None:

@@ -151,3 +151,37 @@ async def test_no_body_responses(sidecar_factory, client):
             assert r.status == 200
     finally:
         await up.stop()
+
+
+def _post_refused_body(port: int, body_bytes: int) -> bytes:
+    """A client that sends a refused body on regardless, then reads the answer
+    (blocking socket: the whole exchange as the kernel sees it)."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"POST /p/x HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000\r\n\r\n")
+        chunk = b"x" * 65536
+        sent = 0
+        while sent < body_bytes:          # the sidecar answers 413 after the head
+            s.sendall(chunk)
+            sent += len(chunk)
+        data = b""
+        while True:
+            piece = s.recv(65536)
+            if not piece:
+                return data
+            data += piece
+
+
+async def test_a_refused_body_still_being_sent_does_not_cost_the_client_its_413(sidecar_factory, upstream):
+    """Lingering close (errors.LINGER): the sidecar answers 413 as soon as the
+    head declares too much, then closes. Closing with the client's body bytes
+    unread made the kernel send RST, and the client, still sending, got
+    ECONNRESET instead of the answer. The sidecar now half-closes and drops
+    what still comes, as nginx's lingering_close does."""
+    sc = await sidecar_factory({"p": policy(upstream.url, '[limits]\nmax_request_body = "1KB"\n')})
+    port = int(sc.url.rsplit(":", 1)[1])
+    data = await asyncio.to_thread(_post_refused_body, port, 4 * 1024 * 1024)
+    assert data.startswith(b"HTTP/1.1 413 "), data[:80]
+    assert b"request_body_too_large" in data
+    assert upstream.seen == []
