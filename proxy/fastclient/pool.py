@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from yarl import URL
 
+from ..writebatch import WriteBatch
 from .conn import Conn, _Failed
 from .send import FastUpstream
 
@@ -35,6 +36,8 @@ class Pool:
         self._waiters: collections.deque[asyncio.Future] = collections.deque()
         self._sweeper: asyncio.TimerHandle | None = None
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
+        # Request heads of one loop pass go out together (proxy/writebatch.py).
+        self.batch: WriteBatch = None  # type: ignore[assignment]
         self.closed = False
         self.created = 0  # connections opened over the pool's life (tests and /admin)
 
@@ -61,6 +64,7 @@ class Pool:
     async def acquire(self, connect_timeout: float, deadline: float | None, fresh: bool = False) -> Conn:
         if self.loop is None:
             self.loop = asyncio.get_running_loop()
+            self.batch = WriteBatch(self.loop)
         idle = self.idle
         if not fresh:
             conn = self.take_idle()

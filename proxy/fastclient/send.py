@@ -165,7 +165,12 @@ class FastUpstream:
             conn._upgrade = upgrade
             pump = None
             try:
-                conn.transport.write(data + payload if payload else data)  # type: ignore[union-attr]
+                if stream is None:
+                    # With the other request heads of this loop pass (proxy/writebatch.py);
+                    # a streamed body is written by the pump, in order, directly.
+                    pool.batch.write(conn.transport, data + payload if payload else data)  # type: ignore[arg-type]
+                else:
+                    conn.transport.write(data)  # type: ignore[union-attr]
                 if stream is not None:
                     pump = asyncio.ensure_future(self._pump(conn, stream, chunked))
                     await self._wait_head_or_pump(conn, pump)

@@ -268,7 +268,7 @@ def _write_whole(conn: "ServerConnection", version: str, method: str, status: in
         headers.popall("Content-Length", None)
     _connection(headers, keep, version)
     # Headers and body in one write (one syscall), sent with the loop pass's
-    # other writes (batch.py).
+    # other writes (proxy/writebatch.py).
     data = serialize(version, status, resp.reason, headers)
     conn.write_soon(data if no_body or not body else data + body)
     resp.done()

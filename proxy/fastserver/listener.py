@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..admission import Admission
 from .accept import Acceptor
-from .batch import WriteBatch
+from ..writebatch import WriteBatch
 from .protocol import ServerConnection
 
 if TYPE_CHECKING:

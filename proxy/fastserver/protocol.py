@@ -326,7 +326,7 @@ class ServerConnection(asyncio.Protocol):
             self.pending_error = err
 
     def write_soon(self, data: bytes) -> None:
-        """Write ``data`` with the other writes of this loop pass (batch.py)."""
+        """Write ``data`` with the other writes of this loop pass (proxy/writebatch.py)."""
         self._batched = True
         self.server.batch.write(self.transport, data)  # type: ignore[arg-type]
 

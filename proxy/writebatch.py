@@ -11,7 +11,7 @@ and sending them back to back wakes it once per burst. Measured with wrk
 (32 connections, one worker, interleaved with nginx): CPU per request
 56.5 -> 49.9 µs, throughput +20% (docs/performance.md).
 
-The express path's whole answers and upstream request heads go through
+The fast server's whole answers and the fast client's request heads go through
 ``WriteBatch.write``; a connection with bytes in the batch flushes the batch
 before any direct write or close (``ServerConnection.flush``), so the bytes
 of one connection always leave in order. A batch waits at most until the
