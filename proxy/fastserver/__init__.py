@@ -12,7 +12,8 @@ with the aiohttp server (proxy/admission.py).
 - ``protocol``: one connection: parsing, pipelining, flow control, timeouts
 - ``head``: one parsed request head (raw headers, lookups on demand)
 - ``body``: a request body as an async iterator with backpressure
-- ``exchange``: admission, the chain, the response of one request
+- ``express``: a request answered from callbacks alone when nothing waits
+- ``exchange``: admission, the chain, the response of one request (the coroutine path)
 - ``response``: the response head as bytes
 - ``drive``: running a request's coroutine without a Task when it can
 """

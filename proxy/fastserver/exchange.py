@@ -24,14 +24,6 @@ log = logging.getLogger("sidecar.outbound")
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
-def serve(conn: "ServerConnection", head: "FastHead") -> Any:
-    """Start answering ``head``; returns what connection_lost cancels (a
-    Driven coroutine, or an express request: proxy/fastserver/express.py)."""
-    from .express import start
-
-    return start(conn, head)
-
-
 class Admitted:
     """A request the express path admitted, handed to the coroutine path:
     ``aw`` (when set) is the awaitable of its response, else the route's chain

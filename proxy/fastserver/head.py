@@ -21,6 +21,10 @@ _APART = frozenset({b"host", b"content-length", b"x-forwarded-for", b"x-forwarde
                     b"x-forwarded-host", b"x-request-id"})
 
 
+# Header names looked up (admission's few, the tenant headers), lower-cased once.
+_KEYS: dict[str, bytes] = {}
+
+
 class FastHead:
     """The request line and headers as llhttp gave them (admission.RequestHead)."""
 
@@ -70,7 +74,12 @@ class FastHead:
         self.has_body = (self.content_length or 0) > 0 or b"transfer-encoding" in index
 
     def get(self, name: str) -> str | None:
-        v = self._index.get(name.lower().encode("latin-1"))
+        key = _KEYS.get(name)
+        if key is None:
+            key = name.lower().encode("latin-1")
+            if len(_KEYS) < 256:
+                _KEYS[name] = key
+        v = self._index.get(key)
         return None if v is None else v.decode("utf-8", "surrogateescape")
 
     def build(self, route: "Route", path: str, query: str, extra: list[tuple[str, str]],

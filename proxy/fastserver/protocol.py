@@ -22,7 +22,7 @@ from ..admission import RequestTimeout
 from ..errors import LINGER, BadRequest, HeadersTooLarge, SidecarError, closing_error_response
 from ..http import new_request_id
 from .body import ClientGone, RequestBody
-from .exchange import serve
+from .express import start as serve
 from .head import FastHead
 from .tunnel import Tunnel
 
