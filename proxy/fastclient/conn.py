@@ -16,6 +16,8 @@ from ..errors import (SidecarError, UpstreamBadResponse, UpstreamTimeout, Upstre
                       UpstreamUnavailable)
 from ..http import _HOP_LOWER
 
+_HOP_BYTES = frozenset(h.encode("latin-1") for h in _HOP_LOWER)
+
 if TYPE_CHECKING:
     from .pool import Pool
 
@@ -88,7 +90,7 @@ class Conn(asyncio.Protocol):
     def _reset(self) -> None:
         self._status = 0
         self._reason: str | None = None
-        self._headers: list[tuple[str, str]] = []
+        self._headers: list[tuple[bytes, bytes]] = []
         self._conn_tokens: str | None = None
         self._complete = False
         self._got_bytes = False
@@ -183,8 +185,7 @@ class Conn(asyncio.Protocol):
         if len(headers) >= self._max_headers:
             self._too_big = f"more than {self._max_headers} response headers"
             raise _TooManyHeaders()
-        headers.append((name.decode("utf-8", "surrogateescape"),
-                        value.decode("utf-8", "surrogateescape")))
+        headers.append((name, value))  # bytes: decoded only if a mapping is built
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
@@ -372,21 +373,29 @@ class Conn(asyncio.Protocol):
         te = None
         for k, v in self._headers:
             lk = k.lower()
-            if lk == "connection":
-                self._conn_tokens = v if self._conn_tokens is None else f"{self._conn_tokens},{v}"
-            elif lk == "content-length":
+            if lk == b"connection":
+                t = v.decode("latin-1")
+                self._conn_tokens = t if self._conn_tokens is None else f"{self._conn_tokens},{t}"
+            elif lk == b"content-length":
                 self._framed_by_length = True
-            elif lk == "transfer-encoding":
+            elif lk == b"transfer-encoding":
                 te = v
         if not self._framed_by_length and te is None and not self._head_request \
                 and self._status not in _EMPTY_NO_BODY:
             self._eof_body = True
 
-    def response_headers(self) -> CIMultiDict[str]:
-        drop = _HOP_LOWER
+    def forwarded_headers(self) -> list[tuple[bytes, bytes]]:
+        """The response's header fields as bytes, without the hop-by-hop ones
+        (and those the upstream's Connection names, RFC 9110 7.6.1)."""
+        drop = _HOP_BYTES
         if self._conn_tokens:
-            drop = _HOP_LOWER | {t.strip().lower() for t in self._conn_tokens.split(",") if t.strip()}
-        return CIMultiDict([(k, v) for k, v in self._headers if k.lower() not in drop])
+            drop = _HOP_BYTES | {t.strip().lower().encode("latin-1") for t in self._conn_tokens.split(",")
+                                 if t.strip()}
+        return [(k, v) for k, v in self._headers if k.lower() not in drop]
+
+    def response_headers(self) -> CIMultiDict[str]:
+        return CIMultiDict([(k.decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape"))
+                            for k, v in self.forwarded_headers()])
 
     async def next_chunk(self) -> bytes:
         """The next body chunk; b"" at the end of the message."""

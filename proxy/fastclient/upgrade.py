@@ -10,8 +10,8 @@ if TYPE_CHECKING:
     from .conn import Conn
 
 # Hop-by-hop names still dropped from a 101 (Upgrade and Connection are what it is about).
-_DROP_101 = frozenset({"keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
-                       "proxy-authenticate", "content-length"})
+_DROP_101 = frozenset({b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding",
+                       b"proxy-authenticate", b"content-length"})
 
 
 class Upgraded:
@@ -40,4 +40,5 @@ class Upgraded:
 
 
 def upgrade_headers(conn: "Conn") -> CIMultiDict[str]:
-    return CIMultiDict([(k, v) for k, v in conn._headers if k.lower() not in _DROP_101])
+    return CIMultiDict([(k.decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape"))
+                        for k, v in conn._headers if k.lower() not in _DROP_101])
