@@ -11,7 +11,7 @@ import pytest
 from aiohttp import web
 from pydantic import ValidationError
 
-from plugins.retry import Config, RetryBudget, RetryFilter, retry_after
+from plugins.retry import Config, RetryBudget, RetryFilter, retries_counter, retry_after
 from proxy.chain import ProxyResponse
 from tests.support.sidecar import free_port
 from tests.support.upstream import FakeUpstream, wait_for
@@ -280,7 +280,11 @@ async def test_upstream_that_comes_up_later_is_reached(sidecar_factory, client):
     sc = await sidecar_factory({"up": policy(f"http://127.0.0.1:{port}",
                                              'attempts = 5\nbackoff = { base = "200ms", max = "200ms" }')})
     task = asyncio.create_task(call(client, "GET", f"{sc.url}/up/"))
-    await asyncio.sleep(0.05)
+    # The upstream comes up once the first try was refused (a fixed sleep
+    # raced a loaded machine: the first try could come after it).
+    retries = retries_counter(sc.runtime.metrics)
+    await wait_for(lambda: sum(s.value for m in retries.collect() for s in m.samples
+                               if s.name.endswith("_total")) >= 1, timeout=10)
     up = FakeUpstream()
     app_site = await _start_on(up, port)
     try:
