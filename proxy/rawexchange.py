@@ -7,6 +7,15 @@ route whose filters never read ``ex.headers`` does not need to pay. So the
 forwarded header lines are kept as one bytes string; ``ex.headers`` builds the
 same CIMultiDict the aiohttp server would give on first access (a filter sees
 no difference), and from then on that mapping is what is sent.
+
+The header-editing methods of Exchange (``has_header``, ``set_header``,
+``remove_header``, ``rename_header``) work on the bytes while nobody has
+looked: the lines, the pairs and the extra headers are edited together, so
+that a later ``ex.headers`` is exactly the mapping the same edits would have
+produced there. An edit that cannot stay on bytes with that guarantee (a
+name that is not an RFC 9110 token, ``Host`` or ``Content-Length``, which are
+kept apart, a value with CR or LF that the fast client must refuse, CWE-113)
+builds the mapping and edits it instead.
 """
 
 from __future__ import annotations
@@ -16,8 +25,47 @@ from typing import Any
 from multidict import CIMultiDict
 
 from .chain import Exchange
+from .http import _NOT_TCHAR
 
 _HEADERS_SLOT = Exchange.__dict__["headers"]  # the base class's __slots__ member
+
+# name -> b"\nname:" (lowercase), the pattern that finds its lines in the
+# lowered head; None for a name that is not a token (edited on the mapping).
+_KEYS: dict[str, bytes | None] = {}
+_KEYS_MAX = 1024
+# Kept apart from the lines (the upstream client writes its own).
+_APART = frozenset({b"\nhost:", b"\ncontent-length:"})
+
+
+def _key(name: str) -> bytes | None:
+    k = _KEYS.get(name, b"")
+    if k == b"":
+        if name.isascii() and name and not any(c in _NOT_TCHAR for c in name):
+            k = b"\n" + name.lower().encode("ascii") + b":"
+        else:
+            k = None
+        if len(_KEYS) >= _KEYS_MAX:  # names made up per request: stay bounded
+            _KEYS.clear()
+        _KEYS[name] = k
+    return k
+
+
+def _line(name: str, value: str) -> bytes | None:
+    """``name: value`` CRLF as the mapping path would send it, or None when
+    the value cannot go out on bytes unchanged: a line break (the fast
+    client refuses the request, CWE-113) or a string that does not survive
+    the utf-8/surrogateescape round trip a later ``ex.headers`` makes."""
+    if "\r" in value or "\n" in value:
+        return None
+    if value.isascii():
+        return f"{name}: {value}\r\n".encode("ascii")
+    try:
+        v = value.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return None
+    if v.decode("utf-8", "surrogateescape") != value:
+        return None
+    return name.encode("ascii") + b": " + v + b"\r\n"
 
 
 class RawExchange(Exchange):
@@ -28,7 +76,7 @@ class RawExchange(Exchange):
     client are kept apart: the upstream client writes its own.
     """
 
-    __slots__ = ("_lines", "_pairs", "_extra", "_host", "_length")
+    __slots__ = ("_lines", "_pairs", "_extra", "_host", "_length", "_low")
 
     def __init__(self, route: Any, method: str, path: str, query: str, lines: bytes | None,
                  pairs: list[tuple[bytes, bytes]], extra: list[tuple[str, str]],
@@ -38,6 +86,7 @@ class RawExchange(Exchange):
         self._extra = extra
         self._host = host
         self._length = length
+        self._low: bytes | None = None  # b"\n" + the lines, lowercase (built on the first lookup)
         Exchange.__init__(self, route, method, path, query, None, **kw)  # type: ignore[arg-type]
 
     @property
@@ -72,3 +121,94 @@ class RawExchange(Exchange):
     def raw_length(self) -> bytes | None:
         """The client's Content-Length value, as sent."""
         return self._length
+
+    # ---- header edits on the bytes (Exchange's API, same semantics) ----------
+
+    def _lowered(self) -> bytes:
+        low = self._low
+        if low is None:
+            low = self._low = b"\n" + self._lines.lower()  # type: ignore[union-attr]
+        return low
+
+    def has_header(self, name: str) -> bool:
+        if self._lines is not None:  # not looked at yet
+            k = _key(name)
+            if k is not None:
+                if k in _APART:
+                    return (self._host if k == b"\nhost:" else self._length) is not None
+                return k in self._lowered()
+        return name in self.headers
+
+    def set_header(self, name: str, value: str) -> None:
+        if self._lines is not None:  # not looked at yet
+            k = _key(name)
+            if k is not None and k not in _APART:
+                line = _line(name, value)
+                if line is not None:
+                    low = self._lowered()
+                    if k not in low:
+                        # The common case: a header the request does not have, appended.
+                        self._lines += line
+                        self._low = low + line.lower()
+                        self._extra.append((name, value))
+                        return
+                    self._edit(k, name, [value])
+                    return
+        self.headers[name] = value
+
+    def remove_header(self, name: str) -> None:
+        if self._lines is not None:  # not looked at yet
+            k = _key(name)
+            if k is not None and k not in _APART:
+                if k in self._lowered():
+                    self._edit(k, None, [])
+                return
+        self.headers.popall(name, None)
+
+    def rename_header(self, old: str, new: str) -> None:
+        if self._lines is not None:  # not looked at yet
+            k = _key(old)
+            kn = _key(new)
+            if k is not None and kn is not None and k not in _APART and kn not in _APART:
+                if k in self._lowered():
+                    self._edit(k, new, None)
+                return
+        Exchange.rename_header(self, old, new)
+
+    def _edit(self, k: bytes, name: str | None, values: list[str] | None) -> None:
+        """The headers named by key ``k`` (present) are taken out; then
+        ``values`` = [v]: ``name: v`` takes the place of the first one (set);
+        ``values`` = []: nothing more (remove); ``values`` None: each
+        value taken out is appended as ``name: value`` (rename)."""
+        lb = k[1:-1]
+        ln = lb.decode("ascii")
+        pairs: list[tuple[bytes, bytes]] = []
+        extra: list[tuple[str, str]] = []
+        taken: list[str] = []
+        for p in self._pairs:
+            if p[0].lower() != lb:
+                pairs.append(p)
+            elif values is None:
+                taken.append(p[1].decode("utf-8", "surrogateescape"))
+            elif values and not taken:
+                assert name is not None
+                pairs.append((name.encode("ascii"), values[0].encode("utf-8", "surrogateescape")))
+                taken.append(values[0])
+        for e in self._extra:
+            if e[0].lower() != ln:
+                extra.append(e)
+            elif values is None:
+                taken.append(e[1])
+            elif values and not taken:
+                assert name is not None
+                extra.append((name, values[0]))
+                taken.append(values[0])
+        if values is None:
+            assert name is not None
+            extra.extend([(name, v) for v in taken])
+        self._pairs = pairs
+        self._extra = extra
+        lines = [b"%b: %b\r\n" % p for p in pairs]
+        lines.append("".join([f"{a}: {b}\r\n" for a, b in extra]).encode("utf-8", "surrogateescape"))
+        self._lines = b"".join(lines)
+        self._low = None

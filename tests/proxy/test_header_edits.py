@@ -1,0 +1,146 @@
+"""Exchange's header-editing API (has/set/remove/rename_header) on both
+Exchange classes: on RawExchange (the fast server's, headers still bytes) the
+edits must leave exactly what the same edits leave on the CIMultiDict, in the
+same order, and the forwarded lines must be that mapping's lines."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+from multidict import CIMultiDict
+
+from proxy.chain import Exchange
+from proxy.fastserver.head import FastHead
+from proxy.rawexchange import RawExchange
+
+# What a client sent (mixed case, a repeated header, hop-by-hop ones the head
+# drops, Host and Content-Length that RawExchange keeps apart).
+CLIENT = [(b"Host", b"svc.local"), (b"x-dup", b"1"), (b"Cookie", b"c=1"), (b"X-Dup", b"2"),
+          (b"Authorization", b"Bearer client"), (b"Connection", b"X-Hop"), (b"X-Hop", b"gone"),
+          (b"Content-Length", b"3"), (b"X-Utf8", "h\u00e9llo".encode()), (b"x-DUP", b"3"),
+          (b"X-Raw", b"\xff\xfe")]
+# What admission adds (proxy/admission.py).
+EXTRA = [("X-Forwarded-For", "10.0.0.1"), ("X-Forwarded-Proto", "http"), ("X-Request-ID", "rid")]
+
+
+def raw_exchange(client=CLIENT) -> RawExchange:
+    head = FastHead("POST", "/p/x", list(client), "10.0.0.1", "1.1", True, time.monotonic())
+    return head.build(None, "/x", "", list(EXTRA), False, request_id="rid", started=0.0, max_body=1 << 20)
+
+
+def mapped_exchange(client=CLIENT) -> Exchange:
+    """The same request as the aiohttp server's Exchange (a CIMultiDict)."""
+    ex = raw_exchange(client)
+    h = CIMultiDict(ex.headers)
+    return Exchange(None, "POST", "/x", "", h, request_id="rid", started=0.0, max_body=1 << 20)  # type: ignore[arg-type]
+
+
+def lines_of(headers: CIMultiDict[str]) -> bytes:
+    # What the fast client writes from a mapping, Host and Content-Length aside (it writes its own).
+    return "".join(f"{k}: {v}\r\n" for k, v in headers.items()
+                   if k.lower() not in ("host", "content-length")).encode("utf-8", "surrogateescape")
+
+
+def apply(ex: Exchange, ops: list[tuple]) -> list[bool]:
+    seen = []
+    for op, *args in ops:
+        if op == "has":
+            seen.append(ex.has_header(*args))
+        else:
+            getattr(ex, op + "_header")(*args)
+    return seen
+
+
+# (name, ops, stays bytes)
+CASES = [
+    ("set_new", [("has", "X-New"), ("set", "X-New", "v")], True),
+    ("set_twice_sent_header", [("set", "X-DUP", "only")], True),
+    ("set_first_in_extras", [("set", "x-request-id", "mine")], True),
+    ("set_then_set_again", [("set", "X-New", "a"), ("set", "x-new", "b"), ("has", "X-NEW")], True),
+    ("override_client_authorization", [("has", "authorization"), ("set", "Authorization", "Bearer s")], True),
+    ("remove_twice_sent_header", [("remove", "X-Dup"), ("has", "x-dup")], True),
+    ("remove_absent", [("remove", "X-Debug"), ("has", "X-Debug")], True),
+    ("remove_extra", [("remove", "X-Forwarded-Proto")], True),
+    ("remove_hop_by_hop_already_gone", [("has", "X-Hop"), ("remove", "Connection")], True),
+    ("rename_twice_sent_header", [("rename", "X-Dup", "X-Was-Dup")], True),
+    ("rename_same_name", [("rename", "x-dup", "X-Dup")], True),
+    ("rename_absent", [("rename", "X-Old", "X-New")], True),
+    ("rename_onto_existing", [("rename", "Cookie", "X-Dup")], True),
+    ("rename_then_set_then_remove", [("rename", "X-Utf8", "X-U"), ("set", "x-u", "w"), ("remove", "Cookie"),
+                                     ("set", "X-Late", "l")], True),
+    ("raw_bytes_value_kept", [("remove", "Cookie"), ("set", "X-New", "v")], True),
+    ("non_ascii_value", [("set", "X-Name", "J\u00fcrgen"), ("set", "X-Dup", "\u00e9")], True),
+    ("has_host_and_length", [("has", "HOST"), ("has", "content-length"), ("has", "Transfer-Encoding")], True),
+    # Kept apart or unsafe on bytes: edited on the mapping instead, same result.
+    ("set_host", [("set", "Host", "other")], False),
+    ("remove_content_length", [("remove", "Content-Length")], False),
+    ("rename_to_host", [("rename", "X-Dup", "Host")], False),
+    ("line_break_value", [("set", "X-Api-Key", "a\r\nX-Injected: 1")], False),
+    ("lone_lf_value", [("set", "X-Dup", "a\nb")], False),
+    ("non_token_name", [("set", "X Bad", "v")], False),
+    ("surrogates_that_are_not_an_escape", [("set", "X-S", "\udcc3\udca9")], False),
+]
+
+
+@pytest.mark.parametrize("ops,stays", [(c[1], c[2]) for c in CASES], ids=[c[0] for c in CASES])
+def test_edits_on_bytes_equal_edits_on_the_mapping(ops, stays):
+    raw, mapped, looked = raw_exchange(), mapped_exchange(), raw_exchange()
+    looked.headers  # noqa: B018 -- built first: the RawExchange's own mapping path
+    answers = apply(raw, ops)
+    assert answers == apply(mapped, ops) == apply(looked, ops)
+    assert (raw.raw_head() is not None) is stays
+    if stays:
+        assert raw.raw_head() == lines_of(mapped.headers)
+    assert list(raw.headers.items()) == list(mapped.headers.items()) == list(looked.headers.items())
+
+
+def test_random_edit_sequences_agree():
+    # Deterministic (seeded): many mixed sequences over names present once,
+    # twice, in the extras, kept apart, absent, in varied case.
+    names = ["X-Dup", "x-dup", "Cookie", "authorization", "X-Forwarded-For", "x-request-id", "X-New", "x-new",
+             "Host", "Content-Length", "X-Raw"]
+    values = ["v", "", "Bearer t", "\u00e9t\u00e9", "a\r\nb"]
+    rng = random.Random(10)
+    for _ in range(400):
+        ops: list[tuple] = []
+        for _ in range(rng.randint(1, 6)):
+            op = rng.choice(["has", "set", "remove", "rename"])
+            if op == "has" or op == "remove":
+                ops.append((op, rng.choice(names)))
+            elif op == "set":
+                ops.append((op, rng.choice(names), rng.choice(values)))
+            else:
+                ops.append((op, rng.choice(names), rng.choice(names)))
+        raw, mapped = raw_exchange(), mapped_exchange()
+        assert apply(raw, ops) == apply(mapped, ops), ops
+        if raw.raw_head() is not None:
+            assert raw.raw_head() == lines_of(mapped.headers), ops
+        assert list(raw.headers.items()) == list(mapped.headers.items()), ops
+
+
+def test_common_edits_stay_bytes_and_append():
+    ex = raw_exchange([(b"Host", b"a"), (b"Accept", b"*/*")])
+    before = ex.raw_head()
+    assert not ex.has_header("Authorization")
+    ex.set_header("Authorization", "Bearer t")
+    ex.remove_header("X-Debug")
+    ex.rename_header("X-Old", "X-New")
+    ex.set_header("X-Sidecar", "bench")
+    assert ex.raw_head() == before + b"Authorization: Bearer t\r\nX-Sidecar: bench\r\n"
+    assert ex.has_header("authorization") and ex.has_header("X-SIDECAR")
+    assert list(ex.headers.items())[-2:] == [("Authorization", "Bearer t"), ("X-Sidecar", "bench")]
+    assert ex.raw_head() is None
+
+
+def test_a_line_break_never_reaches_the_lines():
+    # CWE-113: the value goes to the mapping, which the fast client refuses
+    # to serialise (proxy.http.message_head); the bytes never hold it.
+    ex = raw_exchange()
+    ex.set_header("X-Api-Key", "a\r\nX-Injected: 1")
+    assert ex.raw_head() is None
+    assert ex.headers["X-Api-Key"] == "a\r\nX-Injected: 1"
+    from proxy.http import HeaderLineBreak, message_head
+    with pytest.raises(HeaderLineBreak):
+        message_head("GET / HTTP/1.1", ex.headers)
