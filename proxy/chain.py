@@ -116,6 +116,7 @@ class Exchange:
     query included).
     A filter that only tests, sets, removes or renames request headers uses
     ``has_header`` / ``set_header`` / ``remove_header`` / ``rename_header``
+    (and ``save_headers`` / ``restore_headers`` to send a request again)
     rather than ``headers``: same result, but on the fast server the request
     head then stays bytes (proxy/rawexchange.py) instead of becoming a
     CIMultiDict and being serialised again (~3-5 µs per request).
@@ -201,6 +202,17 @@ class Exchange:
         if values:
             del h[old]
             h.extend([(new, v) for v in values])
+
+    def save_headers(self) -> Any:
+        """A snapshot of the request headers, for ``restore_headers`` (a
+        filter that sends the request again, such as retry, first undoes
+        what the inner filters changed)."""
+        return self.headers.copy()
+
+    def restore_headers(self, saved: Any) -> None:
+        """Put back the headers as ``save_headers`` saw them (the snapshot
+        stays usable for another restore)."""
+        self.headers = saved.copy()
 
     async def read_body(self, limit: int | None = None) -> bytes:
         """Buffer the request body (once) so it can be inspected or replayed.

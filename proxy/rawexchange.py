@@ -175,6 +175,19 @@ class RawExchange(Exchange):
                 return
         Exchange.rename_header(self, old, new)
 
+    def save_headers(self) -> Any:
+        if self._lines is not None:
+            return (self._lines, self._pairs[:], self._extra[:])
+        return Exchange.save_headers(self)
+
+    def restore_headers(self, saved: Any) -> None:
+        if saved.__class__ is tuple:
+            lines, pairs, extra = saved
+            _HEADERS_SLOT.__set__(self, None)
+            self._lines, self._pairs, self._extra, self._low = lines, pairs[:], extra[:], None
+        else:
+            self.headers = saved.copy()
+
     def _edit(self, k: bytes, name: str | None, values: list[str] | None) -> None:
         """The headers named by key ``k`` (present) are taken out; then
         ``values`` = [v]: ``name: v`` takes the place of the first one (set);

@@ -120,6 +120,28 @@ def test_random_edit_sequences_agree():
         assert list(raw.headers.items()) == list(mapped.headers.items()), ops
 
 
+@pytest.mark.parametrize("look_between", [False, True])
+def test_save_and_restore_headers(look_between):
+    # retry's use: save, let the inner filters edit (maybe build the
+    # mapping), restore, edit again; both classes end the same.
+    raw, mapped = raw_exchange(), mapped_exchange()
+    for ex in (raw, mapped):
+        ex.set_header("X-Outer", "o")
+        saved = ex.save_headers()
+        ex.set_header("Authorization", "Bearer 1")
+        ex.remove_header("X-Dup")
+        if look_between:
+            ex.headers.add("X-Looked", "1")
+        ex.restore_headers(saved)
+        ex.set_header("Authorization", "Bearer 2")
+        ex.restore_headers(saved)  # the snapshot is still good for another try
+        ex.set_header("Authorization", "Bearer 3")
+    assert raw.raw_head() == lines_of(mapped.headers)
+    assert list(raw.headers.items()) == list(mapped.headers.items())
+    assert ("Authorization", "Bearer 3") in mapped.headers.items() and "X-Looked" not in mapped.headers
+    assert mapped.headers.getall("X-Dup") == ["1", "2", "3"]
+
+
 def test_common_edits_stay_bytes_and_append():
     ex = raw_exchange([(b"Host", b"a"), (b"Accept", b"*/*")])
     before = ex.raw_head()
@@ -244,3 +266,33 @@ async def test_a_secret_with_a_line_break_is_never_sent(sidecar_factory, upstrea
         assert status == 502
         await sc.stop()
     assert upstream.seen == []
+
+
+async def test_production_chain_keeps_the_head_bytes_across_retries(sidecar_factory, upstream, monkeypatch):
+    """headers, auth, retry (a 503 then a 200) and unsampled tracing, as in
+    bench/chain.toml: every try leaves from bytes and carries the same head."""
+    from tests.plugins.test_retry import script
+
+    monkeypatch.setenv("EDIT_TOKEN", "t0k")
+    upstream.responder = script(503, 200)
+    sc = await sidecar_factory({"p": f'''route = "/p"
+upstream = "{upstream.url}"
+[headers.request]
+set = {{ "X-Sidecar" = "bench" }}
+[auth]
+type = "bearer"
+secret = "env:EDIT_TOKEN"
+[retry]
+backoff = {{ base = "1ms", max = "5ms" }}
+[tracing]
+[peek]
+'''}, '[tracing]\nexporter = "memory"\nsample_ratio = 0\n', sidecar='plugins = ["tests.support.peek"]')
+    status, headers = await send(sc.sidecar.ports["outbound"], "/p/x", [("Authorization", "Bearer own")])
+    assert status == 200
+    assert headers["x-peek-raw"] == "1" and headers["x-sidecar-attempts"] == "2"
+    first, second = upstream.seen
+    assert first.raw_headers == second.raw_headers
+    h = first.headers
+    assert h.getall("Authorization") == ["Bearer t0k"] and h["X-Sidecar"] == "bench"
+    version, _, _, flags = h["traceparent"].split("-")
+    assert version == "00" and int(flags, 16) & 1 == 0  # not sampled
