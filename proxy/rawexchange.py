@@ -29,21 +29,21 @@ from .http import _NOT_TCHAR
 
 _HEADERS_SLOT = Exchange.__dict__["headers"]  # the base class's __slots__ member
 
-# name -> b"\nname:" (lowercase), the pattern that finds its lines in the
-# lowered head; None for a name that is not a token (edited on the mapping).
-_KEYS: dict[str, bytes | None] = {}
+# name -> its lowercase bytes, the key of ``RawExchange._names``; b"" for a
+# name that is not an RFC 9110 token (such an edit is made on the mapping).
+_KEYS: dict[str, bytes] = {}
 _KEYS_MAX = 1024
 # Kept apart from the lines (the upstream client writes its own).
-_APART = frozenset({b"\nhost:", b"\ncontent-length:"})
+_APART = frozenset({b"host", b"content-length"})
 
 
-def _key(name: str) -> bytes | None:
-    k = _KEYS.get(name, b"")
-    if k == b"":
+def _key(name: str) -> bytes:
+    k = _KEYS.get(name)
+    if k is None:
         if name.isascii() and name and not any(c in _NOT_TCHAR for c in name):
-            k = b"\n" + name.lower().encode("ascii") + b":"
+            k = name.lower().encode("ascii")
         else:
-            k = None
+            k = b""
         if len(_KEYS) >= _KEYS_MAX:  # names made up per request: stay bounded
             _KEYS.clear()
         _KEYS[name] = k
@@ -57,8 +57,6 @@ def _line(name: str, value: str) -> bytes | None:
     the utf-8/surrogateescape round trip a later ``ex.headers`` makes."""
     if "\r" in value or "\n" in value:
         return None
-    if value.isascii():
-        return f"{name}: {value}\r\n".encode("ascii")
     try:
         v = value.encode("utf-8", "surrogateescape")
     except UnicodeEncodeError:
@@ -76,7 +74,7 @@ class RawExchange(Exchange):
     client are kept apart: the upstream client writes its own.
     """
 
-    __slots__ = ("_lines", "_pairs", "_extra", "_host", "_length", "_low")
+    __slots__ = ("_lines", "_pairs", "_extra", "_host", "_length", "_names")
 
     def __init__(self, route: Any, method: str, path: str, query: str, lines: bytes | None,
                  pairs: list[tuple[bytes, bytes]], extra: list[tuple[str, str]],
@@ -86,7 +84,7 @@ class RawExchange(Exchange):
         self._extra = extra
         self._host = host
         self._length = length
-        self._low: bytes | None = None  # b"\n" + the lines, lowercase (built on the first lookup)
+        self._names: set[bytes] | None = None  # lowercase names present (built by the first edit)
         Exchange.__init__(self, route, method, path, query, None, **kw)  # type: ignore[arg-type]
 
     @property
@@ -103,14 +101,14 @@ class RawExchange(Exchange):
             items.extend(self._extra)
             h = CIMultiDict(items)
             _HEADERS_SLOT.__set__(self, h)
-            self._lines = None
+            self._lines = self._names = None
         return h
 
     @headers.setter
     def headers(self, value: CIMultiDict[str] | None) -> None:
         _HEADERS_SLOT.__set__(self, value)
         if value is not None:
-            self._lines = None
+            self._lines = self._names = None
 
     def raw_head(self) -> bytes | None:
         """The forwarded header lines (each ending CRLF, no Host, no
@@ -123,56 +121,89 @@ class RawExchange(Exchange):
         return self._length
 
     # ---- header edits on the bytes (Exchange's API, same semantics) ----------
+    # ``_names`` is the set of the lowercase names present (Host and
+    # Content-Length included), built by the first edit; None again after an
+    # edit that takes lines out, and once the mapping exists.
 
-    def _lowered(self) -> bytes:
-        low = self._low
-        if low is None:
-            low = self._low = b"\n" + self._lines.lower()  # type: ignore[union-attr]
-        return low
+    def _lookup(self) -> set[bytes]:
+        names: set[bytes] = set()
+        add = names.add  # a plain loop: no comprehension frame (~0.2 µs)
+        for k, _ in self._pairs:
+            add(k.lower())
+        for n, _ in self._extra:
+            add(_KEYS.get(n) or _key(n))
+        if self._host is not None:
+            add(b"host")
+        if self._length is not None:
+            add(b"content-length")
+        self._names = names
+        return names
 
     def has_header(self, name: str) -> bool:
-        if self._lines is not None:  # not looked at yet
-            k = _key(name)
-            if k is not None:
-                if k in _APART:
-                    return (self._host if k == b"\nhost:" else self._length) is not None
-                return k in self._lowered()
+        names = self._names
+        if names is None:
+            if self._lines is None:  # looked at: the mapping
+                return name in self.headers
+            names = self._lookup()
+        k = _KEYS.get(name) or _key(name)
+        if k:
+            return k in names
         return name in self.headers
 
     def set_header(self, name: str, value: str) -> None:
-        if self._lines is not None:  # not looked at yet
-            k = _key(name)
-            if k is not None and k not in _APART:
-                line = _line(name, value)
-                if line is not None:
-                    low = self._lowered()
-                    if k not in low:
-                        # The common case: a header the request does not have, appended.
-                        self._lines += line
-                        self._low = low + line.lower()
-                        self._extra.append((name, value))
-                        return
+        names = self._names
+        if names is None:
+            if self._lines is None:
+                self.headers[name] = value
+                return
+            names = self._lookup()
+        k = _KEYS.get(name) or _key(name)
+        if k and k not in names and value.isascii() and value.isprintable() and k not in _APART:
+            # The common case: a plain value for a header the request does not
+            # have (a credential, a configured header), appended.
+            self._lines += f"{name}: {value}\r\n".encode()  # type: ignore[operator]
+            names.add(k)
+            self._extra.append((name, value))
+            return
+        if k and k not in _APART:
+            line = _line(name, value)
+            if line is not None:
+                if k in names:
                     self._edit(k, name, [value])
-                    return
+                else:
+                    self._lines += line  # type: ignore[operator]
+                    names.add(k)
+                    self._extra.append((name, value))
+                return
         self.headers[name] = value
 
     def remove_header(self, name: str) -> None:
-        if self._lines is not None:  # not looked at yet
-            k = _key(name)
-            if k is not None and k not in _APART:
-                if k in self._lowered():
-                    self._edit(k, None, [])
+        names = self._names
+        if names is None:
+            if self._lines is None:
+                self.headers.popall(name, None)
                 return
+            names = self._lookup()
+        k = _KEYS.get(name) or _key(name)
+        if k and k not in _APART:
+            if k in names:
+                self._edit(k, None, [])
+            return
         self.headers.popall(name, None)
 
     def rename_header(self, old: str, new: str) -> None:
-        if self._lines is not None:  # not looked at yet
-            k = _key(old)
-            kn = _key(new)
-            if k is not None and kn is not None and k not in _APART and kn not in _APART:
-                if k in self._lowered():
-                    self._edit(k, new, None)
+        names = self._names
+        if names is None:
+            if self._lines is None:
+                Exchange.rename_header(self, old, new)
                 return
+            names = self._lookup()
+        k = _KEYS.get(old) or _key(old)
+        kn = _KEYS.get(new) or _key(new)
+        if k and kn and k not in _APART and kn not in _APART:
+            if k in names:
+                self._edit(k, new, None)
+            return
         Exchange.rename_header(self, old, new)
 
     def save_headers(self) -> Any:
@@ -184,7 +215,7 @@ class RawExchange(Exchange):
         if saved.__class__ is tuple:
             lines, pairs, extra = saved
             _HEADERS_SLOT.__set__(self, None)
-            self._lines, self._pairs, self._extra, self._low = lines, pairs[:], extra[:], None
+            self._lines, self._pairs, self._extra, self._names = lines, pairs[:], extra[:], None
         else:
             self.headers = saved.copy()
 
@@ -193,7 +224,7 @@ class RawExchange(Exchange):
         ``values`` = [v]: ``name: v`` takes the place of the first one (set);
         ``values`` = []: nothing more (remove); ``values`` None: each
         value taken out is appended as ``name: value`` (rename)."""
-        lb = k[1:-1]
+        lb = k
         ln = lb.decode("ascii")
         pairs: list[tuple[bytes, bytes]] = []
         extra: list[tuple[str, str]] = []
@@ -224,4 +255,4 @@ class RawExchange(Exchange):
         lines = [b"%b: %b\r\n" % p for p in pairs]
         lines.append("".join([f"{a}: {b}\r\n" for a, b in extra]).encode("utf-8", "surrogateescape"))
         self._lines = b"".join(lines)
-        self._low = None
+        self._names = None
