@@ -5,6 +5,7 @@ same order, and the forwarded lines must be that mapping's lines."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 
@@ -13,7 +14,9 @@ from multidict import CIMultiDict
 
 from proxy.chain import Exchange
 from proxy.fastserver.head import FastHead
+from proxy.http import HeaderLineBreak, message_head
 from proxy.rawexchange import RawExchange
+from tests.plugins.test_retry import script
 
 # What a client sent (mixed case, a repeated header, hop-by-hop ones the head
 # drops, Host and Content-Length that RawExchange keeps apart).
@@ -163,7 +166,6 @@ def test_a_line_break_never_reaches_the_lines():
     ex.set_header("X-Api-Key", "a\r\nX-Injected: 1")
     assert ex.raw_head() is None
     assert ex.headers["X-Api-Key"] == "a\r\nX-Injected: 1"
-    from proxy.http import HeaderLineBreak, message_head
     with pytest.raises(HeaderLineBreak):
         message_head("GET / HTTP/1.1", ex.headers)
 
@@ -193,8 +195,6 @@ SENT = [("X-Dup", "1"), ("x-drop", "a"), ("X-Old", "o1"), ("X-Keep", "k"), ("X-D
 
 
 async def send(port: int, path: str, headers: list[tuple[str, str]]) -> tuple[int, dict[str, str]]:
-    import asyncio
-
     r, w = await asyncio.open_connection("127.0.0.1", port)
     head = f"GET {path} HTTP/1.1\r\nHost: svc.local\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers) + \
         "Connection: close\r\n\r\n"
@@ -271,8 +271,6 @@ async def test_a_secret_with_a_line_break_is_never_sent(sidecar_factory, upstrea
 async def test_production_chain_keeps_the_head_bytes_across_retries(sidecar_factory, upstream, monkeypatch):
     """headers, auth, retry (a 503 then a 200) and unsampled tracing, as in
     bench/chain.toml: every try leaves from bytes and carries the same head."""
-    from tests.plugins.test_retry import script
-
     monkeypatch.setenv("EDIT_TOKEN", "t0k")
     upstream.responder = script(503, 200)
     sc = await sidecar_factory({"p": f'''route = "/p"
