@@ -145,7 +145,7 @@ def test_production_chain_and_request_head(benchmark, runtime, looked):
 
     def one():
         head = FastHead("GET", "/bench/json", raw, "127.0.0.1", "1.1", True, 0.0)
-        ex = head.build(None, "/json", "", list(extra), False, tenant="t1", request_id="r1",
+        ex = head.build(None, "/json", "", list(extra), False, tenant="t1", request_id="r1",  # type: ignore[arg-type]
                         client_ip="127.0.0.1", started=0.0, max_body=1 << 20)
         if looked:
             ex.headers  # noqa: B018 -- a filter had a look
