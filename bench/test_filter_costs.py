@@ -107,3 +107,49 @@ def test_fastclient_request_head(benchmark):
         return s.encode("utf-8", "surrogateescape")
 
     assert benchmark(head).startswith(b"GET /json")
+
+
+@pytest.mark.parametrize("looked", [False, True], ids=["bytes", "mapping"])
+def test_production_chain_and_request_head(benchmark, runtime, looked):
+    """The whole chain of bench/chain.toml on the fast server's RawExchange,
+    then the fast client's request head: the filters edit the header bytes
+    (Exchange's header API), or the mapping when a filter has read
+    ``ex.headers`` (``mapping``: what every request paid before they used the API)."""
+    from types import SimpleNamespace
+
+    from proxy.fastclient.send import FastUpstream
+    from proxy.fastserver.head import FastHead
+
+    filters = []
+    for name in CHAIN:
+        spec = runtime.specs.get(name)
+        if spec is not None:
+            f = spec.build(spec.config.model_validate(CHAIN[name]), BuildContext("bench", _policy_like(name, runtime),
+                                                                                   runtime))
+            if f is not None:
+                f.name = name
+                filters.append((spec.priority, name, f))
+    filters.sort(key=lambda t: (-t[0], t[1]))
+    up = FastUpstream("http://127.0.0.1:1", None, SimpleNamespace(connect=1.0, idle=60.0))  # type: ignore[arg-type]
+    heads = []
+
+    async def send(ex):
+        lines = ex.raw_head()
+        heads.append(up._raw_request(ex, lines)[0] if lines is not None else up._request(ex)[0])
+        return ProxyResponse(200, CIMultiDict([("Content-Type", "application/json")]), b"{}")
+
+    handler = compile_chain([f for _, _, f in filters], send)
+    raw = [(k.encode(), v.encode()) for k, v in REQUEST_HEADERS if k != "X-Request-ID"]
+    extra = [("X-Forwarded-For", "127.0.0.1"), ("X-Forwarded-Proto", "http"),
+             ("X-Forwarded-Host", "127.0.0.1:8080"), ("X-Request-ID", "r1")]
+
+    def one():
+        head = FastHead("GET", "/bench/json", raw, "127.0.0.1", "1.1", True, 0.0)
+        ex = head.build(None, "/json", "", list(extra), False, tenant="t1", request_id="r1",  # type: ignore[arg-type]
+                        client_ip="127.0.0.1", started=0.0, max_body=1 << 20)
+        if looked:
+            ex.headers  # noqa: B018 -- a filter had a look
+        return drive(handler, ex)
+
+    assert one().status == 200 and b"Authorization: Bearer " in heads[-1]
+    benchmark(one)

@@ -67,6 +67,17 @@ class _Ops:
         self.set = tuple(ops.set.items())
 
 
+def _apply_request(ops: _Ops, ex: Exchange) -> None:
+    # Through Exchange's header API, not ex.headers: on the fast server the
+    # request head then stays bytes (proxy/rawexchange.py).
+    for old, new in ops.rename:
+        ex.rename_header(old, new)
+    for name in ops.remove:
+        ex.remove_header(name)
+    for name, value in ops.set:
+        ex.set_header(name, value)
+
+
 def _apply(ops: _Ops, headers: Any) -> None:
     for old, new in ops.rename:
         values = headers.getall(old, [])
@@ -95,7 +106,7 @@ class HeadersFilter(Filter):
             self.after = None  # type: ignore[assignment]
 
     def before(self, ex: Exchange) -> None:
-        _apply(self.req, ex.headers)  # type: ignore[arg-type]
+        _apply_request(self.req, ex)  # type: ignore[arg-type]
 
     def after(self, ex: Exchange, resp: ProxyResponse) -> None:
         _apply(self.resp, resp.headers)  # type: ignore[arg-type]

@@ -224,10 +224,10 @@ class RetryFilter(Filter):
     async def handle(self, ex: Exchange, call_next: Handler) -> ProxyResponse:
         now = time.monotonic()
         self.budget.request(now)
-        retryable = ex.method in IDEMPOTENT or self.key_header in ex.headers
+        retryable = ex.method in IDEMPOTENT or ex.has_header(self.key_header)
         if not retryable and self.add_key and ex.method == "POST":
             # Stripe-style providers deduplicate on the key, so a retry is safe.
-            ex.headers[self.key_header] = str(uuid.uuid4())
+            ex.set_header(self.key_header, str(uuid.uuid4()))
             retryable = True
         if retryable and self.attempts > 1:
             retryable = await self._replayable(ex)
@@ -241,7 +241,8 @@ class RetryFilter(Filter):
     async def _loop(self, ex: Exchange, call_next: Handler) -> ProxyResponse:
         body = ex.body
         method, path, query = ex.method, ex.path, ex.query
-        headers = ex.headers.copy()
+        # Not ex.headers: on the fast server the head stays bytes (proxy/rawexchange.py).
+        headers = ex.save_headers()
         deadline = ex.deadline
         per_try = self.per_try
         attempt = 1
@@ -251,7 +252,7 @@ class RetryFilter(Filter):
                 if attempt > 1:
                     # Inner filters (credentials) run again on a clean request.
                     ex.method, ex.path, ex.query, ex.body = method, path, query, body
-                    ex.headers = headers.copy()
+                    ex.restore_headers(headers)
                 if per_try is not None:
                     d = time.monotonic() + per_try
                     ex.deadline = d if deadline is None else min(d, deadline)

@@ -114,6 +114,12 @@ class Exchange:
     ``headers`` (already free of hop-by-hop headers) and ``body``.
     ``target`` is the request target as the client sent it (route prefix and
     query included).
+    A filter that only tests, sets, removes or renames request headers uses
+    ``has_header`` / ``set_header`` / ``remove_header`` / ``rename_header``
+    (and ``save_headers`` / ``restore_headers`` to send a request again)
+    rather than ``headers``: same result, but on the fast server the request
+    head then stays bytes (proxy/rawexchange.py) instead of becoming a
+    CIMultiDict and being serialised again (~3-5 µs per request).
     ``response_headers`` are added to whatever response reaches the client,
     errors included (rate-limit headers, for instance). ``log`` collects what
     each plugin decided, for the access-log line. A filter that needs another
@@ -170,6 +176,43 @@ class Exchange:
             raise TypeError(f"Exchange.derive: unknown field(s) {', '.join(sorted(unknown))}")
         kw.update(changes)
         return Exchange(**kw)
+
+    # Request header edits. Names are case-insensitive; the semantics are
+    # those of the CIMultiDict operations named, whatever holds the headers.
+
+    def has_header(self, name: str) -> bool:
+        """Whether the request has a ``name`` header (``name in headers``)."""
+        return name in self.headers
+
+    def set_header(self, name: str, value: str) -> None:
+        """``headers[name] = value``: the first ``name`` header takes the
+        value (and this spelling of the name) where it stands, the others are
+        removed; appended last when there was none."""
+        self.headers[name] = value
+
+    def remove_header(self, name: str) -> None:
+        """Remove every ``name`` header (``headers.popall(name, None)``)."""
+        self.headers.popall(name, None)
+
+    def rename_header(self, old: str, new: str) -> None:
+        """Every ``old`` header becomes a ``new`` one, appended last in their
+        order (``getall(old)``, ``del headers[old]``, ``add(new, v)`` each)."""
+        h = self.headers
+        values = h.getall(old, ())
+        if values:
+            del h[old]
+            h.extend([(new, v) for v in values])
+
+    def save_headers(self) -> Any:
+        """A snapshot of the request headers, for ``restore_headers`` (a
+        filter that sends the request again, such as retry, first undoes
+        what the inner filters changed)."""
+        return self.headers.copy()
+
+    def restore_headers(self, saved: Any) -> None:
+        """Put back the headers as ``save_headers`` saw them (the snapshot
+        stays usable for another restore)."""
+        self.headers = saved.copy()
 
     async def read_body(self, limit: int | None = None) -> bytes:
         """Buffer the request body (once) so it can be inspected or replayed.

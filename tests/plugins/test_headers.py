@@ -8,7 +8,8 @@ from multidict import CIMultiDict
 from pydantic import ValidationError
 
 from plugins.headers import Config, HeadersFilter, build
-from proxy.chain import ProxyResponse
+from proxy.chain import Exchange, ProxyResponse
+from proxy.fastserver.head import FastHead
 from tests.support.upstream import FakeUpstream
 
 
@@ -34,19 +35,33 @@ def test_empty_config_stays_out_of_the_chain():
     assert build(Config(), None) is None
 
 
-async def test_filter_rename_remove_set_in_that_order():
+def exchange(kind: str, headers: list[tuple[str, str]]) -> Exchange:
+    """The aiohttp server's Exchange (a CIMultiDict) or the fast server's
+    RawExchange (the same headers as bytes)."""
+    if kind == "mapping":
+        return Exchange(None, "GET", "/", "", CIMultiDict(headers),  # type: ignore[arg-type]
+                        request_id="r", started=0.0, max_body=1024)
+    raw = [(b"Host", b"h")] + [(k.encode(), v.encode()) for k, v in headers]
+    return FastHead("GET", "/", raw, None, "1.1", True, 0.0).build(None, "/", "", [], False, request_id="r",
+                                                                   started=0.0, max_body=1024)
+
+
+@pytest.mark.parametrize("kind", ["mapping", "raw"])
+async def test_filter_rename_remove_set_in_that_order(kind):
     f = HeadersFilter(Config(request={"rename": {"X-Old": "X-New"}, "remove": ["X-Debug"], "set": {"X-New": "set"}},
                              response={"remove": ["Server"], "set": {"X-Served-By": "sidecar"}}))
-
-    class Ex:
-        headers = CIMultiDict({"X-Old": "1", "X-Debug": "yes", "X-Keep": "k"})
+    ex = exchange(kind, [("X-Old", "1"), ("X-Debug", "yes"), ("X-Keep", "k"), ("x-debug", "again")])
+    stayed_raw = []
 
     async def upstream(ex):
-        assert list(ex.headers.items()) == [("X-Keep", "k"), ("X-New", "set")]
+        stayed_raw.append(kind == "raw" and ex.raw_head() is not None)
+        assert [(k, v) for k, v in ex.headers.items() if k != "Host"] == [("X-Keep", "k"), ("X-New", "set")]
         return ProxyResponse(200, CIMultiDict({"Server": "nginx", "X-Other": "o"}))
 
-    resp = await f.handle(Ex(), upstream)
+    resp = await f.handle(ex, upstream)
     assert dict(resp.headers) == {"X-Other": "o", "X-Served-By": "sidecar"}
+    # On the fast server's exchange the edits were made on the bytes.
+    assert stayed_raw == [kind == "raw"]
 
 
 async def test_end_to_end(sidecar_factory, client):

@@ -9,10 +9,11 @@ from email.utils import formatdate
 import aiohttp
 import pytest
 from aiohttp import web
+from multidict import CIMultiDict
 from pydantic import ValidationError
 
 from plugins.retry import Config, RetryBudget, RetryFilter, retries_counter, retry_after
-from proxy.chain import ProxyResponse
+from proxy.chain import Exchange, ProxyResponse
 from tests.support.sidecar import free_port
 from tests.support.upstream import FakeUpstream, wait_for
 
@@ -113,19 +114,10 @@ async def test_dropped_response_is_closed():
     async def always_503(ex):
         return ProxyResponse(503, body=b"x", release=released.append)
 
-    class Ex:
-        method, path, query = "GET", "/", ""
-        body, body_length, deadline = None, None, None
-
-        def __init__(self):
-            from multidict import CIMultiDict
-            self.headers = CIMultiDict()
-            self.response_headers, self.log, self.vars, self.attempt = [], {}, {}, 1
-
     from prometheus_client import CollectorRegistry, Counter
     counter = Counter("t_retries", "t", ["route", "reason"], registry=CollectorRegistry())
     f = RetryFilter("r", Config(backoff={"base": 0, "max": 0}), counter)
-    ex = Ex()
+    ex = Exchange(None, "GET", "/", "", CIMultiDict(), request_id="r", started=0.0, max_body=1024)  # type: ignore[arg-type]
     resp = await f.handle(ex, always_503)
     assert resp.status == 503
     assert released == [False, False]  # two dropped tries, closed (not reused)

@@ -89,21 +89,31 @@ async def test_filters_that_await_run_unchanged_without_a_task(tmp_path, monkeyp
 
 async def test_headers_stay_bytes_unless_a_filter_reads_them(sidecar_factory, upstream, client):
     """The forwarded head is the same whether built from the raw bytes (no
-    filter) or from ex.headers (a filter edits them)."""
+    filter, or one editing through Exchange's header API) or from ex.headers
+    (a filter reads them)."""
+    added = '[headers.request.set]\n"X-Added" = "1"\n'
     sc = await sidecar_factory({
-        "p": policy(upstream.url),
-        "h": 'route = "/h"\nupstream = "' + upstream.url + '"\n[headers.request.set]\n"X-Added" = "1"\n',
-    })
+        "p": policy(upstream.url, "[peek]\n"),
+        "h": 'route = "/h"\nupstream = "' + upstream.url + '"\n[peek]\n' + added,
+        "m": 'route = "/m"\nupstream = "' + upstream.url + '"\n[peek]\nread = true\n' + added,
+    }, sidecar='plugins = ["tests.support.peek"]')
     hdrs = {"X-Dup": "1", "Connection": "X-Gone", "X-Gone": "x", "X-Request-ID": "same"}
-    for prefix in ("/p", "/h"):
+    raw = []
+    for prefix in ("/p", "/h", "/m"):
         async with client.post(f"{sc.url}{prefix}/x?q=1", data=b"abc", headers=hdrs) as r:
             assert r.status == 200
-    plain, edited = upstream.seen[-2:]
+            raw.append(r.headers["X-Peek-Raw"])
+    assert raw == ["1", "1", "0"]
+    plain, edited, mapped = upstream.seen[-3:]
     a = sorted((k.lower(), v) for k, v in plain.headers.items())
     b = sorted((k.lower(), v) for k, v in edited.headers.items() if k.lower() != "x-added")
     assert a == b
+    # Same lines in the same order from the bytes and from the mapping (the
+    # fast client writes Content-Length where its framing goes, not in place).
+    assert [h for h in edited.raw_headers if h[0] != b"Content-Length"] == \
+        [h for h in mapped.raw_headers if h[0] != b"Content-Length"]
     assert edited.headers["X-Added"] == "1"
-    assert plain.body == edited.body == b"abc"
+    assert plain.body == edited.body == mapped.body == b"abc"
     assert "X-Gone" not in plain.headers and plain.headers["Content-Length"] == "3"
 
 

@@ -114,14 +114,20 @@ CASES: list[tuple[str, bytes, int]] = [
     ("http09", b"GET /up/x\r\n\r\n", 1),
     ("garbage_line", b"HELLO THERE\r\n\r\n", 1),
     ("bad_version", b"GET /up/x HTTP/7.3\r\nHost: a\r\n\r\n", 1),
-    # A route with a filter that reads and edits ex.headers: the fast server
-    # sends from the mapping it builds then, not from the raw bytes.
+    # A route with a filter that reads ex.headers (and one that edits them):
+    # the fast server sends from the mapping it builds then, not from the raw bytes.
     ("edited_get", req("GET /uh/a?x=1 HTTP/1.1", "X-Request-ID: r43", "X-Dup: 1", "X-Dup: 2", "X-Drop: d",
                        "Connection: X-Custom-Hop", "X-Custom-Hop: gone", "X-Utf8: h\u00e9llo"), 1),
     ("edited_post_chunked", req("POST /uh/stream HTTP/1.1", "X-Request-ID: r44", "Transfer-Encoding: chunked",
                                 body=chunked(b"a" * 300, b"b" * 7000)), 1),
     ("edited_post_cl", req("POST /uh/json HTTP/1.1", "X-Request-ID: r45", "Content-Length: 8", body=b'{"a": 1}'), 1),
     ("edited_delete_bare", req("DELETE /uh/x HTTP/1.1", "X-Request-ID: r46"), 1),
+    # auth + headers edit through Exchange's header API: on the fast server
+    # the head stays bytes (proxy/rawexchange.py).
+    ("auth_edited", req("GET /ua/a HTTP/1.1", "X-Request-ID: r47", "X-Drop: 1", "x-dup: 1", "X-Old: o",
+                        "X-DROP: 2", "X-Dup: 2", "X-Old: p"), 1),
+    ("auth_edited_own_credential", req("POST /ua/b HTTP/1.1", "X-Request-ID: r48", "authorization: Bearer own",
+                                       "Content-Length: 2", body=b"hi"), 1),
     ("pipelined_then_malformed", req("GET /up/ok HTTP/1.1", "X-Request-ID: r42")
         + b"GET /up/x HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab", 2),
 ]
@@ -225,16 +231,34 @@ upstream = "{url}"
 [headers.request]
 set = {{ "X-Set" = "s" }}
 remove = ["X-Drop"]
+[peek]
+read = true
+report = false
 """
 
 
-async def test_fast_and_aiohttp_servers_agree(sidecar_factory):
+AUTH_EDITING = """route = "/ua"
+upstream = "{url}"
+[headers.request]
+set = {{ "X-Set" = "s", "X-Dup" = "d" }}
+remove = ["X-Drop"]
+rename = {{ "X-Old" = "X-New" }}
+[auth]
+type = "bearer"
+secret = "env:DIFF_TOKEN"
+override = false
+"""
+
+
+async def test_fast_and_aiohttp_servers_agree(sidecar_factory, monkeypatch):
+    monkeypatch.setenv("DIFF_TOKEN", "t0k")
     up = await FakeUpstream(varied).start()
     try:
         results: dict[str, dict[str, tuple]] = {}
         for server in ("aiohttp", "fast"):
-            sc = await sidecar_factory({"up": POLICY.format(url=up.url), "uh": EDITING.format(url=up.url)},
-                                       outbound=f'server = "{server}"')
+            sc = await sidecar_factory({"up": POLICY.format(url=up.url), "uh": EDITING.format(url=up.url),
+                                        "ua": AUTH_EDITING.format(url=up.url)},
+                                       outbound=f'server = "{server}"', sidecar='plugins = ["tests.support.peek"]')
             assert sc.runtime.settings.outbound.server == server
             assert bool(sc.sidecar._fast) == (server == "fast")
             port = sc.sidecar.ports["outbound"]
@@ -300,6 +324,10 @@ async def test_fast_and_aiohttp_servers_agree(sidecar_factory):
         edited = fast["edited_get"][2][0][2]
         assert ("x-set", "s") in edited and not any(k in ("x-drop", "x-custom-hop") for k, _ in edited)
         assert fast["edited_post_chunked"][2][0][3] == b"a" * 300 + b"b" * 7000
+        authed = fast["auth_edited"][2][0][2]
+        assert ("authorization", "Bearer t0k") in authed and ("x-set", "s") in authed
+        assert [v for k, v in authed if k in ("x-dup", "x-new", "x-drop", "x-old")] == ["d", "o", "p"]
+        assert ("authorization", "Bearer own") in fast["auth_edited_own_credential"][2][0][2]
         # Parser-level rejections carry a request id in the body and the header.
         (resp,), _, _ = fast["header_line_huge"]
         assert ("x-request-id", "<rid>") in resp[2] and b'"request_id":"<rid>"' in resp[3]
