@@ -19,7 +19,6 @@ workers and sidecars alike.
 
 from __future__ import annotations
 
-import ctypes
 import ctypes.util
 import fcntl
 import hashlib
@@ -215,25 +214,28 @@ _CLAIMING = 0x7FF8_5C5C_0000_0001
 _SEQ_CST = 5
 
 
-def _load_cas() -> Any:
-    """``__atomic_compare_exchange_8`` from libatomic, or None.
+def _load_cas() -> tuple[Any, Any]:
+    """(a cffi FFI, ``__atomic_compare_exchange_8`` from libatomic), or (None, None).
 
     Only on x86-64: its ordering (loads not reordered with loads, stores not
     with stores) is what the lock-free path relies on for its plain reads of
-    the slot and the claimer's plain writes; elsewhere the slot lock is used."""
+    the slot and the claimer's plain writes; elsewhere the slot lock is used.
+    Through cffi, not ctypes: a call costs ~0.35 us against ~0.8 us, and the
+    slot's words are read through cffi pointers instead of struct (issue 10)."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
-        return None
+        return None, None
     try:
-        lib = ctypes.CDLL(ctypes.util.find_library("atomic") or "libatomic.so.1")
-        cas = lib.__atomic_compare_exchange_8
-    except (OSError, AttributeError):
-        return None
-    cas.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int, ctypes.c_int]
-    cas.restype = ctypes.c_bool
-    return cas
+        import cffi  # type: ignore[import-untyped]  # no stubs; the few calls here are checked by tests
+
+        ffi = cffi.FFI()
+        ffi.cdef("_Bool __atomic_compare_exchange_8(void *ptr, void *expected, uint64_t desired, int, int);")
+        lib = ffi.dlopen(ctypes.util.find_library("atomic") or "libatomic.so.1")
+        return ffi, lib.__atomic_compare_exchange_8
+    except (ImportError, OSError, AttributeError):
+        return None, None
 
 
-_CAS = _load_cas()
+_FFI, _CAS = _load_cas()
 _HEADER = struct.Struct("<8sQ")     # magic, slot count
 _MAGIC = b"SCRL0001"
 DEFAULT_SLOTS = 1 << 18             # 4 MiB sparse file; ~262k live keys
@@ -254,7 +256,7 @@ class SharedStore:
     (``decide_one``, the common case) takes no lock: it reads the slot's TAT,
     checks the slot still holds the key's hash, decides, and stores the new
     TAT with a compare-and-swap (libatomic's ``__atomic_compare_exchange_8``
-    through ctypes), retrying when another worker got there first. Issue 10:
+    through cffi), retrying when another worker got there first. Issue 10:
     with a lock per decision, two workers on one hot key (a sidecar's usual
     case: one local client) blocked each other whenever the holder was
     descheduled, ~+35 us and half the throughput per request measured, and
@@ -305,17 +307,21 @@ class SharedStore:
         self.slots = slots
         self.mm = mmap.mmap(fd, size)
         self._warned = -math.inf  # not 0.0: time.monotonic() counts from boot
-        # key -> (hash, slot offset) as last found; checked under the slot's lock.
-        self._known: dict[str, tuple[int, int]] = {}
+        # key -> (hash, slot offset, and with the CAS cffi pointers to the
+        # slot's TAT as uint64_t and as double) as last found; the slot is
+        # checked to still hold the hash before each use.
+        self._known: dict[str, tuple[int, int, Any, Any]] = {}
         # atomic=None: the lock-free path when this machine has it (tests force either).
-        self._cas: Any = _CAS if atomic is None or atomic else None   # a ctypes function, or None
+        self._cas: Any = _CAS if atomic is None or atomic else None   # a cffi function, or None
         if atomic and _CAS is None:
-            raise RuntimeError("no 8-byte compare-and-swap here (libatomic on x86-64)")
+            raise RuntimeError("no 8-byte compare-and-swap here (libatomic on x86-64, cffi)")
         if self._cas is not None:
-            self._anchor: Any = ctypes.c_char.from_buffer(self.mm)   # released in close()
-            self._base = ctypes.addressof(self._anchor)
-            self._exp = ctypes.c_uint64(0)
-            self._pexp = ctypes.addressof(self._exp)
+            ffi = _FFI
+            # The table as 8-byte words (released in close(): it pins the mapping).
+            self._words: Any = ffi.from_buffer("uint64_t[]", self.mm)
+            # [0]: the expected TAT, [1]: the new one; written as doubles, passed as bits.
+            self._scratch: Any = ffi.new("uint64_t[2]")
+            self._scratch_d: Any = ffi.cast("double *", self._scratch)
 
     def _find(self, h: int, now: float, claim: bool = True) -> int:
         """Offset of ``h``'s slot, claiming one if absent (call under the lock);
@@ -356,8 +362,10 @@ class SharedStore:
             # A lock-free update of the slot's old key may be under way: take
             # the slot from it with a swap; if that update won, the slot is
             # live again and the search starts over.
-            self._exp.value = _unpack_q(mm, free + 8)[0]
-            if not self._cas(self._base + free + 8, self._pexp, _CLAIMING, _SEQ_CST, _SEQ_CST):
+            exp = self._scratch
+            tat_word = self._words + (free + 8) // 8
+            exp[0] = tat_word[0]
+            if not self._cas(tat_word, exp, _CLAIMING, _SEQ_CST, _SEQ_CST):
                 return self._find(h, time.monotonic(), claim)
             _Q.pack_into(mm, free, h)      # the hash, then the TAT (x86-64 keeps store order)
             _D.pack_into(mm, free + 8, 0.0)
@@ -370,9 +378,9 @@ class SharedStore:
         contract): lock-free (or under the slot's lock) when the slot is known."""
         known = self._known.get(key)
         if known is not None:
-            h, off = known
-            if self._cas is not None:
-                got = self._swap_one(h, off, lim, max_wait)
+            h, off, word, tat = known
+            if word is not None:
+                got = self._swap_one(h, word, tat, lim, max_wait)
             else:
                 got = self._locked_one(h, off, lim, max_wait)
             if got is not None:
@@ -390,36 +398,41 @@ class SharedStore:
                 if admitted:
                     _SLOT.pack_into(mm, off, h, nt)
                 got = (admitted, wait, rem, reset)
+                word = tat_d = None
             else:
+                word = self._words + (off + 8) // 8
+                tat_d = _FFI.cast("double *", word)
                 # Another worker may update this slot lock-free meanwhile.
                 got = None
                 while got is None:
-                    got = self._swap_one(h, off, lim, max_wait)
+                    got = self._swap_one(h, word, tat_d, lim, max_wait)
         finally:
             lockf(fd, LOCK_UN)
         if len(self._known) >= _KNOWN_MAX:
             self._known.clear()   # client-chosen key values: bounded, refilled on use
-        self._known[key] = (h, off)
+        self._known[key] = (h, off, word, tat_d)
         return got
 
-    def _swap_one(self, h: int, off: int, lim: LimitSpec,
+    def _swap_one(self, h: int, word: Any, tat_d: Any, lim: LimitSpec,
                   max_wait: float) -> tuple[bool, float, int, float] | None:
-        """Decide on slot ``off`` if it holds ``h``, storing by compare-and-swap;
+        """Decide on the slot whose TAT is at ``word`` (``tat_d``: the same
+        address as a double) if it holds ``h``, storing by compare-and-swap;
         None when the slot is not (or no longer) that key's, or is being claimed."""
-        mm = self.mm
-        addr = self._base + off + 8
-        exp = self._exp
+        cas = self._cas
+        exp, exp_d = self._scratch, self._scratch_d
         for _ in range(_CAS_TRIES):
             # The TAT, then the hash: a claim writes the hash before the TAT.
-            bits = _unpack_q(mm, off + 8)[0]
-            if bits == _CLAIMING or _unpack_q(mm, off)[0] != h:
+            tat = tat_d[0]
+            # A NaN is the CLAIMING marker (no clock gives one).
+            if tat != tat or word[-1] != h:
                 return None
-            tat = _D.unpack(_Q.pack(bits))[0]
             admitted, wait, rem, reset, nt = decide_one(tat, time.monotonic(), lim, max_wait)
             if not admitted:
                 return admitted, wait, rem, reset
-            exp.value = bits
-            if self._cas(addr, self._pexp, _Q.unpack(_D.pack(nt))[0], _SEQ_CST, _SEQ_CST):
+            # The TAT read, as bits (a double stored back keeps its bits), and the new one.
+            exp_d[0] = tat
+            exp_d[1] = nt
+            if cas(word, exp, exp[1], _SEQ_CST, _SEQ_CST):
                 return admitted, wait, rem, reset
         return None
 
@@ -466,7 +479,9 @@ class SharedStore:
             lockf(self.fd, LOCK_UN)
 
     def close(self) -> None:
-        self._anchor = None   # the ctypes view pins the mapping
+        self._known.clear()   # its pointers are into the mapping
+        if self._cas is not None:
+            _FFI.release(self._words)   # the cffi view pins the mapping
         try:
             self.mm.close()
         finally:

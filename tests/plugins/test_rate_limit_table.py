@@ -51,7 +51,7 @@ def test_a_remembered_slot_taken_over_by_another_key_is_found_again(monkeypatch,
     s = gcra.SharedStore(str(tmp_path / "t"), slots=32, atomic=atomic)
     other = gcra.SharedStore(str(tmp_path / "t"), atomic=atomic)
     assert s.decide_one("a", lim, 0.0)[0]
-    h, off = s._known["a"]
+    h, off, *_ = s._known["a"]
     clock[0] += 11.0                       # a's TAT has passed: its slot may be reused
     # Fill every slot from the other handle so a's old slot goes to some new key.
     for i in range(64):
@@ -96,7 +96,7 @@ def test_a_claim_left_half_done_by_a_dead_worker_is_repaired(monkeypatch, tmp_pa
     lim = gcra.LimitSpec.make("l", 2, 60.0, 2)
     s = gcra.SharedStore(str(tmp_path / "t"), slots=32, atomic=True)
     assert s.decide_one("k", lim, 0.0)[0]
-    _, off = s._known["k"]
+    _, off, *_ = s._known["k"]
     gcra._Q.pack_into(s.mm, off + 8, gcra._CLAIMING)    # as the dead worker left it
     fresh = gcra.SharedStore(str(tmp_path / "t"), atomic=True)
     assert fresh.decide_one("k", lim, 0.0)[0]           # reset (to a fresh bucket), not stuck
