@@ -117,6 +117,10 @@ class SidecarSection(Model):
     service: str = "sidecar"
     policies: str = "policies"
     workers: int = Field(default=1, ge=0)
+    # With workers > 1, pin each worker to one CPU (proxy/server.py
+    # worker_cpus): "auto" when the sidecar may run on exactly as many CPUs
+    # as it has workers, "on" always (round robin), "off" never.
+    cpu_affinity: Literal["auto", "on", "off"] = "auto"
     drain_timeout: Duration = 10.0
     # Dotted paths of third-party plugin modules to register beside entry points.
     plugins: list[str] = Field(default_factory=list)

@@ -3,7 +3,8 @@
 ``workers = 1`` runs everything in this process. ``workers = N`` starts N
 worker processes that each bind the listeners with SO_REUSEPORT; worker 0
 also serves the admin listener, and metrics are aggregated across workers
-through prometheus-client's multiprocess directory.
+through prometheus-client's multiprocess directory. Workers may be pinned to
+one CPU each (``[sidecar] cpu_affinity``, ``worker_cpus``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import socket
 import tempfile
 import time
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 from aiohttp import web
@@ -503,9 +505,39 @@ async def _run_worker(settings: Settings, worker_id: int, admin: bool, reuse_por
     log.info("worker %d stopped in %.2fs", worker_id, time.monotonic() - t0)
 
 
-def worker_main(config_path: str | None, worker_id: int, admin: bool, reuse_port: bool) -> None:
+def worker_cpus(mode: str, workers: int, allowed: Sequence[int] | None) -> list[int | None]:
+    """The CPU each of ``workers`` workers is pinned to (None: not pinned),
+    given the CPUs this process may run on (None: unknown, not Linux).
+
+    Issue 10: two unpinned workers on a 2-core machine, sharing it with the
+    load generator and the upstream, cost ~1.2-1.4x one worker's CPU per
+    request, varying from run to run; pinned, each keeps a core (and its
+    caches) to itself and they cost ~1.1x (docs/performance.md, "workers >
+    1"). The difference is the scheduler's placement, not our code. "auto" pins only when the sidecar may run on
+    exactly as many CPUs as it has workers (``workers = 0``, or a cpuset
+    sized for it): with more CPUs than workers, every sidecar on a node
+    would crowd the same first CPUs. "on" pins round robin over the allowed
+    CPUs whatever their number; "off" never pins.
+    """
+    if workers < 2 or not allowed or mode == "off" or (mode == "auto" and len(allowed) != workers):
+        return [None] * workers
+    cpus = sorted(allowed)
+    return [cpus[i % len(cpus)] for i in range(workers)]
+
+
+def allowed_cpus() -> list[int] | None:
+    """The CPUs this process may run on (Linux), else None."""
+    get = getattr(os, "sched_getaffinity", None)
+    return sorted(get(0)) if get is not None else None
+
+
+def worker_main(config_path: str | None, worker_id: int, admin: bool, reuse_port: bool,
+                cpu: int | None = None) -> None:
     settings = load_settings(config_path)
     setup_logging(settings.logging)
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
+        log.info("worker %d pinned to CPU %d", worker_id, cpu)
     install_uvloop()
     try:
         asyncio.run(_run_worker(settings, worker_id, admin, reuse_port))
@@ -540,13 +572,15 @@ def supervise(config_path: str | None, workers: int, settings: Settings) -> int:
     os.environ["SIDECAR_RUN_DIR"] = run_dir
     ctx = multiprocessing.get_context("spawn")
     procs: dict[int, multiprocessing.process.BaseProcess] = {}
+    cpus = worker_cpus(settings.sidecar.cpu_affinity, workers, allowed_cpus())
     stopping = False
 
     started: dict[int, float] = {}
 
     def start(i: int) -> None:
         started[i] = time.monotonic()
-        p = ctx.Process(target=worker_main, args=(config_path, i, i == 0, True), name=f"sidecar-worker-{i}")
+        p = ctx.Process(target=worker_main, args=(config_path, i, i == 0, True, cpus[i]),
+                        name=f"sidecar-worker-{i}")
         p.start()
         procs[i] = p
 
