@@ -536,8 +536,11 @@ def worker_main(config_path: str | None, worker_id: int, admin: bool, reuse_port
     settings = load_settings(config_path)
     setup_logging(settings.logging)
     if cpu is not None:
-        os.sched_setaffinity(0, {cpu})
-        log.info("worker %d pinned to CPU %d", worker_id, cpu)
+        try:
+            os.sched_setaffinity(0, {cpu})
+            log.info("worker %d pinned to CPU %d", worker_id, cpu)
+        except OSError as e:   # the cpuset changed since the supervisor looked: run unpinned
+            log.warning("worker %d: cannot pin to CPU %d (%s); running unpinned", worker_id, cpu, e)
     install_uvloop()
     try:
         asyncio.run(_run_worker(settings, worker_id, admin, reuse_port))
