@@ -6,9 +6,10 @@ Layers (first match from the innermost frame outwards):
 
 - chain: proxy/chain.py and plugins/ (the filters)
 - client: the upstream client (proxy/fastclient/, proxy/upstream.py, aiohttp's client)
-- handler: the per-request core (proxy/outbound.py or the fast server's exchange/drive,
-  runtime, access log, metrics...)
-- server: the listener (proxy/fastserver/, proxy/server.py, aiohttp's server side)
+- handler: the per-request core (proxy/outbound.py or the fast server's
+  exchange/drive/express, admission, runtime, access log, metrics...)
+- server: the listener (proxy/fastserver/, the write batch, proxy/server.py,
+  aiohttp's server side)
 - loop/other: what none of them is in (event loop, GC, ...)
 """
 
@@ -27,10 +28,11 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("chain", ("proxy/chain.py", "plugins/")),
     ("client", ("proxy/fastclient/", "proxy/upstream.py", "aiohttp/client", "aiohttp/connector")),
     ("handler", ("proxy/outbound.py", "proxy/fastserver/exchange.py", "proxy/fastserver/drive.py",
-                 "proxy/runtime.py", "proxy/accesslog.py", "proxy/metrics.py",
+                 "proxy/fastserver/express.py", "proxy/admission.py", "proxy/rawexchange.py",
+                 "proxy/response_id.py", "proxy/runtime.py", "proxy/accesslog.py", "proxy/metrics.py",
                  "prometheus_client/", "proxy/http.py", "proxy/routes.py", "proxy/errors.py",
                  "proxy/secrets.py", "proxy/redact.py", "orjson")),
-    ("server", ("proxy/fastserver/", "proxy/server.py", "aiohttp/web", "aiohttp/http_", "aiohttp/base_protocol",
+    ("server", ("proxy/fastserver/", "proxy/writebatch.py", "proxy/server.py", "aiohttp/web", "aiohttp/http_", "aiohttp/base_protocol",
                 "aiohttp/streams", "aiohttp/helpers", "aiohttp/abc", "aiohttp/payload")),
 )
 ORDER = ("server", "handler", "chain", "client", "loop/other")

@@ -24,7 +24,7 @@ from typing import Any
 
 from multidict import CIMultiDict
 
-from .chain import Exchange
+from .chain import Exchange, ProxyResponse
 from .http import _NOT_TCHAR
 
 _HEADERS_SLOT = Exchange.__dict__["headers"]  # the base class's __slots__ member
@@ -256,3 +256,50 @@ class RawExchange(Exchange):
         lines.append("".join([f"{a}: {b}\r\n" for a, b in extra]).encode("utf-8", "surrogateescape"))
         self._lines = b"".join(lines)
         self._names = None
+
+
+_RESP_HEADERS_SLOT = ProxyResponse.__dict__["headers"]
+
+
+class RawResponse(ProxyResponse):
+    """An upstream response whose header fields stay bytes until someone
+    looks (issue 10: "the same for response headers on the way back").
+
+    ``headers`` builds the CIMultiDict on first access (reading or editing it
+    is as with any ProxyResponse); until then ``raw_headers()`` gives the
+    forwarded ``(name, value)`` byte pairs, and the fast server writes the
+    answer from them (proxy/fastserver/express.py ``_raw_answer``). A filter
+    whose ``after`` reads only the status (the circuit breaker) keeps it so.
+    """
+
+    __slots__ = ("_pairs",)
+
+    def __init__(self, status: int, pairs: list[tuple[bytes, bytes]], body: Any, *, reason: str | None = None,
+                 release: Any = None, upstream: bool = False) -> None:
+        self.status = status
+        self.reason = reason
+        _RESP_HEADERS_SLOT.__set__(self, None)
+        self._pairs: list[tuple[bytes, bytes]] | None = pairs
+        self.body = body
+        self._release = release
+        self.upstream = upstream
+
+    @property
+    def headers(self) -> CIMultiDict[str]:
+        h = _RESP_HEADERS_SLOT.__get__(self)
+        if h is None:
+            pairs = self._pairs or ()
+            h = CIMultiDict([(k.decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape"))
+                             for k, v in pairs])
+            _RESP_HEADERS_SLOT.__set__(self, h)
+            self._pairs = None
+        return h
+
+    @headers.setter
+    def headers(self, value: CIMultiDict[str]) -> None:
+        _RESP_HEADERS_SLOT.__set__(self, value)
+        self._pairs = None
+
+    def raw_headers(self) -> list[tuple[bytes, bytes]] | None:
+        """The header fields as bytes while ``headers`` was never read; else None."""
+        return self._pairs

@@ -13,7 +13,7 @@ from ..chain import Exchange, ProxyResponse
 from ..errors import RequestBodyTooLarge, SidecarError, UpstreamTimeout, UpstreamUnavailable
 from ..http import LAST_CHUNK, HeaderLineBreak, authority, message_head
 from ..http import chunk as http_chunk
-from ..rawexchange import RawExchange
+from ..rawexchange import RawExchange, RawResponse
 from .conn import Conn, _Failed, _Lease, _map
 from .upgrade import Upgraded, upgrade_headers
 
@@ -212,14 +212,13 @@ class FastUpstream:
             up = Upgraded(conn)
             return ProxyResponse(101, upgrade_headers(conn), up, reason=conn._reason, release=up.close,
                                  upstream=True)
-        resp_headers = conn.response_headers()
+        pairs = conn.forwarded_headers()
         whole = conn.take_body()
         if whole is not None:
             conn.release(True)
-            return ProxyResponse(status, resp_headers, whole, reason=conn._reason, upstream=True)
+            return RawResponse(status, pairs, whole, reason=conn._reason, upstream=True)
         lease = _Lease(conn)
-        return ProxyResponse(status, resp_headers, lease, reason=conn._reason,
-                             release=lease.release, upstream=True)
+        return RawResponse(status, pairs, lease, reason=conn._reason, release=lease.release, upstream=True)
 
     async def _wait_head_or_pump(self, conn: Conn, pump: asyncio.Future) -> None:
         head = asyncio.ensure_future(conn.wait_head())

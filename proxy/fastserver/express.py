@@ -34,6 +34,7 @@ from ..chain import Exchange, Fused, ProxyResponse
 from ..errors import UpstreamTimeout
 from ..fastclient.conn import _Failed, _map
 from ..fastclient.send import FastUpstream, retry_fresh
+from ..rawexchange import RawResponse
 from .drive import drive
 from .exchange import Admitted, _log, answer, failure, handle
 from .response import EMPTY_STATUS, REASONS, http_date
@@ -200,16 +201,20 @@ class ExpressRequest:
             return
         self._timing()
         upc._headers_done()
-        if (not fused.unwinds and not ex.response_headers and upc._complete and upc._framed_by_length
-                and upc._status not in EMPTY_STATUS and not upc._head_request):
-            _raw_answer(conn, head, route, ex, rid, upc)
-            return
+        head_request = upc._head_request
         try:
             resp = fused.after_all(ex, FastUpstream.response(upc))
         except Exception as e:
             answer(conn, head, route, ex, rid, failure(e, rid))
             return
-        if isinstance(resp.body, bytes | bytearray):
+        body = resp.body
+        if isinstance(body, bytes | bytearray):
+            pairs = resp.raw_headers() if type(resp) is RawResponse else None
+            if pairs is not None and not head_request and resp.status not in EMPTY_STATUS:
+                edited = _edited(pairs, ex.response_headers)
+                if edited is not None:
+                    _raw_answer(conn, head, route, ex, rid, resp.status, resp.reason, edited, body)
+                    return
             answer(conn, head, route, ex, rid, resp)
         else:
             # Streaming (or a HEAD/204/304 whose empty body the lease ends):
@@ -222,20 +227,44 @@ class ExpressRequest:
             self.conn.task = task
 
 
+def _edited(pairs: list[tuple[bytes, bytes]], edits: list[tuple[str, str]]) -> list[tuple[bytes, bytes]] | None:
+    """``pairs`` with the filters' ``response_headers`` set as
+    ``CIMultiDict.__setitem__`` sets them (the first field of that name
+    replaced in place, the others dropped, else appended); None when a name
+    or value would need the mapping path's checks (a line break)."""
+    if not edits:
+        return pairs
+    out = list(pairs)
+    for k, v in edits:
+        if "\r" in k or "\n" in k or "\r" in v or "\n" in v:
+            return None
+        name = k.encode("utf-8", "surrogateescape")
+        lk = name.lower()
+        field = (name, v.encode("utf-8", "surrogateescape"))
+        at = -1
+        kept = []
+        for i, (n, val) in enumerate(out):
+            if n.lower() == lk:
+                if at < 0:
+                    at = i
+                    kept.append(field)
+                continue
+            kept.append((n, val))
+        if at < 0:
+            kept.append(field)
+        out = kept
+    return out
+
+
 def _raw_answer(conn: "ServerConnection", head: "FastHead", route: "Route", ex: Exchange, rid: str,
-                upc: "Conn") -> None:
-    """Write the upstream's whole answer with its header lines kept as bytes:
-    for a route where no filter sees the response (no ``after``, no
-    ``response_headers``). The bytes are those ``answer`` would write from the
-    mapping (the differential test holds both servers to the same output):
-    the upstream's fields minus the hop-by-hop ones, Content-Length set in
-    place, then X-Request-ID when the upstream sent none (proxy/response_id.py),
-    Date when absent, and Connection where HTTP/1.x needs it."""
-    status = upc._status
-    reason = upc._reason
-    body = upc.take_body() or b""
-    pairs = upc.forwarded_headers()
-    upc.release(True)
+                status: int, reason: str | None, pairs: list[tuple[bytes, bytes]], body: bytes) -> None:
+    """Write an upstream's whole answer from its header fields as bytes (no
+    filter read ``resp.headers``: proxy/rawexchange.py RawResponse). The bytes
+    are those ``answer`` would write from the mapping (the server differential
+    test holds both servers to the same output): the fields minus the
+    hop-by-hop ones with the filters' ``response_headers`` set, Content-Length
+    set in place, then X-Request-ID when the upstream sent none
+    (proxy/response_id.py), Date when absent, Connection where HTTP/1.x needs it."""
     version = "1.0" if head.version == "1.0" else "1.1"
     keep = head.keep_alive and not conn.closing
     if conn.input_done and not conn.queue and conn.pending_error is None:

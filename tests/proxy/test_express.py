@@ -149,3 +149,41 @@ async def test_pipelined_answers_made_at_once_do_not_recurse(sidecar_factory, up
             assert b"no_route" in await reader.readexactly(length)
     finally:
         writer.close()
+
+
+async def _head(port: int, path: str) -> list[bytes]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"GET %b HTTP/1.1\r\nHost: x\r\nX-Request-ID: same\r\n\r\n" % path.encode())
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    finally:
+        writer.close()
+    return [b"Date: -" if line.startswith(b"Date: ") else line for line in head.split(b"\r\n")]
+
+
+async def test_an_answer_from_the_upstreams_header_bytes_is_the_mappings_byte_for_byte(sidecar_factory):
+    """The same route twice, one with a filter that reads ``resp.headers``
+    (the mapping path), one without (the answer is written from the upstream's
+    header bytes): the same lines in the same order, the filters'
+    response headers (rate_limit's, set over the upstream's own fields of that
+    name) included."""
+    from tests.support.upstream import varied
+
+    up = await FakeUpstream(varied).start()
+    try:
+        rl = '[rate_limit]\nkey = "client_ip"\nlimits = [{ requests = 100000000, per = "1s" }]\n[circuit_breaker]\n'
+        sc = await sidecar_factory(
+            {"raw": policy(up.url, rl).replace('"/p"', '"/raw"'),
+             "map": policy(up.url, rl + "[peek]\nreport = false\nread_response = true\n").replace('"/p"', '"/map"')},
+            sidecar='plugins = ["tests.support.peek"]')
+        port = int(sc.url.rsplit(":", 1)[1])
+        await _head(port, "/raw/warm")          # an idle pooled connection: the express path from here on
+        for path in ("/clash", "/cookies", "/hop", "/json"):
+            raw, mapped = await _head(port, "/raw" + path), await _head(port, "/map" + path)
+            assert raw == mapped, (path, raw, mapped)
+            assert any(line.lower().startswith(b"ratelimit-policy: ") for line in raw)
+        clash = await _head(port, "/raw/clash")
+        policies = [line for line in clash if line.lower().startswith(b"ratelimit-policy:")]
+        assert len(policies) == 1 and b"upstream" not in policies[0]   # set over the upstream's two
+    finally:
+        await up.stop()

@@ -128,6 +128,13 @@ CASES: list[tuple[str, bytes, int]] = [
                         "X-DROP: 2", "X-Dup: 2", "X-Old: p"), 1),
     ("auth_edited_own_credential", req("POST /ua/b HTTP/1.1", "X-Request-ID: r48", "authorization: Bearer own",
                                        "Content-Length: 2", body=b"hi"), 1),
+    # Filters that add response headers (rate_limit) or read only the status
+    # (circuit_breaker): the fast server writes these answers from the
+    # upstream's header bytes (proxy/rawexchange.py RawResponse).
+    ("response_edits", req("GET /ur/a HTTP/1.1", "X-Request-ID: r60"), 1),
+    ("response_edits_clash", req("GET /ur/clash HTTP/1.1", "X-Request-ID: r61"), 1),
+    ("response_edits_cookies", req("GET /ur/cookies HTTP/1.1", "X-Request-ID: r63"), 1),
+    ("response_edits_status", req("GET /ur/status?s=503 HTTP/1.1", "X-Request-ID: r62"), 1),
     ("pipelined_then_malformed", req("GET /up/ok HTTP/1.1", "X-Request-ID: r42")
         + b"GET /up/x HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab", 2),
 ]
@@ -250,6 +257,15 @@ override = false
 """
 
 
+RESPONSE_EDITS = """route = "/ur"
+upstream = "{url}"
+[rate_limit]
+key = "client_ip"
+limits = [{{ requests = 100000000, per = "1s" }}]
+[circuit_breaker]
+"""
+
+
 async def test_fast_and_aiohttp_servers_agree(sidecar_factory, monkeypatch):
     monkeypatch.setenv("DIFF_TOKEN", "t0k")
     up = await FakeUpstream(varied).start()
@@ -257,7 +273,8 @@ async def test_fast_and_aiohttp_servers_agree(sidecar_factory, monkeypatch):
         results: dict[str, dict[str, tuple]] = {}
         for server in ("aiohttp", "fast"):
             sc = await sidecar_factory({"up": POLICY.format(url=up.url), "uh": EDITING.format(url=up.url),
-                                        "ua": AUTH_EDITING.format(url=up.url)},
+                                        "ua": AUTH_EDITING.format(url=up.url),
+                                        "ur": RESPONSE_EDITS.format(url=up.url)},
                                        outbound=f'server = "{server}"', sidecar='plugins = ["tests.support.peek"]')
             assert sc.runtime.settings.outbound.server == server
             assert bool(sc.sidecar._fast) == (server == "fast")

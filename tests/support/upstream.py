@@ -95,6 +95,12 @@ async def varied(request: web.Request, seen: Seen) -> web.StreamResponse:
         # Hop-by-hop response headers, one named in Connection: all stripped.
         return web.Response(text="hop", headers={"Connection": "X-Secret-Hop", "X-Secret-Hop": "1",
                                                  "Keep-Alive": "timeout=5", "Proxy-Authenticate": "Basic"})
+    if p.endswith("/clash"):
+        # Fields a filter also sets (rate_limit's RateLimit-Policy), twice and in two spellings.
+        resp = web.Response(text="clash", headers={"X-Kind": "clash"})
+        resp.headers.add("ratelimit-policy", "upstream-1")
+        resp.headers.add("RateLimit-Policy", "upstream-2")
+        return resp
     if p.endswith("/status"):
         return web.Response(status=int(request.query["s"]), text="s")
     body = orjson.dumps({"method": seen.method, "path": seen.path_qs, "len": len(seen.body)})
