@@ -67,28 +67,16 @@ class _Ops:
         self.set = tuple(ops.set.items())
 
 
-def _apply_request(ops: _Ops, ex: Exchange) -> None:
-    # Through Exchange's header API, not ex.headers: on the fast server the
-    # request head then stays bytes (proxy/rawexchange.py).
+def _apply(ops: _Ops, target: Exchange | ProxyResponse) -> None:
+    # Through the header API, not .headers: on the fast server the request
+    # head and the upstream's response head then stay bytes
+    # (proxy/rawexchange.py RawExchange, RawResponse).
     for old, new in ops.rename:
-        ex.rename_header(old, new)
+        target.rename_header(old, new)
     for name in ops.remove:
-        ex.remove_header(name)
+        target.remove_header(name)
     for name, value in ops.set:
-        ex.set_header(name, value)
-
-
-def _apply(ops: _Ops, headers: Any) -> None:
-    for old, new in ops.rename:
-        values = headers.getall(old, [])
-        if values:
-            del headers[old]
-            for v in values:
-                headers.add(new, v)
-    for name in ops.remove:
-        headers.popall(name, None)
-    for name, value in ops.set:
-        headers[name] = value
+        target.set_header(name, value)
 
 
 class HeadersFilter(Filter):
@@ -106,10 +94,10 @@ class HeadersFilter(Filter):
             self.after = None  # type: ignore[assignment]
 
     def before(self, ex: Exchange) -> None:
-        _apply_request(self.req, ex)  # type: ignore[arg-type]
+        _apply(self.req, ex)  # type: ignore[arg-type]
 
     def after(self, ex: Exchange, resp: ProxyResponse) -> None:
-        _apply(self.resp, resp.headers)  # type: ignore[arg-type]
+        _apply(self.resp, resp)  # type: ignore[arg-type]
 
     def describe(self) -> dict[str, Any]:
         return self.config.model_dump()

@@ -88,6 +88,29 @@ class ProxyResponse:
             rel, self._release = self._release, None
             rel(True)
 
+    # The header API of Exchange, for the response (the fast client's
+    # RawResponse implements it on the upstream's header bytes).
+
+    def has_header(self, name: str) -> bool:
+        """Whether the response has a ``name`` header (``name in headers``)."""
+        return name in self.headers
+
+    def set_header(self, name: str, value: str) -> None:
+        """``headers[name] = value`` (see Exchange.set_header)."""
+        self.headers[name] = value
+
+    def remove_header(self, name: str) -> None:
+        """Remove every ``name`` header (``headers.popall(name, None)``)."""
+        self.headers.popall(name, None)
+
+    def rename_header(self, old: str, new: str) -> None:
+        """Every ``old`` header becomes a ``new`` one, appended last (see Exchange.rename_header)."""
+        h = self.headers
+        values = h.getall(old, ())
+        if values:
+            del h[old]
+            h.extend([(new, v) for v in values])
+
     async def read(self, limit: int | None = None) -> bytes:
         """Buffer the whole body (for filters that need it, such as a cache).
 

@@ -34,7 +34,7 @@ from ..chain import Exchange, Fused, ProxyResponse
 from ..errors import UpstreamTimeout
 from ..fastclient.conn import _Failed, _map
 from ..fastclient.send import FastUpstream, retry_fresh
-from ..rawexchange import RawResponse
+from ..rawexchange import RawResponse, set_field
 from .drive import drive
 from .exchange import Admitted, _log, answer, failure, handle
 from .response import EMPTY_STATUS, REASONS, http_date
@@ -229,31 +229,13 @@ class ExpressRequest:
 
 def _edited(pairs: list[tuple[bytes, bytes]], edits: list[tuple[str, str]]) -> list[tuple[bytes, bytes]] | None:
     """``pairs`` with the filters' ``response_headers`` set as
-    ``CIMultiDict.__setitem__`` sets them (the first field of that name
-    replaced in place, the others dropped, else appended); None when a name
-    or value would need the mapping path's checks (a line break)."""
-    if not edits:
-        return pairs
-    out = list(pairs)
+    ``CIMultiDict.__setitem__`` sets them (rawexchange.set_field); None when
+    a name or value needs the mapping path's checks (not ASCII, a line break)."""
     for k, v in edits:
-        if "\r" in k or "\n" in k or "\r" in v or "\n" in v:
+        if not k.isascii() or "\r" in k or "\n" in k or "\r" in v or "\n" in v:
             return None
-        name = k.encode("utf-8", "surrogateescape")
-        lk = name.lower()
-        field = (name, v.encode("utf-8", "surrogateescape"))
-        at = -1
-        kept = []
-        for i, (n, val) in enumerate(out):
-            if n.lower() == lk:
-                if at < 0:
-                    at = i
-                    kept.append(field)
-                continue
-            kept.append((n, val))
-        if at < 0:
-            kept.append(field)
-        out = kept
-    return out
+        pairs = set_field(pairs, k, v)
+    return pairs
 
 
 def _raw_answer(conn: "ServerConnection", head: "FastHead", route: "Route", ex: Exchange, rid: str,

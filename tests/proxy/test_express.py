@@ -164,14 +164,16 @@ async def _head(port: int, path: str) -> list[bytes]:
 async def test_an_answer_from_the_upstreams_header_bytes_is_the_mappings_byte_for_byte(sidecar_factory):
     """The same route twice, one with a filter that reads ``resp.headers``
     (the mapping path), one without (the answer is written from the upstream's
-    header bytes): the same lines in the same order, the filters'
-    response headers (rate_limit's, set over the upstream's own fields of that
-    name) included."""
+    header bytes): the same lines in the same order, with the filters' edits
+    (rate_limit's response headers set over the upstream's own fields of that
+    name; the headers plugin's remove, set and rename on the bytes)."""
     from tests.support.upstream import varied
 
     up = await FakeUpstream(varied).start()
     try:
-        rl = '[rate_limit]\nkey = "client_ip"\nlimits = [{ requests = 100000000, per = "1s" }]\n[circuit_breaker]\n'
+        rl = ('[rate_limit]\nkey = "client_ip"\nlimits = [{ requests = 100000000, per = "1s" }]\n[circuit_breaker]\n'
+              '[headers.response]\nremove = ["Server"]\nset = { "x-kind" = "set", "X-New" = "n" }\n'
+              'rename = { "Set-Cookie" = "X-Was-Cookie" }\n')
         sc = await sidecar_factory(
             {"raw": policy(up.url, rl).replace('"/p"', '"/raw"'),
              "map": policy(up.url, rl + "[peek]\nreport = false\nread_response = true\n").replace('"/p"', '"/map"')},
@@ -185,5 +187,10 @@ async def test_an_answer_from_the_upstreams_header_bytes_is_the_mappings_byte_fo
         clash = await _head(port, "/raw/clash")
         policies = [line for line in clash if line.lower().startswith(b"ratelimit-policy:")]
         assert len(policies) == 1 and b"upstream" not in policies[0]   # set over the upstream's two
+        assert clash[1] == b"x-kind: set"                              # set in place, this spelling
+        assert not any(line.startswith(b"Server:") for line in clash)
+        cookies = await _head(port, "/raw/cookies")
+        assert [line for line in cookies if line.startswith(b"X-Was-Cookie")] == [
+            b"X-Was-Cookie: a=1; Path=/", b"X-Was-Cookie: b=2; HttpOnly"]
     finally:
         await up.stop()
