@@ -230,12 +230,23 @@ class ExpressRequest:
 def _edited(pairs: list[tuple[bytes, bytes]], edits: list[tuple[str, str]]) -> list[tuple[bytes, bytes]] | None:
     """``pairs`` with the filters' ``response_headers`` set as
     ``CIMultiDict.__setitem__`` sets them (rawexchange.set_field); None when
-    a name or value needs the mapping path's checks (not ASCII, a line break)."""
+    a name or value needs the mapping path's checks (not ASCII, a line break).
+    The common case, names the upstream did not send (rate_limit's), appends."""
+    if not edits:
+        return pairs
+    out = list(pairs)
+    present = {k.lower() for k, _ in out}
     for k, v in edits:
         if not k.isascii() or "\r" in k or "\n" in k or "\r" in v or "\n" in v:
             return None
-        pairs = set_field(pairs, k, v)
-    return pairs
+        raw = k.encode("ascii")
+        lk = raw.lower()
+        if lk in present:
+            out = set_field(out, k, v)
+        else:
+            out.append((raw, v.encode("utf-8", "surrogateescape")))
+            present.add(lk)
+    return out
 
 
 def _raw_answer(conn: "ServerConnection", head: "FastHead", route: "Route", ex: Exchange, rid: str,
