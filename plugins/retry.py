@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import Field, field_validator, model_validator
 from prometheus_client import Counter
 
-from proxy.chain import Exchange, Filter, Handler, ProxyResponse
+from proxy.chain import Again, Defer, Exchange, Filter, Handler, ProxyResponse
 from proxy.config import Model
 from proxy.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from proxy.hookspecs import hookimpl
@@ -160,6 +160,18 @@ def retries_counter(metrics: "Metrics") -> Counter:
                            ["route", "reason"])
 
 
+class _Try:
+    """The request as the first try sends it, for the tries after it."""
+
+    __slots__ = ("method", "path", "query", "body", "headers", "deadline")
+
+    def __init__(self, ex: Exchange) -> None:
+        self.method, self.path, self.query, self.body = ex.method, ex.path, ex.query, ex.body
+        # Not ex.headers: on the fast server the head stays bytes (proxy/rawexchange.py).
+        self.headers = ex.save_headers()
+        self.deadline = ex.deadline
+
+
 class RetryFilter(Filter):
     def __init__(self, route: str, config: Config, counter: Counter) -> None:
         self.config = config
@@ -177,6 +189,7 @@ class RetryFilter(Filter):
         self.budget = RetryBudget(config.budget_percent, config.budget_min_retries, config.budget_window)
         self.counter = counter
         self._reasons: dict[str, Any] = {}
+        self._streamed = Defer(self._run_streamed)
 
     def _count(self, reason: str) -> None:
         child = self._reasons.get(reason)
@@ -221,55 +234,101 @@ class RetryFilter(Filter):
         # Full jitter (AWS architecture blog, "Exponential Backoff and Jitter").
         return random.uniform(0, min(self.cap, self.base * (2 ** (attempt - 1))))  # noqa: S311 -- jitter, not a secret
 
-    async def handle(self, ex: Exchange, call_next: Handler) -> ProxyResponse:
-        now = time.monotonic()
-        self.budget.request(now)
+    # The common case is a sync layer (proxy/chain.py): before() notes the
+    # request, after()/after_error() let a first try that needs no retry
+    # through without a coroutine, and answer Again when it does; a streamed
+    # body (to buffer for replay) takes the async path from the start.
+    sync = True
+
+    def before(self, ex: Exchange) -> Defer | None:
+        self.budget.request(time.monotonic())
         retryable = ex.method in IDEMPOTENT or ex.has_header(self.key_header)
         if not retryable and self.add_key and ex.method == "POST":
             # Stripe-style providers deduplicate on the key, so a retry is safe.
             ex.set_header(self.key_header, str(uuid.uuid4()))
             retryable = True
-        if retryable and self.attempts > 1:
-            retryable = await self._replayable(ex)
-            if not retryable:
-                ex.log[NAME] = "body_too_large_to_replay"
         if not retryable or self.attempts == 1:
             ex.response_headers.append(("X-Sidecar-Attempts", "1"))
-            return await call_next(ex)
-        return await self._loop(ex, call_next)
-
-    async def _loop(self, ex: Exchange, call_next: Handler) -> ProxyResponse:
+            return None
         body = ex.body
-        method, path, query = ex.method, ex.path, ex.query
-        # Not ex.headers: on the fast server the head stays bytes (proxy/rawexchange.py).
-        headers = ex.save_headers()
-        deadline = ex.deadline
+        if body is not None and not isinstance(body, bytes | bytearray):
+            return self._streamed
+        st = _Try(ex)
+        ex.vars[NAME] = st
+        ex.attempt = 1
+        if self.per_try is not None:
+            d = time.monotonic() + self.per_try
+            ex.deadline = d if st.deadline is None else min(d, st.deadline)
+        return None
+
+    def after(self, ex: Exchange, resp: ProxyResponse) -> Again | None:
+        st = ex.vars.pop(NAME, None)
+        if st is None:
+            return None
+        ex.deadline = st.deadline
+        if resp.status not in self.on_status:
+            ex.response_headers.append(("X-Sidecar-Attempts", "1"))
+            return None
+        return Again(lambda x, outcome, call_next: self._loop(x, call_next, st, outcome))
+
+    def after_error(self, ex: Exchange, exc: BaseException) -> Again | None:
+        st = ex.vars.pop(NAME, None)
+        if st is None:
+            return None
+        ex.deadline = st.deadline
+        if (isinstance(exc, UpstreamTimeout) and self.on_timeout) or (
+                isinstance(exc, UpstreamUnavailable) and self.on_connect):
+            return Again(lambda x, outcome, call_next: self._loop(x, call_next, st, outcome))
+        ex.response_headers.append(("X-Sidecar-Attempts", "1"))
+        return None
+
+    async def _run_streamed(self, ex: Exchange, call_next: Handler) -> ProxyResponse:
+        if not await self._replayable(ex):
+            ex.log[NAME] = "body_too_large_to_replay"
+            ex.response_headers.append(("X-Sidecar-Attempts", "1"))
+            return await call_next(ex)
+        return await self._loop(ex, call_next, _Try(ex))
+
+    async def _loop(self, ex: Exchange, call_next: Handler, st: "_Try", outcome: Any = None) -> ProxyResponse:
+        """Tries until one is not retried. ``outcome``: the first try's
+        response or exception when it already ran (the sync path)."""
+        deadline = st.deadline
         per_try = self.per_try
         attempt = 1
         try:
             while True:
                 ex.attempt = attempt
-                if attempt > 1:
-                    # Inner filters (credentials) run again on a clean request.
-                    ex.method, ex.path, ex.query, ex.body = method, path, query, body
-                    ex.restore_headers(headers)
-                if per_try is not None:
-                    d = time.monotonic() + per_try
-                    ex.deadline = d if deadline is None else min(d, deadline)
                 resp: ProxyResponse | None = None
                 error: UpstreamError | None = None
-                try:
-                    resp = await call_next(ex)
-                except UpstreamTimeout as e:
-                    if not self.on_timeout:
-                        raise
-                    error, reason = e, "timeout"
-                except UpstreamUnavailable as e:
-                    if not self.on_connect:
-                        raise
-                    error, reason = e, "connect_error"
-                finally:
-                    ex.deadline = deadline
+                if outcome is not None:
+                    # Attempt 1 ran on the sync path; after/after_error let
+                    # only a retryable outcome through to here.
+                    if isinstance(outcome, ProxyResponse):
+                        resp = outcome
+                    else:
+                        error = outcome
+                        reason = "timeout" if isinstance(outcome, UpstreamTimeout) else "connect_error"
+                    outcome = None
+                else:
+                    if attempt > 1:
+                        # Inner filters (credentials) run again on a clean request.
+                        ex.method, ex.path, ex.query, ex.body = st.method, st.path, st.query, st.body
+                        ex.restore_headers(st.headers)
+                    if per_try is not None:
+                        d = time.monotonic() + per_try
+                        ex.deadline = d if deadline is None else min(d, deadline)
+                    try:
+                        resp = await call_next(ex)
+                    except UpstreamTimeout as e:
+                        if not self.on_timeout:
+                            raise
+                        error, reason = e, "timeout"
+                    except UpstreamUnavailable as e:
+                        if not self.on_connect:
+                            raise
+                        error, reason = e, "connect_error"
+                    finally:
+                        ex.deadline = deadline
                 if resp is not None:
                     if resp.status not in self.on_status:
                         return resp

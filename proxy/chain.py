@@ -20,10 +20,10 @@ the synchronous form instead (docs/performance.md, "Synchronous filters")::
 
     def before(self, ex):        # None: go on; a ProxyResponse: answer it;
         ...                      # Defer(fn): run fn(ex, call_next) for this request
-    def after(self, ex, resp):   # on the response (headers arrived), inner to outer
-        ...
-    def after_error(self, ex, exc):   # an inner layer raised exc (re-raised after)
-        ...
+    def after(self, ex, resp):   # on the response (headers arrived), inner to outer;
+        ...                      # None, or Again(fn): fn(ex, resp, call_next) answers instead
+    def after_error(self, ex, exc):   # an inner layer raised exc (re-raised after);
+        ...                           # None, or Again(fn) as for after (a retry)
 
 ``compile_chain`` fuses consecutive sync filters into one layer, so a route
 whose filters are all sync and have no ``after`` costs no coroutine of its
@@ -271,6 +271,21 @@ class Defer:
         self.run = run
 
 
+class Again:
+    """What a sync filter's ``after`` or ``after_error`` returns when this
+    request must go through the rest of the chain again (a retry): the fused
+    layer then awaits ``run(ex, outcome, call_next)``, where ``outcome`` is
+    the response (or the exception) that came back and ``call_next`` the rest
+    of the chain after this filter; what ``run`` returns or raises is what the
+    filters outside this one see. A response ``run`` does not return is its
+    to close."""
+
+    __slots__ = ("run",)
+
+    def __init__(self, run: Callable[[Exchange, Any, Handler], Awaitable[ProxyResponse]]) -> None:
+        self.run = run
+
+
 class Filter:
     """Base class for a route's filter. Subclasses override ``handle``, or
     set ``sync = True`` and override ``before`` / ``after`` / ``after_error``.
@@ -290,10 +305,10 @@ class Filter:
     def before(self, ex: Exchange) -> "ProxyResponse | Defer | None":
         return None
 
-    def after(self, ex: Exchange, resp: ProxyResponse) -> None:
+    def after(self, ex: Exchange, resp: ProxyResponse) -> "Again | None":
         return None
 
-    def after_error(self, ex: Exchange, exc: BaseException) -> None:
+    def after_error(self, ex: Exchange, exc: BaseException) -> "Again | None":
         return None
 
     async def handle(self, ex: Exchange, call_next: Handler) -> ProxyResponse:
@@ -349,6 +364,21 @@ async def _answer(resp: ProxyResponse) -> ProxyResponse:
 
 async def _raise(exc: BaseException) -> ProxyResponse:
     raise exc
+
+
+async def _settle(x: Any, original: BaseException) -> ProxyResponse:
+    """What ``errored`` gave for ``original``: raised (as itself when it is
+    ``original``, so its traceback stays), or awaited when an Again answered."""
+    if isinstance(x, BaseException):
+        if x is original:
+            raise original
+        raise x from None
+    return await x
+
+
+async def _settled(x: Any) -> ProxyResponse:
+    """What ``unwind``/``after_all`` gave: the response, or the awaitable of one."""
+    return x if isinstance(x, ProxyResponse) else await x
 
 
 class Fused:
@@ -409,44 +439,65 @@ def fuse(group: list[Filter], nxt: Handler) -> Fused:
     rests = [_fuse(group[i + 1:], nxt) for i in range(n)]
     names = [f.name or type(f).__name__ for f in group]
 
-    def errored(entered: int, ex: Exchange, exc: BaseException) -> BaseException:
+    def errored(entered: int, ex: Exchange, exc: BaseException) -> Any:
         # The filters 0..entered-1 passed their before: they see the error,
         # inner to outer; a handler that raises replaces it (as in the onion).
+        # Returns the exception to raise, or, when a filter's after_error
+        # answered Again, the awaitable of the response that replaces it.
         for j in range(entered - 1, -1, -1):
             h = errors[j]
             if h is not None:
                 try:
-                    h(ex, exc)
+                    r = h(ex, exc)
                 except BaseException as e:  # noqa: BLE001 - re-raised by the caller
                     exc = e
+                    continue
+                if r is not None:
+                    return again(j, ex, r, exc)
         return exc
 
-    def unwind(entered: int, ex: Exchange, resp: ProxyResponse) -> ProxyResponse:
+    async def again(j: int, ex: Exchange, r: Any, outcome: Any) -> ProxyResponse:
+        # Filter j's after or after_error answered Again: its run takes the
+        # rest of the chain after it; the filters outside it (0..j-1) then see
+        # what that gives, as they would have seen the first outcome.
+        if not isinstance(r, Again):
+            raise TypeError(f"filter {names[j]}: after() or after_error() returned {type(r).__name__}, "
+                            "not None or an Again")
+        try:
+            resp = await r.run(ex, outcome, rests[j])
+        except BaseException as e:
+            return await _settle(errored(j, ex, e), e)
+        return await _settled(unwind(j, ex, resp))
+
+    def unwind(entered: int, ex: Exchange, resp: ProxyResponse) -> Any:
+        # The response, or the awaitable of the one an Again gives.
         for j in range(entered - 1, -1, -1):
             a = afters[j]
             if a is not None:
                 try:
-                    a(ex, resp)
+                    r = a(ex, resp)
                 except BaseException as e:
                     resp.close()
-                    raise errored(j, ex, e) from None
+                    x = errored(j, ex, e)
+                    if isinstance(x, BaseException):
+                        raise x from None
+                    return x
+                if r is not None:
+                    return again(j, ex, r, resp)
         return resp
 
     async def around(entered: int, ex: Exchange, run: Handler) -> ProxyResponse:
         try:
             resp = await run(ex)
         except BaseException as e:
-            exc = errored(entered, ex, e)
-            if exc is e:
-                raise
-            raise exc from None
-        return unwind(entered, ex, resp)
+            return await _settle(errored(entered, ex, e), e)
+        return await _settled(unwind(entered, ex, resp))
 
     async def slow(ex: Exchange, i: int, r: Any) -> ProxyResponse:
         # Position i's before answered r (not None); 0..i-1 passed.
         while True:
             if isinstance(r, ProxyResponse):
-                return unwind(i, ex, r)
+                return await _settled(unwind(i, ex, r))
             if isinstance(r, Defer):
                 # Awaited before the loop moves on, so the lambda sees this i and r.
                 return await around(i, ex, lambda x: r.run(x, rests[i]))  # noqa: B023
@@ -461,33 +512,32 @@ def fuse(group: list[Filter], nxt: Handler) -> Fused:
             try:
                 r = befores[i](ex)  # type: ignore[misc]
             except BaseException as e:
-                exc = errored(i, ex, e)
-                if exc is e:
-                    raise
-                raise exc from None
+                return await _settle(errored(i, ex, e), e)
 
     # The common case, every filter passed: the afters inner to outer.
     afters_rev = tuple((j, a) for j, a in reversed(list(enumerate(afters))) if a is not None)
 
-    def after_all(ex: Exchange, resp: ProxyResponse) -> ProxyResponse:
-        j = n
-        try:
-            for j, a in afters_rev:  # noqa: B007 -- j names the failing filter in the except below
-                a(ex, resp)
-        except BaseException as e:
-            resp.close()
-            raise errored(j, ex, e) from None
+    def after_all(ex: Exchange, resp: ProxyResponse) -> Any:
+        # The response, or the awaitable of the one an Again gives.
+        for j, a in afters_rev:
+            try:
+                r = a(ex, resp)
+            except BaseException as e:
+                resp.close()
+                x = errored(j, ex, e)
+                if isinstance(x, BaseException):
+                    raise x from None
+                return x
+            if r is not None:
+                return again(j, ex, r, resp)
         return resp
 
     async def around_all(ex: Exchange, aw: Awaitable[ProxyResponse] | None = None) -> ProxyResponse:
         try:
             resp = await (nxt(ex) if aw is None else aw)
         except BaseException as e:
-            exc = errored(n, ex, e)
-            if exc is e:
-                raise
-            raise exc from None
-        return after_all(ex, resp)
+            return await _settle(errored(n, ex, e), e)
+        return await _settled(after_all(ex, resp))
 
     def call(ex: Exchange) -> Awaitable[ProxyResponse]:
         i = 0
@@ -499,7 +549,8 @@ def fuse(group: list[Filter], nxt: Handler) -> Fused:
                         return _answer(r)
                     return slow(ex, i, r)
         except BaseException as e:
-            return _raise(errored(i, ex, e))
+            x = errored(i, ex, e)
+            return _raise(x) if isinstance(x, BaseException) else x
         if unwinds:
             return around_all(ex)
         return nxt(ex)

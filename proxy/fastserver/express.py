@@ -85,7 +85,7 @@ def start(conn: "ServerConnection", head: "FastHead") -> Any:
                     return _answer(conn, head, route, ex, rid, r)
                 return drive(handle(conn, head, Admitted(rid, route, ex, aw=fused.slow(ex, i, r))), conn.loop)
     except Exception as e:
-        return _answer(conn, head, route, ex, rid, failure(fused.errored(i, ex, e), rid))
+        return _failed(conn, head, route, ex, rid, fused.errored(i, ex, e))
     up = x.upstream
     deadline = ex.deadline
     t0 = time.monotonic()
@@ -95,7 +95,7 @@ def start(conn: "ServerConnection", head: "FastHead") -> Any:
         data, payload, stream, chunked = up.prepare(ex)
     except Exception as e:
         _timing(ex, x.observe, t0)
-        return _answer(conn, head, route, ex, rid, failure(fused.errored(fused.n, ex, e), rid))
+        return _failed(conn, head, route, ex, rid, fused.errored(fused.n, ex, e))
     upc = up.pool.take_idle() if stream is None else None
     if upc is None:
         aw = _timed(ex, up._exchange(ex, data, payload, stream, chunked), x.observe, t0)
@@ -106,6 +106,16 @@ def start(conn: "ServerConnection", head: "FastHead") -> Any:
     upc.start_express(req.on_upstream, req)
     srv.batch.write(upc.transport, data + payload if payload else data)
     return req
+
+
+def _failed(conn: "ServerConnection", head: "FastHead", route: "Route", ex: Exchange, rid: str,
+            x: Any) -> Any:
+    """Answer what ``Fused.errored`` gave: the JSON error for an exception, or
+    the coroutine path awaiting the response an ``Again`` gives (retry)."""
+    if isinstance(x, BaseException):
+        answer(conn, head, route, ex, rid, failure(x, rid))
+        return None
+    return drive(handle(conn, head, Admitted(rid, route, ex, aw=x)), conn.loop)
 
 
 def _answer(conn: "ServerConnection", head: "FastHead", route: "Route", ex: Exchange, rid: str,
@@ -167,7 +177,9 @@ class ExpressRequest:
         upc.close()
         ex = self.ex
         self._timing()
-        self.x.fused.errored(self.x.fused.n, ex, asyncio.CancelledError())
+        x = self.x.fused.errored(self.x.fused.n, ex, asyncio.CancelledError())
+        if not isinstance(x, BaseException):
+            x.close()  # an Again for a request whose client left: not run
         conn = self.conn
         _log(conn.server, self.head, self.route, ex, self.rid, 499, "client_closed")
         conn.server.rt.metrics.leave()
@@ -196,8 +208,9 @@ class ExpressRequest:
                                      conn.loop))
                 return
             self._timing()
-            exc = fused.errored(fused.n, ex, _map(err, upc.pool))
-            answer(conn, head, route, ex, rid, failure(exc, rid))
+            task = _failed(conn, head, route, ex, rid, fused.errored(fused.n, ex, _map(err, upc.pool)))
+            if task is not None:
+                self._handover(task)  # a filter asked for the rest of the chain again (retry)
             return
         self._timing()
         upc._headers_done()
@@ -206,6 +219,11 @@ class ExpressRequest:
             resp = fused.after_all(ex, FastUpstream.response(upc))
         except Exception as e:
             answer(conn, head, route, ex, rid, failure(e, rid))
+            return
+        if not isinstance(resp, ProxyResponse):
+            # A filter's after asked for the rest of the chain again (retry):
+            # the coroutine path awaits that.
+            self._handover(drive(handle(conn, head, Admitted(rid, route, ex, aw=resp)), conn.loop))
             return
         body = resp.body
         if isinstance(body, bytes | bytearray):

@@ -13,7 +13,7 @@ import itertools
 import pytest
 from multidict import CIMultiDict
 
-from proxy.chain import Defer, Exchange, Filter, ProxyResponse, compile_chain
+from proxy.chain import Again, Defer, Exchange, Filter, ProxyResponse, compile_chain
 from proxy.errors import SidecarError, UpstreamUnavailable
 
 
@@ -272,3 +272,53 @@ async def test_before_returning_something_else_is_a_clear_error():
 
     with pytest.raises(TypeError, match="filter bad: before\\(\\) returned str"):
         await compile_chain([Bad()], Terminal([]))(make_ex())
+
+
+class Redo(Filter):
+    """A sync filter whose after / after_error answer Again once: the rest
+    of the chain runs again (retry's shape)."""
+
+    sync = True
+
+    def __init__(self, events: list, on_error: bool = False) -> None:
+        self.events, self.on_error, self.done = events, on_error, False
+
+    def after(self, ex, resp):
+        self.events.append(f"redo.after:{resp.status}")
+        if self.done or self.on_error:
+            return None
+        self.done = True
+        return Again(self.again)
+
+    def after_error(self, ex, exc):
+        self.events.append(f"redo.error:{exc}")
+        if self.done or not self.on_error:
+            return None
+        self.done = True
+        return Again(self.again)
+
+    async def again(self, ex, outcome, call_next):
+        self.events.append(f"redo.again:{outcome.status if isinstance(outcome, ProxyResponse) else outcome}")
+        if isinstance(outcome, ProxyResponse):
+            outcome.close()
+        return await call_next(ex)
+
+
+async def test_again_from_after_runs_the_rest_again_and_outer_filters_see_the_last_answer():
+    ev: list[str] = []
+    term = Terminal(ev)
+    handler = compile_chain([Rec("a", ev, has_before=False), Redo(ev), Rec("b", ev, has_before=False)], term)
+    resp = await handler(make_ex())
+    assert resp.status == 200
+    assert ev == ["terminal:", "b.after", "redo.after:200", "redo.again:200",
+                  "terminal:", "b.after", "a.after"]   # a sees one answer, after the second try
+    assert resp.headers.getall("X-After") == ["b", "a"]
+    assert term.released == [False]                    # the first answer was closed, not reused
+
+
+async def test_again_from_after_error_and_a_failing_again_reaches_the_outer_filters():
+    ev: list[str] = []
+    handler = compile_chain([Rec("a", ev, has_before=False), Redo(ev, on_error=True)], Terminal(ev, fail=True))
+    with pytest.raises(UpstreamUnavailable):
+        await handler(make_ex())
+    assert ev == ["terminal:", "redo.error:down", "redo.again:down", "terminal:", "a.error:down"]

@@ -35,9 +35,11 @@ async def test_only_all_sync_routes_on_the_fast_client_take_it(sidecar_factory, 
     sc = await sidecar_factory({
         "p": policy(upstream.url, '[headers.response]\nset = { "X-Seen" = "1" }\n'),
         "r": policy(upstream.url, "[retry]\nattempts = 2\n").replace('"/p"', '"/r"'),
+        "c": policy(upstream.url, "[cache]\n").replace('"/p"', '"/c"'),
     })
     assert route(sc).express is not None                   # headers: a sync filter
-    assert route(sc, "/r/x").express is None               # retry awaits: the coroutine path
+    assert route(sc, "/r/x").express is not None           # retry: sync, Again when it retries
+    assert route(sc, "/c/x").express is None               # cache awaits its store: the coroutine path
     slow = await sidecar_factory({"p": policy(upstream.url)}, outbound='client = "aiohttp"')
     assert route(slow).express is None                     # the aiohttp client has no callbacks
 
@@ -192,5 +194,33 @@ async def test_an_answer_from_the_upstreams_header_bytes_is_the_mappings_byte_fo
         cookies = await _head(port, "/raw/cookies")
         assert [line for line in cookies if line.startswith(b"X-Was-Cookie")] == [
             b"X-Was-Cookie: a=1; Path=/", b"X-Was-Cookie: b=2; HttpOnly"]
+    finally:
+        await up.stop()
+
+
+async def test_a_retry_from_the_express_path(sidecar_factory):
+    """retry's after answers Again for a retryable status: the request goes on
+    on the coroutine path (the rest of the chain again), and the filters
+    outside see only the final answer."""
+    calls: list[str] = []
+
+    async def flaky(request, seen):
+        calls.append(request.path)
+        if len(calls) == 2:                              # the first try on the express path
+            return web.Response(status=503, text="busy")
+        return web.Response(text="ok")
+
+    up = await FakeUpstream(flaky).start()
+    try:
+        sc = await sidecar_factory({"p": policy(up.url, '[retry]\nattempts = 3\nbackoff = { base = "1ms", max = "1ms" }\n'
+                                                        '[headers.response]\nset = { "X-Outer" = "1" }\n')})
+        assert route(sc).express is not None
+        assert (await sc.request("GET", "/p/warm"))[0] == 200    # a pooled connection
+        status, headers, body = await sc.request("GET", "/p/x")
+        assert (status, body) == (200, b"ok")
+        assert headers["X-Sidecar-Attempts"] == "2" and headers["X-Outer"] == "1"
+        assert calls == ["/warm", "/x", "/x"]
+        lines = await sc.wait_access_lines(2)
+        assert lines[-1]["status"] == 200 and lines[-1]["attempts"] == 2
     finally:
         await up.stop()
