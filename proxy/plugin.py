@@ -13,7 +13,7 @@ built-in plugins may use internals; a third-party plugin should not need to.
 from __future__ import annotations
 
 from .body import read_limited
-from .chain import Exchange, Filter, Handler, ProxyResponse
+from .chain import Again, Defer, Exchange, Filter, Handler, ProxyResponse
 from .client import HttpClient
 from .config import Model, Policy
 from .errors import (BadRequest, CircuitOpen, ConfigError, HeadersTooLarge, NoRoute, RequestBodyTooLarge,
@@ -29,7 +29,7 @@ __all__ = [
     # its config model and value types ("250ms", "10MB")
     "Model", "Duration", "Size", "Policy",
     # the data plane
-    "Filter", "Exchange", "ProxyResponse", "Handler", "read_limited", "HttpClient",
+    "Filter", "Exchange", "ProxyResponse", "Handler", "Defer", "Again", "read_limited", "HttpClient",
     # secrets (``ctx.runtime.secrets.ref("env:NAME")``)
     "SecretRef", "SecretUnavailable",
     # errors: raise a SidecarError (or subclass) to answer with the sidecar's JSON error
