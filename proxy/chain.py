@@ -435,8 +435,9 @@ def fuse(group: list[Filter], nxt: Handler) -> Fused:
     errors = [_hook(f, "after_error") for f in group]
     steps = tuple((i, b) for i, b in enumerate(befores) if b is not None)
     unwinds = any(afters) or any(errors)
-    # What a Defer at position i continues with: the rest of the group, then nxt.
+    # What a Defer or an Again at position i continues with: the rest of the group, then nxt.
     rests = [_fuse(group[i + 1:], nxt) for i in range(n)]
+    afters_rev = tuple((j, a) for j, a in reversed(list(enumerate(afters))) if a is not None)
     names = [f.name or type(f).__name__ for f in group]
 
     def errored(entered: int, ex: Exchange, exc: BaseException) -> Any:
@@ -470,20 +471,21 @@ def fuse(group: list[Filter], nxt: Handler) -> Fused:
         return await _settled(unwind(j, ex, resp))
 
     def unwind(entered: int, ex: Exchange, resp: ProxyResponse) -> Any:
-        # The response, or the awaitable of the one an Again gives.
-        for j in range(entered - 1, -1, -1):
-            a = afters[j]
-            if a is not None:
-                try:
-                    r = a(ex, resp)
-                except BaseException as e:
-                    resp.close()
-                    x = errored(j, ex, e)
-                    if isinstance(x, BaseException):
-                        raise x from None
-                    return x
-                if r is not None:
-                    return again(j, ex, r, resp)
+        # The afters of the filters 0..entered-1, inner to outer: the
+        # response, or the awaitable of the one an Again gives.
+        for j, a in afters_rev:
+            if j >= entered:
+                continue
+            try:
+                r = a(ex, resp)
+            except BaseException as e:
+                resp.close()
+                x = errored(j, ex, e)
+                if isinstance(x, BaseException):
+                    raise x from None
+                return x
+            if r is not None:
+                return again(j, ex, r, resp)
         return resp
 
     async def around(entered: int, ex: Exchange, run: Handler) -> ProxyResponse:
@@ -514,23 +516,9 @@ def fuse(group: list[Filter], nxt: Handler) -> Fused:
             except BaseException as e:
                 return await _settle(errored(i, ex, e), e)
 
-    # The common case, every filter passed: the afters inner to outer.
-    afters_rev = tuple((j, a) for j, a in reversed(list(enumerate(afters))) if a is not None)
-
     def after_all(ex: Exchange, resp: ProxyResponse) -> Any:
-        # The response, or the awaitable of the one an Again gives.
-        for j, a in afters_rev:
-            try:
-                r = a(ex, resp)
-            except BaseException as e:
-                resp.close()
-                x = errored(j, ex, e)
-                if isinstance(x, BaseException):
-                    raise x from None
-                return x
-            if r is not None:
-                return again(j, ex, r, resp)
-        return resp
+        # The common case, every filter passed.
+        return unwind(n, ex, resp)
 
     async def around_all(ex: Exchange, aw: Awaitable[ProxyResponse] | None = None) -> ProxyResponse:
         try:
