@@ -11,7 +11,7 @@ import aiohttp
 from aiohttp import web
 
 from tests.support.sidecar import SidecarProcess, free_port, write_config
-from tests.support.upstream import ThreadedApp
+from tests.support.upstream import ThreadedApp, held_app
 
 
 def slow_app(delay: float) -> web.Application:
@@ -20,17 +20,6 @@ def slow_app(delay: float) -> web.Application:
         return web.Response(text="finished")
     app = web.Application()
     app.router.add_get("/{tail:.*}", slow)
-    return app
-
-
-def held_app(arrived: threading.Event, release: threading.Event) -> web.Application:
-    async def held(request):
-        arrived.set()
-        while not release.is_set():
-            await asyncio.sleep(0.02)
-        return web.Response(text="finished")
-    app = web.Application()
-    app.router.add_get("/{tail:.*}", held)
     return app
 
 
@@ -52,7 +41,7 @@ def test_sigterm_drains_in_flight_requests(tmp_path):
     # the upstream answers only once new connections are refused, however
     # slowly a loaded machine gets there (issue 11, item 9).
     arrived, release = threading.Event(), threading.Event()
-    up = ThreadedApp(lambda: held_app(arrived, release)).start()
+    up = ThreadedApp(lambda: held_app(release, arrived)).start()
     out, adm = free_port(), free_port()
     cfg = write_config(tmp_path, {"p": f'route = "/p"\nupstream = "{up.url}"\n'},
                        outbound_port=out, admin_port=adm)

@@ -11,20 +11,9 @@ import threading
 
 import aiohttp
 import psutil
-from aiohttp import web
 
 from tests.support.sidecar import SidecarProcess, free_port, write_config
-from tests.support.upstream import ThreadedApp
-
-
-def held_app(release: threading.Event) -> web.Application:
-    async def held(request):
-        while not release.is_set():
-            await asyncio.sleep(0.02)
-        return web.Response(text="released")
-    app = web.Application()
-    app.router.add_get("/{tail:.*}", held)
-    return app
+from tests.support.upstream import ThreadedApp, held_app
 
 
 def listeners(sc: SidecarProcess, port: int) -> list[psutil.Process]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import threading
 from collections.abc import Callable
 
 import orjson
@@ -63,6 +64,20 @@ class ThreadedApp:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(5)
+
+
+def held_app(release: threading.Event, arrived: threading.Event | None = None) -> web.Application:
+    """An app (for ThreadedApp) whose every request waits until ``release``
+    is set, then answers "finished"; ``arrived`` is set when one came in."""
+    async def held(request):
+        if arrived is not None:
+            arrived.set()
+        while not release.is_set():
+            await asyncio.sleep(0.02)
+        return web.Response(text="finished")
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", held)
+    return app
 
 
 async def varied(request: web.Request, seen: Seen) -> web.StreamResponse:
