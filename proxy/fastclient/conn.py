@@ -10,7 +10,6 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import httptools
-from multidict import CIMultiDict
 
 from ..errors import (SidecarError, UpstreamBadResponse, UpstreamTimeout, UpstreamTLSError,
                       UpstreamUnavailable)
@@ -392,10 +391,6 @@ class Conn(asyncio.Protocol):
             drop = _HOP_BYTES | {t.strip().lower().encode("latin-1") for t in self._conn_tokens.split(",")
                                  if t.strip()}
         return [(k, v) for k, v in self._headers if k.lower() not in drop]
-
-    def response_headers(self) -> CIMultiDict[str]:
-        return CIMultiDict([(k.decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape"))
-                            for k, v in self.forwarded_headers()])
 
     async def next_chunk(self) -> bytes:
         """The next body chunk; b"" at the end of the message."""
