@@ -318,7 +318,7 @@ class RawResponse(ProxyResponse):
 
     def set_header(self, name: str, value: str) -> None:
         pairs = self._pairs
-        if pairs is None or not name.isascii() or "\r" in name or "\n" in name or "\r" in value or "\n" in value:
+        if pairs is None or not raw_settable(name, value):
             self.headers[name] = value
             return
         self._pairs = set_field(pairs, name, value)
@@ -341,6 +341,12 @@ class RawResponse(ProxyResponse):
         if values:
             name = new.encode("ascii")
             self._pairs = [(k, v) for k, v in pairs if k.lower() != lk] + [(name, v) for v in values]
+
+
+def raw_settable(name: str, value: str) -> bool:
+    """Whether ``name: value`` can go into header bytes as they are: an ASCII
+    name and no line break (else the mapping, whose serialisation refuses it)."""
+    return name.isascii() and "\r" not in name and "\n" not in name and "\r" not in value and "\n" not in value
 
 
 def set_field(pairs: list[tuple[bytes, bytes]], name: str, value: str) -> list[tuple[bytes, bytes]]:

@@ -229,7 +229,15 @@ def _prepare(conn: "ServerConnection", head: "FastHead", resp: ProxyResponse, ex
     """The finished response headers, the HTTP version to answer in, whether
     the connection is kept, whether the response has no body."""
     headers = finish_headers(resp, ex, rid)
-    version = head.version if head.version == "1.0" else "1.1"
+    if "Date" not in headers:
+        headers["Date"] = http_date()
+    version, keep = answer_framing(conn, head)
+    return headers, version, keep, resp.status in EMPTY_STATUS or head.method == "HEAD"
+
+
+def answer_framing(conn: "ServerConnection", head: "FastHead") -> tuple[str, bool]:
+    """The HTTP version to answer ``head`` in, and whether the connection is
+    kept after the answer (both response writers, this one and express's)."""
     keep = head.keep_alive and not conn.closing
     if conn.input_done and not conn.queue and conn.pending_error is None:
         keep = False  # nothing after this request can be parsed (an upgrade, HTTP/0.9)
@@ -237,9 +245,7 @@ def _prepare(conn: "ServerConnection", head: "FastHead", resp: ProxyResponse, ex
         # Answered before the request body was read (an error, a cached or
         # short-circuit answer): do not leave the connection mid-body.
         keep = False
-    if "Date" not in headers:
-        headers["Date"] = http_date()
-    return headers, version, keep, resp.status in EMPTY_STATUS or head.method == "HEAD"
+    return ("1.0" if head.version == "1.0" else "1.1"), keep
 
 
 def respond_whole(conn: "ServerConnection", head: "FastHead", resp: ProxyResponse, ex: Exchange | None,

@@ -34,9 +34,9 @@ from ..chain import Exchange, Fused, ProxyResponse
 from ..errors import UpstreamTimeout
 from ..fastclient.conn import _Failed, _map
 from ..fastclient.send import FastUpstream, retry_fresh
-from ..rawexchange import RawResponse, set_field
+from ..rawexchange import RawResponse, raw_settable, set_field
 from .drive import drive
-from .exchange import Admitted, _log, answer, failure, handle
+from .exchange import Admitted, _log, answer, answer_framing, failure, handle
 from .response import EMPTY_STATUS, REASONS, http_date
 
 if TYPE_CHECKING:
@@ -255,7 +255,7 @@ def _edited(pairs: list[tuple[bytes, bytes]], edits: list[tuple[str, str]]) -> l
     out = list(pairs)
     present = {k.lower() for k, _ in out}
     for k, v in edits:
-        if not k.isascii() or "\r" in k or "\n" in k or "\r" in v or "\n" in v:
+        if not raw_settable(k, v):
             return None
         raw = k.encode("ascii")
         lk = raw.lower()
@@ -276,10 +276,7 @@ def _raw_answer(conn: "ServerConnection", head: "FastHead", route: "Route", ex: 
     hop-by-hop ones with the filters' ``response_headers`` set, Content-Length
     set in place, then X-Request-ID when the upstream sent none
     (proxy/response_id.py), Date when absent, Connection where HTTP/1.x needs it."""
-    version = "1.0" if head.version == "1.0" else "1.1"
-    keep = head.keep_alive and not conn.closing
-    if conn.input_done and not conn.queue and conn.pending_error is None:
-        keep = False  # nothing after this request can be parsed
+    version, keep = answer_framing(conn, head)
     if reason is None:
         reason = REASONS.get(status, "")
     out = [("HTTP/%s %d %s" % (version, status, reason)).encode("utf-8", "surrogateescape")]
