@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ..http import HOP_BY_HOP
-from ..rawexchange import RawExchange
+from ..rawexchange import _KEYS, RawExchange, _key
 
 if TYPE_CHECKING:
     from ..routes import Route
@@ -19,10 +19,6 @@ _SINGLETONS = frozenset({b"content-length", b"content-location", b"content-range
                          b"host", b"max-forwards", b"server", b"transfer-encoding", b"user-agent"})
 _APART = frozenset({b"host", b"content-length", b"x-forwarded-for", b"x-forwarded-proto",
                     b"x-forwarded-host", b"x-request-id"})
-
-
-# Header names looked up (admission's few, the tenant headers), lower-cased once.
-_KEYS: dict[str, bytes] = {}
 
 
 class FastHead:
@@ -74,12 +70,8 @@ class FastHead:
         self.has_body = (self.content_length or 0) > 0 or b"transfer-encoding" in index
 
     def get(self, name: str) -> str | None:
-        key = _KEYS.get(name)
-        if key is None:
-            key = name.lower().encode("latin-1")
-            if len(_KEYS) < 256:
-                _KEYS[name] = key
-        v = self._index.get(key)
+        # b"" for a name that is no token: llhttp let no such header through.
+        v = self._index.get(_KEYS.get(name) or _key(name))
         return None if v is None else v.decode("utf-8", "surrogateescape")
 
     def build(self, route: "Route", path: str, query: str, extra: list[tuple[str, str]],
