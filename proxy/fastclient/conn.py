@@ -16,6 +16,17 @@ from ..errors import (SidecarError, UpstreamBadResponse, UpstreamTimeout, Upstre
 from ..http import _HOP_LOWER
 
 _HOP_BYTES = frozenset(h.encode("latin-1") for h in _HOP_LOWER)
+# The upstream's Connection value -> the names a response drops with it
+# ("keep-alive" on every nginx answer: made once, not per response).
+_DROP: dict[str, frozenset[bytes]] = {}
+
+
+def _drop_for(tokens: str) -> frozenset[bytes]:
+    drop = _HOP_BYTES | {t.strip().lower().encode("latin-1") for t in tokens.split(",") if t.strip()}
+    if len(_DROP) >= 256:   # values an upstream makes up: stay bounded
+        _DROP.clear()
+    _DROP[tokens] = drop
+    return drop
 
 if TYPE_CHECKING:
     from .pool import Pool
@@ -386,10 +397,8 @@ class Conn(asyncio.Protocol):
     def forwarded_headers(self) -> list[tuple[bytes, bytes]]:
         """The response's header fields as bytes, without the hop-by-hop ones
         (and those the upstream's Connection names, RFC 9110 7.6.1)."""
-        drop = _HOP_BYTES
-        if self._conn_tokens:
-            drop = _HOP_BYTES | {t.strip().lower().encode("latin-1") for t in self._conn_tokens.split(",")
-                                 if t.strip()}
+        tokens = self._conn_tokens
+        drop = _HOP_BYTES if not tokens else (_DROP.get(tokens) or _drop_for(tokens))
         return [(k, v) for k, v in self._headers if k.lower() not in drop]
 
     async def next_chunk(self) -> bytes:

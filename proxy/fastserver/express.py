@@ -34,7 +34,7 @@ from ..chain import Exchange, Fused, ProxyResponse
 from ..errors import UpstreamTimeout
 from ..fastclient.conn import _Failed, _map
 from ..fastclient.send import FastUpstream, retry_fresh
-from ..rawexchange import RawResponse, raw_settable, set_field
+from ..rawexchange import RawResponse, raw_settable
 from .drive import drive
 from .exchange import Admitted, _log, answer, answer_framing, failure, handle
 from .response import EMPTY_STATUS, REASONS, http_date
@@ -245,25 +245,54 @@ class ExpressRequest:
             self.conn.task = task
 
 
+# Response header names the filters set (rate_limit's five, the headers
+# plugin's): name -> (as sent, lowercase), or None when it cannot go out as
+# bytes (not ASCII, a line break). Bounded like rawexchange._KEYS.
+_EDIT_NAMES: dict[str, tuple[bytes, bytes] | None] = {}
+
+
+def _edit_name(name: str) -> tuple[bytes, bytes] | None:
+    got = _EDIT_NAMES.get(name, False)
+    if got is False:
+        got = None
+        if raw_settable(name, ""):
+            raw = name.encode("ascii")
+            got = (raw, raw.lower())
+        if len(_EDIT_NAMES) >= 1024:
+            _EDIT_NAMES.clear()
+        _EDIT_NAMES[name] = got
+    return got  # type: ignore[return-value]
+
+
 def _edited(pairs: list[tuple[bytes, bytes]], edits: list[tuple[str, str]]) -> list[tuple[bytes, bytes]] | None:
-    """``pairs`` with the filters' ``response_headers`` set as
-    ``CIMultiDict.__setitem__`` sets them (rawexchange.set_field); None when
-    a name or value needs the mapping path's checks (not ASCII, a line break).
-    The common case, names the upstream did not send (rate_limit's), appends."""
+    """``pairs`` with the filters' ``response_headers`` set as consecutive
+    ``CIMultiDict.__setitem__`` calls set them (rawexchange.set_field): the
+    first field of a name replaced in place with the last edit's spelling and
+    value, the others of that name dropped, names the upstream did not send
+    (rate_limit's, the common case) appended in the order first set. None
+    when a name or value needs the mapping path's checks (not ASCII, a line
+    break). One pass over the fields, whatever the number of edits."""
     if not edits:
         return pairs
-    out = list(pairs)
-    present = {k.lower() for k, _ in out}
+    emap: dict[bytes, tuple[bytes, bytes]] = {}   # lowercase name -> the field as it goes out
     for k, v in edits:
-        if not raw_settable(k, v):
+        nm = _EDIT_NAMES.get(k) or _edit_name(k)
+        if nm is None or "\r" in v or "\n" in v:
             return None
-        raw = k.encode("ascii")
-        lk = raw.lower()
-        if lk in present:
-            out = set_field(out, k, v)
-        else:
-            out.append((raw, v.encode("utf-8", "surrogateescape")))
-            present.add(lk)
+        emap[nm[1]] = (nm[0], v.encode("utf-8", "surrogateescape"))
+    placed: set[bytes] = set()
+    out: list[tuple[bytes, bytes]] = []
+    for k, v in pairs:
+        lk = k.lower()
+        if lk in emap:
+            if lk not in placed:
+                placed.add(lk)
+                out.append(emap[lk])
+            continue
+        out.append((k, v))
+    for lk, field in emap.items():
+        if lk not in placed:
+            out.append(field)
     return out
 
 
@@ -273,8 +302,8 @@ def _raw_answer(conn: "ServerConnection", head: "FastHead", route: "Route", ex: 
     filter read ``resp.headers``: proxy/rawexchange.py RawResponse). The bytes
     are those ``answer`` would write from the mapping (the server differential
     test holds both servers to the same output): the fields minus the
-    hop-by-hop ones with the filters' ``response_headers`` set, Content-Length
-    set in place, then X-Request-ID when the upstream sent none
+    hop-by-hop ones with the filters' ``response_headers`` set (``_edited``),
+    Content-Length set in place, then X-Request-ID when the upstream sent none
     (proxy/response_id.py), Date when absent, Connection where HTTP/1.x needs it."""
     version, keep = answer_framing(conn, head)
     if reason is None:

@@ -294,3 +294,28 @@ backoff = {{ base = "1ms", max = "5ms" }}
     assert h.getall("Authorization") == ["Bearer t0k"] and h["X-Sidecar"] == "bench"
     version, _, _, flags = h["traceparent"].split("-")
     assert version == "00" and int(flags, 16) & 1 == 0  # not sampled
+
+
+def test_response_header_edits_on_bytes_are_the_mappings_in_random_sequences() -> None:
+    """The express path sets the filters' ``response_headers`` over the
+    upstream's fields in one pass (proxy/fastserver/express.py ``_edited``):
+    the same fields, in the same order, as consecutive ``CIMultiDict``
+    assignments, whatever the mix of names the upstream sent, names set
+    twice, and spellings."""
+    from proxy.fastserver.express import _edited
+
+    rng = random.Random(7)
+    names = ["RateLimit", "ratelimit", "X-RateLimit-Limit", "Server", "server", "X-New", "Date", "x-new"]
+    for _ in range(400):
+        pairs = [(rng.choice(names).encode(), f"u{i}".encode()) for i in range(rng.randint(0, 6))]
+        pairs += [(b"Content-Type", b"application/json")]
+        rng.shuffle(pairs)
+        edits = [(rng.choice(names), f"e{i}") for i in range(rng.randint(0, 6))]
+        expected = CIMultiDict([(k.decode(), v.decode()) for k, v in pairs])
+        for k, v in edits:
+            expected[k] = v
+        got = _edited(list(pairs), edits)
+        assert got is not None
+        assert [(k.decode(), v.decode()) for k, v in got] == list(expected.items()), (pairs, edits)
+    assert _edited([(b"A", b"1")], [("X-Bad", "a\r\nb")]) is None      # the mapping path's checks
+    assert _edited([(b"A", b"1")], [("X-\u00e9", "v")]) is None
