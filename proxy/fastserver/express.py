@@ -275,11 +275,11 @@ def _edited(pairs: list[tuple[bytes, bytes]], edits: list[tuple[str, str]]) -> l
     if not edits:
         return pairs
     emap: dict[bytes, tuple[bytes, bytes]] = {}   # lowercase name -> the field as it goes out
-    for k, v in edits:
-        nm = _EDIT_NAMES.get(k) or _edit_name(k)
-        if nm is None or "\r" in v or "\n" in v:
+    for name, value in edits:
+        nm = _EDIT_NAMES.get(name) or _edit_name(name)
+        if nm is None or "\r" in value or "\n" in value:
             return None
-        emap[nm[1]] = (nm[0], v.encode("utf-8", "surrogateescape"))
+        emap[nm[1]] = (nm[0], value.encode("utf-8", "surrogateescape"))
     placed: set[bytes] = set()
     out: list[tuple[bytes, bytes]] = []
     for k, v in pairs:
