@@ -31,6 +31,7 @@ import orjson
 
 # Positions in the record tuple Runtime.access appends (the order matters).
 TS, RID, ROUTE, TENANT, METHOD, PATH, STATUS, TOOK, UPSTREAM_MS, ATTEMPT, LOG, ERROR, HEADERS, EXTRA = range(14)
+_NEWLINE = orjson.OPT_APPEND_NEWLINE
 CORE = ("ts", "request_id", "route", "tenant", "method", "path", "status", "duration_ms", "worker",
         "upstream_ms", "attempts", "decisions", "error", "headers")
 
@@ -96,7 +97,11 @@ class AccessLog:
         fields = self._fields
         rc = self._render_core
         dumps = orjson.dumps
-        out = []
+        # One growing buffer, each line appended and its bytes object freed
+        # at once: keeping thousands of separate dumps() results alive until
+        # a join made every dumps() take a fresh ~1 KB block from malloc, ~2 µs
+        # a line (3.7 -> 1.8 µs a record measured, docs/performance.md).
+        out = bytearray()
         for r in records:
             d: dict[str, Any] = {
                 "ts": round(r[TS], 3), "request_id": r[RID], "route": r[ROUTE], "tenant": r[TENANT],
@@ -129,13 +134,12 @@ class AccessLog:
                     if v is not None:
                         d[name] = v
             try:
-                out.append(dumps(d))
+                out += dumps(d, option=_NEWLINE)
             except TypeError:
                 # A field value orjson cannot write: the line still goes out,
                 # with that value as its repr rather than dropping the request.
-                out.append(dumps(d, default=repr))
-        out.append(b"")
-        return b"\n".join(out)
+                out += dumps(d, default=repr, option=_NEWLINE)
+        return bytes(out)
 
     def flush(self) -> None:
         if not self._buf or self._out is None:
