@@ -310,6 +310,7 @@ class Result:
     cpu_us: float = float("nan")
     errors: int = 0
     notes: list[str] = field(default_factory=list)
+    runs: list[tuple[float, float]] = field(default_factory=list)   # (req/s, CPU µs/req) per round
 
 
 def run_wrk(url: str, connections: int, duration: float, threads: int = 1) -> dict:
@@ -334,15 +335,6 @@ def measure(proc: Proc, url: str, connections: int, duration: float, use_wrk: bo
         r = asyncio.run(loadgen.closed_loop(url, connections, duration))
     r["cpu_us"] = (proc.cpu() - cpu0) / max(r["requests"], 1) * 1e6
     return r
-
-
-def throughput(proc: Proc, url: str, args, use_wrk: bool) -> dict:
-    # Warm-up: fill the target's upstream pool and JIT-free caches.
-    if use_wrk:
-        run_wrk(url, args.connections, 1)
-    else:
-        asyncio.run(loadgen.closed_loop(url, args.connections, 1))
-    return measure(proc, url, args.connections, args.duration, use_wrk)
 
 
 def interleaved(targets: list[tuple[str, Proc, str]], args, use_wrk: bool, duration: float) -> dict:
@@ -408,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--idle", type=int, default=None, help="idle keep-alive connections for the RSS probe (10000)")
     ap.add_argument("--transfer-mb", type=int, default=None, help="MB moved each way (100)")
     ap.add_argument("--rounds", type=int, default=None,
-                    help="interleaved rounds of the per-filter and workers A/B sections (4; quick 2)")
+                    help="interleaved rounds of the throughput table and of the per-filter and workers A/B sections (4; quick 2)")
     ap.add_argument("--profile-duration", type=float, default=None)
     ap.add_argument("--targets",
                     default="direct,nginx,haproxy,aiohttp-alone,naive,sidecar-aiohttp,sidecar,sidecar-core4,"
@@ -544,11 +536,18 @@ def main(argv: list[str] | None = None) -> int:
             prod = sidecar("sidecar-prod", chain, True, chain_config)
             targets.append(("sidecar + prod chain", prod, f"http://127.0.0.1:{prod.port}/bench/json"))
 
-        for tname, proc, url in targets:
-            print(f"[bench] {tname}: throughput", file=sys.stderr, flush=True)
+        # Throughput as the issue measured it: interleaved rounds, medians.
+        # One run per target in turn let a neighbour's burst during one
+        # target's run move its ratio by a third (2026-11-29-49a181b: the
+        # passthrough row at 19k req/s while its other runs made 22.5-23k).
+        print(f"[bench] throughput: {args.rounds} interleaved rounds over {len(targets)} targets",
+              file=sys.stderr, flush=True)
+        tput = interleaved(targets, args, use_wrk, args.duration) if targets else {}
+        for tname, _proc, url in targets:
             r = Result(tname)
-            t = throughput(proc, url, args, use_wrk)
+            t = tput[tname]
             r.rps, r.cpu_us, r.errors = t["rps"], t["cpu_us"], t["errors"]
+            r.runs = t["runs"]
             if tname == "direct":
                 r.cpu_us = float("nan")  # the upstream's own cost, not a proxy's
             print(f"[bench] {tname}: fixed-rate latency", file=sys.stderr, flush=True)
@@ -661,7 +660,10 @@ def render(name: str, results: list[Result], extras: dict, notes: list[str], arg
     naive = next((r for r in results if r.target == "naive aiohttp"), None)
     lines = [f"# Bench results: {name}", "",
              "Single worker/process/thread per target; one sitting; "
-             "the machine was shared with other test runs, so compare ratios, not absolute numbers.", ""]
+             "the machine was shared with other test runs, so compare ratios, not absolute numbers. "
+             f"req/s and CPU µs/req: medians of {args.rounds} interleaved rounds of {args.duration:g} s "
+             "(every target in turn, the order reversed every other round); the latency columns: one "
+             "fixed-rate run each.", ""]
     lines += [f"- {n}" for n in notes]
     lines += ["", "| target | req/s | x nginx | x naive | p50 ms | p99 ms | p99.9 ms | +p99 vs nginx ms | CPU µs/req | errors |",
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
