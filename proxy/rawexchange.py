@@ -318,10 +318,11 @@ class RawResponse(ProxyResponse):
 
     def set_header(self, name: str, value: str) -> None:
         pairs = self._pairs
-        if pairs is None or not raw_settable(name, value):
+        edited = None if pairs is None else set_fields(pairs, [(name, value)])
+        if edited is None:
             self.headers[name] = value
             return
-        self._pairs = set_field(pairs, name, value)
+        self._pairs = edited
 
     def remove_header(self, name: str) -> None:
         pairs = self._pairs
@@ -349,22 +350,52 @@ def raw_settable(name: str, value: str) -> bool:
     return name.isascii() and "\r" not in name and "\n" not in name and "\r" not in value and "\n" not in value
 
 
-def set_field(pairs: list[tuple[bytes, bytes]], name: str, value: str) -> list[tuple[bytes, bytes]]:
-    """``pairs`` after ``CIMultiDict.__setitem__(name, value)``: the first field
-    of that name replaced in place (with this spelling), the others dropped,
-    else appended. ``name`` is ASCII; neither has a line break (the caller checks)."""
-    raw = name.encode("ascii")
-    lk = raw.lower()
-    field = (raw, value.encode("utf-8", "surrogateescape"))
+# Header names set on response bytes (rate_limit's five, the headers
+# plugin's): name -> (as sent, lowercase), or None when it cannot go out as
+# bytes (not ASCII, a line break). Bounded like _KEYS.
+_FIELD_NAMES: dict[str, tuple[bytes, bytes] | None] = {}
+
+
+def _field_name(name: str) -> tuple[bytes, bytes] | None:
+    got = _FIELD_NAMES.get(name, False)
+    if got is False:
+        got = None
+        if raw_settable(name, ""):
+            raw = name.encode("ascii")
+            got = (raw, raw.lower())
+        if len(_FIELD_NAMES) >= _KEYS_MAX:
+            _FIELD_NAMES.clear()
+        _FIELD_NAMES[name] = got
+    return got  # type: ignore[return-value]
+
+
+def set_fields(pairs: list[tuple[bytes, bytes]], edits: list[tuple[str, str]]) -> list[tuple[bytes, bytes]] | None:
+    """``pairs`` after consecutive ``CIMultiDict.__setitem__(name, value)``
+    for each of ``edits``: the first field of a name replaced in place with the
+    last edit's spelling and value, the others of that name dropped, names not
+    there (rate_limit's, the common case) appended in the order first set.
+    None when a name or value needs the mapping's checks (not ASCII, a line
+    break; see ``raw_settable``). One pass over the fields, whatever the
+    number of edits."""
+    if not edits:
+        return pairs
+    emap: dict[bytes, tuple[bytes, bytes]] = {}   # lowercase name -> the field as it goes out
+    for name, value in edits:
+        nm = _FIELD_NAMES.get(name) or _field_name(name)
+        if nm is None or "\r" in value or "\n" in value:
+            return None
+        emap[nm[1]] = (nm[0], value.encode("utf-8", "surrogateescape"))
+    placed: set[bytes] = set()
     out: list[tuple[bytes, bytes]] = []
-    placed = False
     for k, v in pairs:
-        if k.lower() == lk:
-            if not placed:
-                placed = True
-                out.append(field)
+        lk = k.lower()
+        if lk in emap:
+            if lk not in placed:
+                placed.add(lk)
+                out.append(emap[lk])
             continue
         out.append((k, v))
-    if not placed:
-        out.append(field)
+    for lk, field in emap.items():
+        if lk not in placed:
+            out.append(field)
     return out

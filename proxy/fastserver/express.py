@@ -34,7 +34,7 @@ from ..chain import Exchange, Fused, ProxyResponse
 from ..errors import UpstreamTimeout
 from ..fastclient.conn import _Failed, _map
 from ..fastclient.send import FastUpstream, retry_fresh
-from ..rawexchange import RawResponse, raw_settable
+from ..rawexchange import RawResponse, set_fields
 from .drive import drive
 from .exchange import Admitted, _log, answer, answer_framing, failure, handle
 from .response import EMPTY_STATUS, REASONS, http_date
@@ -229,7 +229,7 @@ class ExpressRequest:
         if isinstance(body, bytes | bytearray):
             pairs = resp.raw_headers() if type(resp) is RawResponse else None
             if pairs is not None and not head_request and resp.status not in EMPTY_STATUS:
-                edited = _edited(pairs, ex.response_headers)
+                edited = set_fields(pairs, ex.response_headers)
                 if edited is not None:
                     _raw_answer(conn, head, route, ex, rid, resp.status, resp.reason, edited, body)
                     return
@@ -245,64 +245,13 @@ class ExpressRequest:
             self.conn.task = task
 
 
-# Response header names the filters set (rate_limit's five, the headers
-# plugin's): name -> (as sent, lowercase), or None when it cannot go out as
-# bytes (not ASCII, a line break). Bounded like rawexchange._KEYS.
-_EDIT_NAMES: dict[str, tuple[bytes, bytes] | None] = {}
-
-
-def _edit_name(name: str) -> tuple[bytes, bytes] | None:
-    got = _EDIT_NAMES.get(name, False)
-    if got is False:
-        got = None
-        if raw_settable(name, ""):
-            raw = name.encode("ascii")
-            got = (raw, raw.lower())
-        if len(_EDIT_NAMES) >= 1024:
-            _EDIT_NAMES.clear()
-        _EDIT_NAMES[name] = got
-    return got  # type: ignore[return-value]
-
-
-def _edited(pairs: list[tuple[bytes, bytes]], edits: list[tuple[str, str]]) -> list[tuple[bytes, bytes]] | None:
-    """``pairs`` with the filters' ``response_headers`` set as consecutive
-    ``CIMultiDict.__setitem__`` calls set them (rawexchange.set_field): the
-    first field of a name replaced in place with the last edit's spelling and
-    value, the others of that name dropped, names the upstream did not send
-    (rate_limit's, the common case) appended in the order first set. None
-    when a name or value needs the mapping path's checks (not ASCII, a line
-    break). One pass over the fields, whatever the number of edits."""
-    if not edits:
-        return pairs
-    emap: dict[bytes, tuple[bytes, bytes]] = {}   # lowercase name -> the field as it goes out
-    for name, value in edits:
-        nm = _EDIT_NAMES.get(name) or _edit_name(name)
-        if nm is None or "\r" in value or "\n" in value:
-            return None
-        emap[nm[1]] = (nm[0], value.encode("utf-8", "surrogateescape"))
-    placed: set[bytes] = set()
-    out: list[tuple[bytes, bytes]] = []
-    for k, v in pairs:
-        lk = k.lower()
-        if lk in emap:
-            if lk not in placed:
-                placed.add(lk)
-                out.append(emap[lk])
-            continue
-        out.append((k, v))
-    for lk, field in emap.items():
-        if lk not in placed:
-            out.append(field)
-    return out
-
-
 def _raw_answer(conn: "ServerConnection", head: "FastHead", route: "Route", ex: Exchange, rid: str,
                 status: int, reason: str | None, pairs: list[tuple[bytes, bytes]], body: bytes) -> None:
     """Write an upstream's whole answer from its header fields as bytes (no
     filter read ``resp.headers``: proxy/rawexchange.py RawResponse). The bytes
     are those ``answer`` would write from the mapping (the server differential
     test holds both servers to the same output): the fields minus the
-    hop-by-hop ones with the filters' ``response_headers`` set (``_edited``),
+    hop-by-hop ones with the filters' ``response_headers`` set (``set_fields``),
     Content-Length set in place, then X-Request-ID when the upstream sent none
     (proxy/response_id.py), Date when absent, Connection where HTTP/1.x needs it."""
     version, keep = answer_framing(conn, head)
