@@ -100,7 +100,7 @@ class AccessLog:
         # One growing buffer, each line appended and its bytes object freed
         # at once: keeping thousands of separate dumps() results alive until
         # a join made every dumps() take a fresh ~1 KB block from malloc, ~2 µs
-        # a line (3.7 -> 1.8 µs a record measured, docs/performance.md).
+        # a line (3.7 -> 1.6 µs a record measured, docs/performance.md).
         out = bytearray()
         for r in records:
             d: dict[str, Any] = {

@@ -20,8 +20,8 @@ import signal
 import socket
 import tempfile
 import time
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -548,8 +548,9 @@ def worker_cpus(mode: str, workers: int, allowed: Sequence[int] | None) -> list[
     load generator and the upstream, cost ~1.2-1.4x one worker's CPU per
     request, varying from run to run; pinned, each keeps a core (and its
     caches) to itself and they cost ~1.1x (docs/performance.md, "workers >
-    1"). The difference is the scheduler's placement, not our code. "auto" pins only when the sidecar may run on
-    exactly as many CPUs as it has workers (``workers = 0``, or a cpuset
+    1"). The difference is the scheduler's placement, not our code. "auto"
+    pins only when the sidecar may run on exactly as many CPUs as it has
+    workers (``workers = 0``, or a cpuset
     sized for it): with more CPUs than workers, every sidecar on a node
     would crowd the same first CPUs. "on" pins round robin over the allowed
     CPUs whatever their number; "off" never pins.

@@ -15,6 +15,9 @@ from ..errors import (SidecarError, UpstreamBadResponse, UpstreamTimeout, Upstre
                       UpstreamUnavailable)
 from ..http import _HOP_LOWER
 
+if TYPE_CHECKING:
+    from .pool import Pool
+
 _HOP_BYTES = frozenset(h.encode("latin-1") for h in _HOP_LOWER)
 # The upstream's Connection value -> the names a response drops with it
 # ("keep-alive" on every nginx answer: made once, not per response).
@@ -28,8 +31,6 @@ def _drop_for(tokens: str) -> frozenset[bytes]:
     _DROP[tokens] = drop
     return drop
 
-if TYPE_CHECKING:
-    from .pool import Pool
 
 # Download flow control: stop reading the upstream socket while this much is
 # buffered and not yet written to the client; resume below the low mark.
