@@ -82,7 +82,9 @@ class RequestHead(Protocol):
     def get(self, name: str) -> str | None: ...
 
     def build(self, route: "Route", path: str, query: str, extra: list[tuple[str, str]],
-              drop_expect: bool, **kw: object) -> "Exchange": ...
+              drop_expect: bool, *, request_id: str, started: float, max_body: int,
+              target: str | None = None, body_length: int | None = None, tenant: str | None = None,
+              client_ip: str | None = None, deadline: float | None = None) -> "Exchange": ...
 
 
 def request_id(head: RequestHead) -> str:

@@ -68,13 +68,17 @@ class AiohttpHead:
         self.header_size = size
 
     def build(self, route: "Route", path: str, query: str, extra: list[tuple[str, str]],
-              drop_expect: bool, **kw) -> Exchange:
+              drop_expect: bool, *, request_id: str, started: float, max_body: int,
+              target: str | None = None, body_length: int | None = None, tenant: str | None = None,
+              client_ip: str | None = None, deadline: float | None = None) -> Exchange:
         headers = strip_hop_by_hop(self.hin)
         if drop_expect:
             headers.popall("Expect", None)
         for k, v in extra:
             headers[k] = v
-        ex = Exchange(route, self.method, path, query, headers, **kw)
+        ex = Exchange(route, self.method, path, query, headers, request_id=request_id, started=started,
+                      max_body=max_body, target=target, body_length=body_length, tenant=tenant,
+                      client_ip=client_ip, deadline=deadline)
         if self.has_body:
             overflow = BodyOverflow()
             ex.vars["_overflow"] = overflow

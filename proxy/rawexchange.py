@@ -78,14 +78,21 @@ class RawExchange(Exchange):
 
     def __init__(self, route: Any, method: str, path: str, query: str, lines: bytes | None,
                  pairs: list[tuple[bytes, bytes]], extra: list[tuple[str, str]],
-                 host: bytes | None, length: bytes | None, **kw: Any) -> None:
+                 host: bytes | None, length: bytes | None, *, request_id: str, started: float,
+                 max_body: int, target: str | None = None, body_length: int | None = None,
+                 tenant: str | None = None, client_ip: str | None = None,
+                 deadline: float | None = None) -> None:
         self._lines: bytes | None = lines
         self._pairs = pairs
         self._extra = extra
         self._host = host
         self._length = length
         self._names: set[bytes] | None = None  # lowercase names present (built by the first edit)
-        Exchange.__init__(self, route, method, path, query, None, **kw)  # type: ignore[arg-type]
+        # Keywords spelled out, never ``**kw``: collecting and re-spreading a
+        # keyword dict cost ~0.8 µs per hop on the request path (issue 10).
+        Exchange.__init__(self, route, method, path, query, None,  # type: ignore[arg-type]
+                          request_id=request_id, started=started, max_body=max_body, target=target,
+                          body_length=body_length, tenant=tenant, client_ip=client_ip, deadline=deadline)
 
     @property
     def headers(self) -> CIMultiDict[str]:

@@ -75,7 +75,9 @@ class FastHead:
         return None if v is None else v.decode("utf-8", "surrogateescape")
 
     def build(self, route: "Route", path: str, query: str, extra: list[tuple[str, str]],
-              drop_expect: bool, **kw: Any) -> RawExchange:
+              drop_expect: bool, *, request_id: str, started: float, max_body: int,
+              target: str | None = None, body_length: int | None = None, tenant: str | None = None,
+              client_ip: str | None = None, deadline: float | None = None) -> RawExchange:
         """The Exchange with the forwarded headers: hop-by-hop ones (and those
         named in Connection, RFC 9110 7.6.1) dropped, the rest kept as bytes."""
         drop = _HOP
@@ -95,7 +97,9 @@ class FastHead:
         extra_head = "".join([f"{k}: {v}\r\n" for k, v in extra]).encode("utf-8", "surrogateescape")
         lines.append(extra_head)
         ex = RawExchange(route, self.method, path, query, b"".join(lines), pairs, extra,
-                         idx.get(b"host"), idx.get(b"content-length"), **kw)
+                         idx.get(b"host"), idx.get(b"content-length"), request_id=request_id,
+                         started=started, max_body=max_body, target=target, body_length=body_length,
+                         tenant=tenant, client_ip=client_ip, deadline=deadline)
         body = self.body
         if body is not None and self.has_body:
             body.limit = route.max_body
