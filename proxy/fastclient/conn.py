@@ -62,7 +62,7 @@ class Conn(asyncio.Protocol):
                  "_error", "_got_bytes", "_head_request", "_keep_alive", "_eof_body", "_framed_by_length",
                  "_timer", "_timer_when", "_wait_until", "_waiting", "_deadline", "_idle", "_poisoned", "counted",
                  "_upgrade", "_tail", "tunnel", "_head_left", "_max_head", "_max_headers", "_too_big",
-                 "_express", "__weakref__")
+                 "_express", "_fwd", "__weakref__")
 
     def __init__(self, pool: "Pool") -> None:
         self.pool = pool
@@ -103,6 +103,7 @@ class Conn(asyncio.Protocol):
         self._reason: str | None = None
         self._headers: list[tuple[bytes, bytes]] = []
         self._conn_tokens: str | None = None
+        self._fwd: list[tuple[bytes, bytes]] = []
         self._complete = False
         self._got_bytes = False
         self._head_request = False
@@ -381,16 +382,29 @@ class Conn(asyncio.Protocol):
         self._headers_done()
 
     def _headers_done(self) -> None:
-        te = None
+        """The framing the response head declares, and its fields to forward
+        (``forwarded_headers``), in one pass over the head."""
+        te = tokens = None
+        fwd = []
         for k, v in self._headers:
             lk = k.lower()
-            if lk == b"connection":
-                t = v.decode("latin-1")
-                self._conn_tokens = t if self._conn_tokens is None else f"{self._conn_tokens},{t}"
-            elif lk == b"content-length":
+            if lk in _HOP_BYTES:
+                if lk == b"connection":
+                    t = v.decode("latin-1")
+                    tokens = t if tokens is None else f"{tokens},{t}"
+                elif lk == b"transfer-encoding":
+                    te = v
+                continue
+            if lk == b"content-length":
                 self._framed_by_length = True
-            elif lk == b"transfer-encoding":
-                te = v
+            fwd.append((k, v))
+        if tokens:
+            # RFC 9110 7.6.1: the names the upstream's Connection lists go too.
+            drop = _DROP.get(tokens) or _drop_for(tokens)
+            if len(drop) > len(_HOP_BYTES):
+                fwd = [(k, v) for k, v in fwd if k.lower() not in drop]
+        self._conn_tokens = tokens
+        self._fwd = fwd
         if not self._framed_by_length and te is None and not self._head_request \
                 and self._status not in _EMPTY_NO_BODY:
             self._eof_body = True
@@ -398,9 +412,7 @@ class Conn(asyncio.Protocol):
     def forwarded_headers(self) -> list[tuple[bytes, bytes]]:
         """The response's header fields as bytes, without the hop-by-hop ones
         (and those the upstream's Connection names, RFC 9110 7.6.1)."""
-        tokens = self._conn_tokens
-        drop = _HOP_BYTES if not tokens else (_DROP.get(tokens) or _drop_for(tokens))
-        return [(k, v) for k, v in self._headers if k.lower() not in drop]
+        return self._fwd
 
     async def next_chunk(self) -> bytes:
         """The next body chunk; b"" at the end of the message."""

@@ -212,7 +212,7 @@ class ExpressRequest:
             if task is not None:
                 self._handover(task)  # a filter asked for the rest of the chain again (retry)
             return
-        self._timing()
+        _timing(ex, x.observe, self.t0)
         upc._headers_done()
         head_request = upc._head_request
         try:
@@ -245,6 +245,20 @@ class ExpressRequest:
             self.conn.task = task
 
 
+# (version, status, upstream reason) -> the status line as bytes: the few an
+# upstream sends, made once. Bounded: a reason phrase is the upstream's to make up.
+_STATUS_LINES: dict[tuple[str, int, str | None], bytes] = {}
+
+
+def _status_line(version: str, status: int, reason: str | None) -> bytes:
+    line = ("HTTP/%s %d %s" % (version, status, REASONS.get(status, "") if reason is None else reason)
+            ).encode("utf-8", "surrogateescape")
+    if len(_STATUS_LINES) >= 256:
+        _STATUS_LINES.clear()
+    _STATUS_LINES[(version, status, reason)] = line
+    return line
+
+
 def _raw_answer(conn: "ServerConnection", head: "FastHead", route: "Route", ex: Exchange, rid: str,
                 status: int, reason: str | None, pairs: list[tuple[bytes, bytes]], body: bytes) -> None:
     """Write an upstream's whole answer from its header fields as bytes (no
@@ -255,9 +269,10 @@ def _raw_answer(conn: "ServerConnection", head: "FastHead", route: "Route", ex: 
     Content-Length set in place, then X-Request-ID when the upstream sent none
     (proxy/response_id.py), Date when absent, Connection where HTTP/1.x needs it."""
     version, keep = answer_framing(conn, head)
-    if reason is None:
-        reason = REASONS.get(status, "")
-    out = [("HTTP/%s %d %s" % (version, status, reason)).encode("utf-8", "surrogateescape")]
+    line = _STATUS_LINES.get((version, status, reason))
+    if line is None:
+        line = _status_line(version, status, reason)
+    out = [line]
     length = b"Content-Length: %d" % len(body)
     upstream_id = alt_id = None
     has_length = has_date = False

@@ -26,7 +26,7 @@ class FastHead:
 
     __slots__ = ("method", "target", "peer", "content_length", "has_body", "header_count",
                  "header_size", "raw", "_index", "version", "keep_alive", "body", "started",
-                 "complete", "upgrade", "reject", "malformed", "_lower")
+                 "complete", "upgrade", "reject", "malformed", "_pairs", "_lines")
 
     def __init__(self, method: str, target: str, raw: list[tuple[bytes, bytes]], peer: str | None,
                  version: str, keep_alive: bool, started: float) -> None:
@@ -45,12 +45,18 @@ class FastHead:
         self.malformed = False
         index: dict[bytes, bytes] = {}
         size = 0
-        lowered: list[bytes] = []
-        self._lower = lowered
+        # What build() forwards when the request names nothing in Connection
+        # and has no Expect (nearly always): made in this same pass.
+        pairs: list[tuple[bytes, bytes]] = []
+        lines: list[bytes] = []
+        self._pairs = pairs
+        self._lines = lines
         for k, v in raw:
             size += len(k) + len(v) + 4
             lk = k.lower()
-            lowered.append(lk)
+            if lk not in _HOP and lk not in _APART:
+                pairs.append((k, v))
+                lines.append(k + b": " + v + b"\r\n")
             if lk in index:
                 # RFC 9110 5.3: repeated fields combine with commas (a lookup
                 # sees all of them, as CIMultiDict.get would see the first).
@@ -80,23 +86,21 @@ class FastHead:
               client_ip: str | None = None, deadline: float | None = None) -> RawExchange:
         """The Exchange with the forwarded headers: hop-by-hop ones (and those
         named in Connection, RFC 9110 7.6.1) dropped, the rest kept as bytes."""
-        drop = _HOP
-        conn = self._index.get(b"connection")
-        if conn:
-            drop = _HOP | {t.strip().lower() for t in conn.split(b",") if t.strip()}
-        if drop_expect:
-            drop = drop | {b"expect"}
-        pairs = []
-        lines = []
-        for (k, v), lk in zip(self.raw, self._lower):
-            if lk in drop or lk in _APART:
-                continue
-            pairs.append((k, v))
-            lines.append(b"%b: %b\r\n" % (k, v))
         idx = self._index
+        conn = idx.get(b"connection")
+        if conn or drop_expect:
+            drop = set()
+            if conn:
+                drop = {t.strip().lower() for t in conn.split(b",") if t.strip()}
+            if drop_expect:
+                drop.add(b"expect")
+            pairs = [(k, v) for k, v in self._pairs if k.lower() not in drop]
+            lines = [k + b": " + v + b"\r\n" for k, v in pairs]
+        else:
+            pairs = self._pairs
+            lines = self._lines
         extra_head = "".join([f"{k}: {v}\r\n" for k, v in extra]).encode("utf-8", "surrogateescape")
-        lines.append(extra_head)
-        ex = RawExchange(route, self.method, path, query, b"".join(lines), pairs, extra,
+        ex = RawExchange(route, self.method, path, query, b"".join(lines) + extra_head, pairs, extra,
                          idx.get(b"host"), idx.get(b"content-length"), request_id=request_id,
                          started=started, max_body=max_body, target=target, body_length=body_length,
                          tenant=tenant, client_ip=client_ip, deadline=deadline)
