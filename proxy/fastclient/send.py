@@ -94,10 +94,10 @@ class FastUpstream:
         target = self.base_path + ex.path
         if ex.query:
             target += "?" + ex.query
-        line = f"{method} {target} HTTP/1.1\r\n"
-        if line.count("\n") != 1 or line.count("\r") != 1:
+        if "\n" in target or "\r" in target or "\n" in method or "\r" in method:
             raise UpstreamUnavailable("request line contains a line break; not sent")
-        head = line.encode("utf-8", "surrogateescape") + self._host_line + lines + frame + b"\r\n"
+        head = b"".join((f"{method} {target} HTTP/1.1\r\n".encode("utf-8", "surrogateescape"), self._host_line,
+                         lines, frame, b"\r\n"))
         return head, payload, stream, stream is not None and length is None
 
     def send(self, ex: Exchange) -> Awaitable[ProxyResponse]:

@@ -272,8 +272,10 @@ def _raw_answer(conn: "ServerConnection", head: "FastHead", route: "Route", ex: 
     line = _STATUS_LINES.get((version, status, reason))
     if line is None:
         line = _status_line(version, status, reason)
-    out = [line]
-    length = b"Content-Length: %d" % len(body)
+    # One flat list joined once: no intermediate "name: value" bytes, no
+    # second copy of the body (bytes concatenation costs a buffer round trip).
+    out = [line, b"\r\n"]
+    length = b"Content-Length: %d\r\n" % len(body)
     upstream_id = alt_id = None
     has_length = has_date = False
     for k, v in pairs:
@@ -291,25 +293,25 @@ def _raw_answer(conn: "ServerConnection", head: "FastHead", route: "Route", ex: 
                 alt_id = v
         elif lk == b"date":
             has_date = True
-        out.append(k + b": " + v)
+        out += (k, b": ", v, b"\r\n")
     if upstream_id is None:
-        out.append(b"X-Request-ID: " + rid.encode("utf-8", "surrogateescape"))
+        out += (b"X-Request-ID: ", rid.encode("utf-8", "surrogateescape"), b"\r\n")
         upstream_id = alt_id
     if upstream_id is not None:
         ex.vars["upstream_request_id"] = upstream_id.decode("utf-8", "surrogateescape")
     if not has_date:
-        out.append(b"Date: " + http_date().encode("ascii"))
+        out += (b"Date: ", http_date().encode("ascii"), b"\r\n")
     if not has_length:
         out.append(length)
     if keep:
         if version == "1.0":
-            out.append(b"Connection: keep-alive")
+            out.append(b"Connection: keep-alive\r\n")
     elif version == "1.1":
-        out.append(b"Connection: close")
-    out.append(b"\r\n")
+        out.append(b"Connection: close\r\n")
+    out += (b"\r\n", body)
     srv = conn.server
     try:
-        conn.write_soon(b"\r\n".join(out) + body)
+        conn.write_soon(b"".join(out))
         _log(srv, head, route, ex, rid, status, None)
     finally:
         srv.rt.metrics.leave()

@@ -26,7 +26,7 @@ class FastHead:
 
     __slots__ = ("method", "target", "peer", "content_length", "has_body", "header_count",
                  "header_size", "raw", "_index", "version", "keep_alive", "body", "started",
-                 "complete", "upgrade", "reject", "malformed", "_pairs", "_lines")
+                 "complete", "upgrade", "reject", "malformed", "_pairs")
 
     def __init__(self, method: str, target: str, raw: list[tuple[bytes, bytes]], peer: str | None,
                  version: str, keep_alive: bool, started: float) -> None:
@@ -48,15 +48,12 @@ class FastHead:
         # What build() forwards when the request names nothing in Connection
         # and has no Expect (nearly always): made in this same pass.
         pairs: list[tuple[bytes, bytes]] = []
-        lines: list[bytes] = []
         self._pairs = pairs
-        self._lines = lines
         for k, v in raw:
             size += len(k) + len(v) + 4
             lk = k.lower()
             if lk not in _HOP and lk not in _APART:
                 pairs.append((k, v))
-                lines.append(k + b": " + v + b"\r\n")
             if lk in index:
                 # RFC 9110 5.3: repeated fields combine with commas (a lookup
                 # sees all of them, as CIMultiDict.get would see the first).
@@ -95,12 +92,13 @@ class FastHead:
             if drop_expect:
                 drop.add(b"expect")
             pairs = [(k, v) for k, v in self._pairs if k.lower() not in drop]
-            lines = [k + b": " + v + b"\r\n" for k, v in pairs]
         else:
             pairs = self._pairs
-            lines = self._lines
-        extra_head = "".join([f"{k}: {v}\r\n" for k, v in extra]).encode("utf-8", "surrogateescape")
-        ex = RawExchange(route, self.method, path, query, b"".join(lines) + extra_head, pairs, extra,
+        parts: list[bytes] = []
+        for k, v in pairs:
+            parts += (k, b": ", v, b"\r\n")
+        parts.append("".join([f"{k}: {v}\r\n" for k, v in extra]).encode("utf-8", "surrogateescape"))
+        ex = RawExchange(route, self.method, path, query, b"".join(parts), pairs, extra,
                          idx.get(b"host"), idx.get(b"content-length"), request_id=request_id,
                          started=started, max_body=max_body, target=target, body_length=body_length,
                          tenant=tenant, client_ip=client_ip, deadline=deadline)
