@@ -173,6 +173,57 @@ async def test_connection_close_is_not_reused(make, scripted, client):
     assert up.connections == 3
 
 
+@pytest.mark.parametrize("tail", [
+    b"HTTP/1.1 200 OK\r\nX-Extra: 1\r\n",                      # a head cut short
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nzz",          # a whole second answer
+    b"zz",                                                        # stray bytes
+])
+async def test_bytes_past_the_response_end_retire_the_connection(make, scripted, client, tail):
+    # The response parser is kept for the next response of a keep-alive
+    # connection (issue 10); bytes after a response, in the same read, must
+    # neither be parsed into the next request's answer nor let the
+    # connection be reused.
+    async def script(up, r, w, n):
+        await up.read_request(r)
+        w.write(OK + tail if n == 1 else OK)
+        await w.drain()
+        while True:
+            await up.read_request(r)
+            w.write(OK)
+            await w.drain()
+
+    up = await scripted(script)
+    sc = await make({"p": policy(up.url)})
+    for _ in range(3):
+        async with client.get(f"{sc.url}/up/x") as resp:
+            assert resp.status == 200
+            assert "X-Extra" not in resp.headers
+            assert await resp.read() == b"ok"
+    assert up.connections == 2  # the first one was not reused; the second was
+
+
+async def test_keep_alive_connection_parses_many_responses(make, scripted, client):
+    # The kept parser across responses of different framing on one connection.
+    answers = [OK, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+               b"HTTP/1.1 404 Not Found\r\nContent-Length: 4\r\nX-B: 2\r\n\r\nnope", OK]
+
+    async def script(up, r, w, n):
+        for a in answers:
+            await up.read_request(r)
+            w.write(a)
+            await w.drain()
+        await r.read()
+
+    up = await scripted(script)
+    sc = await make({"p": policy(up.url)})
+    got = []
+    for _ in answers:
+        async with client.get(f"{sc.url}/up/x") as resp:
+            got.append((resp.status, resp.headers.get("X-B"), await resp.read()))
+    assert got == [(200, None, b"ok"), (200, None, b"abc"), (404, "2", b"nope"), (200, None, b"ok")]
+    assert up.connections == 1
+
+
 @pytest.mark.parametrize("status,head", [(204, False), (304, False), (200, True)])
 async def test_no_body_responses_keep_the_connection(make, scripted, client, status, head):
     # Content-Length on a HEAD answer and on 304 describes the representation,
