@@ -101,8 +101,9 @@ class Admission:
         self.scheme = scheme
         # The listener can relay a WebSocket (the fast server, issue 10).
         self.websocket = websocket
-        # [outbound] allowed_clients (issue 12): None admits every peer.
-        self.clients = clients
+        # [outbound] allowed_clients (issue 12): None admits every peer (and
+        # so does a list that restricts nothing: no call per request).
+        self.clients = clients if clients is not None and clients.restricted else None
         # The inbound listener forwards the whole path, not the rest after the prefix.
         self.keep_path = keep_path
 

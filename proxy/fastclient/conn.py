@@ -407,7 +407,7 @@ class Conn(asyncio.Protocol):
 
     def _headers_done(self) -> None:
         """The framing the response head declares, and its fields to forward
-        (``forwarded_headers``), in one pass over the head."""
+        (``_fwd``), in one pass over the head."""
         te = tokens = None
         fwd = []
         for k, v in self._headers:
@@ -428,15 +428,12 @@ class Conn(asyncio.Protocol):
             if len(drop) > len(_HOP_BYTES):
                 fwd = [(k, v) for k, v in fwd if k.lower() not in drop]
         self._conn_tokens = tokens
+        # The response's fields without the hop-by-hop ones (and those the
+        # upstream's Connection names, RFC 9110 7.6.1): what is forwarded.
         self._fwd = fwd
         if not self._framed_by_length and te is None and not self._head_request \
                 and self._status not in _EMPTY_NO_BODY:
             self._eof_body = True
-
-    def forwarded_headers(self) -> list[tuple[bytes, bytes]]:
-        """The response's header fields as bytes, without the hop-by-hop ones
-        (and those the upstream's Connection names, RFC 9110 7.6.1)."""
-        return self._fwd
 
     async def next_chunk(self) -> bytes:
         """The next body chunk; b"" at the end of the message."""

@@ -212,7 +212,7 @@ class FastUpstream:
             up = Upgraded(conn)
             return ProxyResponse(101, upgrade_headers(conn), up, reason=conn._reason, release=up.close,
                                  upstream=True)
-        pairs = conn.forwarded_headers()
+        pairs = conn._fwd
         whole = conn.take_body()
         if whole is not None:
             conn.release(True)

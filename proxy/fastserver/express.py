@@ -216,7 +216,9 @@ class ExpressRequest:
         upc._headers_done()
         head_request = upc._head_request
         try:
-            resp = fused.after_all(ex, FastUpstream.response(upc))
+            resp = FastUpstream.response(upc)
+            if fused.unwinds:
+                resp = fused.after_all(ex, resp)
         except Exception as e:
             answer(conn, head, route, ex, rid, failure(e, rid))
             return
