@@ -21,6 +21,11 @@ class _Chunked(Protocol):
 
 Source = bytes | bytearray | AsyncIterator[bytes] | _Chunked | None
 
+#: ``isinstance(x, WHOLE)``: a body that is all there. A constant: written
+#: ``bytes | bytearray`` in place, the union is built again at every call
+#: (~50 ns on the per-request path, issue 10).
+WHOLE = bytes | bytearray
+
 
 async def read_limited(source: Source, limit: int | None,
                        too_large: Callable[[], BaseException]) -> bytes:
@@ -29,7 +34,7 @@ async def read_limited(source: Source, limit: int | None,
     ``too_large()`` as soon as it passes ``limit`` bytes (None: no limit)."""
     if source is None:
         return b""
-    if isinstance(source, bytes | bytearray):
+    if isinstance(source, WHOLE):
         if limit is not None and len(source) > limit:
             raise too_large()
         return bytes(source)

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from yarl import URL
 
+from ..body import WHOLE
 from ..chain import Exchange, ProxyResponse
 from ..errors import RequestBodyTooLarge, SidecarError, UpstreamTimeout, UpstreamUnavailable
 from ..http import LAST_CHUNK, HeaderLineBreak, authority, message_head
@@ -81,7 +82,7 @@ class FastUpstream:
                 frame = b"Content-Length: 0\r\n"
             else:
                 frame = b""
-        elif isinstance(body, bytes | bytearray):
+        elif isinstance(body, WHOLE):
             payload = bytes(body)
             if payload or length is not None or method not in _NO_BODY_METHODS:
                 frame = b"Content-Length: %d\r\n" % len(payload)
@@ -126,7 +127,7 @@ class FastUpstream:
             if method not in _NO_BODY_METHODS and "Content-Length" not in headers \
                     and "Transfer-Encoding" not in headers:
                 headers["Content-Length"] = "0"
-        elif isinstance(body, bytes | bytearray):
+        elif isinstance(body, WHOLE):
             payload = bytes(body)
             if payload or "Content-Length" in headers or method not in _NO_BODY_METHODS:
                 headers["Content-Length"] = str(len(payload))

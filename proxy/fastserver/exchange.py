@@ -6,6 +6,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
+from ..body import WHOLE
 from ..admission import finish_headers, request_id
 from ..chain import Exchange, ProxyResponse
 from ..errors import SidecarError
@@ -146,7 +147,7 @@ async def respond(conn: "ServerConnection", head: "FastHead", resp: ProxyRespons
     assert transport is not None
     if status == 101 and isinstance(body, Upgraded) and ex is not None and "_websocket" in ex.vars:
         return await _tunnel(conn, resp, body, ex, headers)
-    if isinstance(body, bytes | bytearray):
+    if isinstance(body, WHOLE):
         _write_whole(conn, version, method, status, keep, no_body, body, resp, headers)
         return keep, None
     chunked = False

@@ -29,6 +29,7 @@ import asyncio
 import time
 from typing import TYPE_CHECKING, Any
 
+from ..body import WHOLE
 from ..admission import request_id
 from ..chain import Exchange, Fused, ProxyResponse
 from ..errors import UpstreamTimeout
@@ -120,7 +121,7 @@ def _failed(conn: "ServerConnection", head: "FastHead", route: "Route", ex: Exch
 
 def _answer(conn: "ServerConnection", head: "FastHead", route: "Route", ex: Exchange, rid: str,
             resp: ProxyResponse) -> Any:
-    if isinstance(resp.body, bytes | bytearray):
+    if isinstance(resp.body, WHOLE):
         answer(conn, head, route, ex, rid, resp)
         return None
     return drive(handle(conn, head, Admitted(rid, route, ex, resp=resp)), conn.loop)
@@ -228,10 +229,11 @@ class ExpressRequest:
             self._handover(drive(handle(conn, head, Admitted(rid, route, ex, aw=resp)), conn.loop))
             return
         body = resp.body
-        if isinstance(body, bytes | bytearray):
+        if isinstance(body, WHOLE):
             pairs = resp.raw_headers() if type(resp) is RawResponse else None
             if pairs is not None and not head_request and resp.status not in EMPTY_STATUS:
-                edited = set_fields(pairs, ex.response_headers)
+                edits = ex.response_headers
+                edited = set_fields(pairs, edits) if edits else pairs
                 if edited is not None:
                     _raw_answer(conn, head, route, ex, rid, resp.status, resp.reason, edited, body)
                     return
