@@ -166,7 +166,7 @@ class Admission:
         peer = head.peer
         host = get("Host") or ""
         extra: list[tuple[str, str]]
-        if peer in self.trusted:
+        if self.trusted.nets and peer in self.trusted:
             xff = get("X-Forwarded-For")
             extra = [("X-Forwarded-For", f"{xff}, {peer}" if xff else (peer or ""))]
             xfp = get("X-Forwarded-Proto")

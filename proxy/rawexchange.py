@@ -74,7 +74,7 @@ class RawExchange(Exchange):
     client are kept apart: the upstream client writes its own.
     """
 
-    __slots__ = ("_lines", "_pairs", "_extra", "_host", "_length", "_names")
+    __slots__ = ("_lines", "_pairs", "_extra", "_host", "raw_length", "_names")
 
     def __init__(self, route: Any, method: str, path: str, query: str, lines: bytes | None,
                  pairs: list[tuple[bytes, bytes]], extra: list[tuple[str, str]],
@@ -86,7 +86,7 @@ class RawExchange(Exchange):
         self._pairs = pairs
         self._extra = extra
         self._host = host
-        self._length = length
+        self.raw_length = length  # the client's Content-Length value, as sent
         self._names: set[bytes] | None = None  # lowercase names present (built by the first edit)
         # Keywords spelled out, never ``**kw``: collecting and re-spreading a
         # keyword dict cost ~0.8 µs per hop on the request path (issue 10).
@@ -103,8 +103,8 @@ class RawExchange(Exchange):
                 items.append(("Host", self._host.decode("utf-8", "surrogateescape")))
             items.extend([(k.decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape"))
                           for k, v in self._pairs])
-            if self._length is not None:
-                items.append(("Content-Length", self._length.decode("latin-1")))
+            if self.raw_length is not None:
+                items.append(("Content-Length", self.raw_length.decode("latin-1")))
             items.extend(self._extra)
             h = CIMultiDict(items)
             _HEADERS_SLOT.__set__(self, h)
@@ -122,11 +122,6 @@ class RawExchange(Exchange):
         Content-Length) while ``headers`` was never read; else None."""
         return self._lines
 
-    @property
-    def raw_length(self) -> bytes | None:
-        """The client's Content-Length value, as sent."""
-        return self._length
-
     # ---- header edits on the bytes (Exchange's API, same semantics) ----------
     # ``_names`` is the set of the lowercase names present (Host and
     # Content-Length included), built by the first edit; None again after an
@@ -141,7 +136,7 @@ class RawExchange(Exchange):
             add(_KEYS.get(n) or _key(n))
         if self._host is not None:
             add(b"host")
-        if self._length is not None:
+        if self.raw_length is not None:
             add(b"content-length")
         self._names = names
         return names

@@ -242,7 +242,8 @@ class ServerConnection(asyncio.Protocol):
                     and not self.transport.is_closing():  # type: ignore[union-attr]
                 head = self.queue.popleft()
                 self.active = head
-                self._update_reading()
+                if self._reading_paused or self.queue or self._body_full or self.input_done:
+                    self._update_reading()  # (else reading stays on: no call per request)
                 task = serve(self, head)
                 if self.active is head:
                     self.task = task
@@ -274,7 +275,8 @@ class ServerConnection(asyncio.Protocol):
         if self.closing or self.input_done:
             self._close()
             return
-        self._update_reading()
+        if self._reading_paused or self._body_full:
+            self._update_reading()  # (queue and input_done are empty and False here)
         now = time.monotonic()
         if self.in_head:
             self.deadline = now + self.server.header_timeout
