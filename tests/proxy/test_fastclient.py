@@ -84,6 +84,12 @@ class Scripted:
         self.requests.append(head + body)
         return head
 
+    async def reply(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, data: bytes) -> None:
+        """Read one request, then write ``data`` as its answer."""
+        await self.read_request(reader)
+        writer.write(data)
+        await writer.drain()
+
     async def _conn(self, reader, writer) -> None:
         self.connections += 1
         try:
@@ -119,12 +125,8 @@ OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
 async def test_interim_1xx_responses_are_skipped(make, scripted, client):
     async def script(up, r, w, n):
-        await up.read_request(r)
-        w.write(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n" + OK)
-        await w.drain()
-        await up.read_request(r)
-        w.write(OK)
-        await w.drain()
+        await up.reply(r, w, b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n" + OK)
+        await up.reply(r, w, OK)
         await r.read()
 
     up = await scripted(script)
@@ -184,13 +186,9 @@ async def test_bytes_past_the_response_end_retire_the_connection(make, scripted,
     # neither be parsed into the next request's answer nor let the
     # connection be reused.
     async def script(up, r, w, n):
-        await up.read_request(r)
-        w.write(OK + tail if n == 1 else OK)
-        await w.drain()
+        await up.reply(r, w, OK + tail if n == 1 else OK)
         while True:
-            await up.read_request(r)
-            w.write(OK)
-            await w.drain()
+            await up.reply(r, w, OK)
 
     up = await scripted(script)
     sc = await make({"p": policy(up.url)})
@@ -209,9 +207,7 @@ async def test_keep_alive_connection_parses_many_responses(make, scripted, clien
 
     async def script(up, r, w, n):
         for a in answers:
-            await up.read_request(r)
-            w.write(a)
-            await w.drain()
+            await up.reply(r, w, a)
         await r.read()
 
     up = await scripted(script)
