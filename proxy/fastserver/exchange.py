@@ -6,8 +6,8 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
-from ..body import WHOLE
 from ..admission import finish_headers, request_id
+from ..body import WHOLE
 from ..chain import Exchange, ProxyResponse
 from ..errors import SidecarError
 from ..fastclient.upgrade import Upgraded
