@@ -29,12 +29,12 @@ import asyncio
 import time
 from typing import TYPE_CHECKING, Any
 
+from ..admission import request_id
 from ..body import WHOLE
 from ..chain import Exchange, Fused, ProxyResponse
 from ..errors import UpstreamTimeout
 from ..fastclient.conn import _Failed, _map
 from ..fastclient.send import FastUpstream, retry_fresh
-from ..http import new_request_id
 from ..rawexchange import RawResponse, set_fields
 from .drive import drive
 from .exchange import Admitted, _log, answer, answer_framing, failure, handle
@@ -66,7 +66,7 @@ def start(conn: "ServerConnection", head: "FastHead") -> Any:
     if head.reject is not None or head.has_body:
         return drive(handle(conn, head), conn.loop)
     srv = conn.server
-    rid = head.get("X-Request-ID") or new_request_id()  # admission.request_id, inline
+    rid = request_id(head)
     srv.rt.metrics.enter()
     try:
         route, ex, continue_ = srv.admission.admit(head, srv.match, rid, head.started)

@@ -86,9 +86,7 @@ class FastHead:
         idx = self._index
         conn = idx.get(b"connection")
         if conn or drop_expect:
-            drop = set()
-            if conn:
-                drop = {t.strip().lower() for t in conn.split(b",") if t.strip()}
+            drop = {t.strip().lower() for t in conn.split(b",") if t.strip()} if conn else set()
             if drop_expect:
                 drop.add(b"expect")
             pairs = [(k, v) for k, v in self._pairs if k.lower() not in drop]
