@@ -399,12 +399,29 @@ def _cluster_client(url: str, common: dict[str, Any], max_connections: int, guar
         # a frozen node that would double the wait.
         ERRORS_ALLOW_RETRY = (RedisConnectionError, ClusterDownError, SlotNotCoveredError)  # type: ignore[assignment]
 
+        #: The node of the last connection error or timeout.
+        failed_node: str | None = None
+
         async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
             # redis-py's cluster nodes fail a command at once past
             # max_connections (MaxConnectionsError) where the one-Redis pool
             # waits: queue here instead, as many commands as connections.
             async with slots:
-                return await super().execute_command(*args, **kwargs)
+                try:
+                    return await super().execute_command(*args, **kwargs)
+                except (RedisConnectionError, RedisTimeoutError) as e:
+                    self.failed_node = getattr(e, "last_failed_node_name", None) or self.failed_node
+                    raise
+
+        async def initialize(self, additional_startup_nodes_info: Any = None,
+                             last_failed_node_name: str | None = None) -> "Cluster":
+            # A timeout or connection error makes the next command re-read
+            # the slot map, from the start-up nodes in random order; redis-py
+            # asks the failed node last only within one command's retry. A
+            # frozen master asked first would cost that next command a second
+            # timeout: it is asked last until another node fails.
+            await super().initialize(additional_startup_nodes_info, last_failed_node_name or self.failed_node)
+            return self
 
     slots = asyncio.Semaphore(max_connections)
     # Twice as many per node as may be in use: a connection marked for

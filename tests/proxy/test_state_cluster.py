@@ -265,7 +265,9 @@ async def test_a_master_restarted_while_idle_costs_no_request(sidecar_factory, u
 
 async def test_a_frozen_master_costs_the_timeout_for_its_keys_only(sidecar_factory, upstream, client, cluster):
     pol = f'route = "/closed"\nupstream = "{upstream.url}"\n{ONE_LIMIT}fail_open = false\n'
-    sc = await sidecar_factory({"closed": pol}, state_config(cluster, 'timeout = "400ms"\nbackoff = "3s"\n'))
+    # 1 s, not less: a pause of this loaded test process must not time out a
+    # command before the freeze.
+    sc = await sidecar_factory({"closed": pol}, state_config(cluster, 'timeout = "1s"\nbackoff = "3s"\n'))
     filters = sc.runtime.route_filters("rate_limit")
     victim = cluster.nodes[2]
     doomed, spared = split_tenants(cluster, filters, "closed", victim)
@@ -274,7 +276,7 @@ async def test_a_frozen_master_costs_the_timeout_for_its_keys_only(sidecar_facto
     try:
         paid = await decided(client, sc, "closed", doomed)   # three timeouts: the node backs off
         assert [s for s, _, _ in paid] == [503] * len(doomed)
-        assert all(t < 1.5 for _, _, t in paid), paid
+        assert all(t < 1.6 for _, _, t in paid), paid   # one timeout each, not two
         quick = await decided(client, sc, "closed", doomed * 3)
         assert [s for s, _, _ in quick] == [503] * len(quick)
         assert sorted(t for _, _, t in quick)[len(quick) // 2] < 0.1, quick
@@ -330,7 +332,11 @@ async def test_a_killed_master_fails_its_keys_per_fail_open_then_recovers(
         sidecar_factory, upstream, client, cluster):
     closed = f'route = "/closed"\nupstream = "{upstream.url}"\n{ONE_LIMIT}fail_open = false\n'
     opened = f'route = "/open"\nupstream = "{upstream.url}"\n{ONE_LIMIT}fail_open = true\n'
-    sc = await sidecar_factory({"closed": closed, "open": opened}, state_config(cluster, 'timeout = "300ms"\n'))
+    # A killed master refuses connections at once: its keys fail without
+    # waiting on the timeout. A generous one: at 300 ms, CI once saw a command
+    # time out before the kill (a pause of the loaded test process); the 5 s
+    # bound below would catch the kill phase paying the timeout.
+    sc = await sidecar_factory({"closed": closed, "open": opened}, state_config(cluster, 'timeout = "2s"\n'))
     filters = sc.runtime.route_filters("rate_limit")
     victim = cluster.nodes[0]
     doomed, spared = split_tenants(cluster, filters, "closed", victim)
@@ -354,7 +360,7 @@ async def test_a_killed_master_fails_its_keys_per_fail_open_then_recovers(
             for t in spared:  # the other masters keep deciding their keys
                 status, h, _ = await get(client, f"{sc.url}/closed/x", headers={"X-Tenant-ID": t})
                 assert status == 200 and "X-RateLimit-Remaining" in h
-        assert time.monotonic() - t0 < 10
+        assert time.monotonic() - t0 < 5
     finally:
         # No replicas: the cluster heals when the master comes back on its
         # port with its nodes.conf and takes its slots again.
