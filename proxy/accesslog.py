@@ -30,7 +30,7 @@ from typing import IO, Any
 import orjson
 
 # Positions in the record tuple Runtime.access appends (the order matters).
-TS, RID, ROUTE, TENANT, METHOD, PATH, STATUS, TOOK, UPSTREAM_MS, ATTEMPT, LOG, ERROR, HEADERS, EXTRA = range(14)
+TS, RID, ROUTE, TENANT, METHOD, PATH, STATUS, TOOK, UPSTREAM, ATTEMPT, LOG, ERROR, HEADERS, EXTRA = range(14)
 _NEWLINE = orjson.OPT_APPEND_NEWLINE
 CORE = ("ts", "request_id", "route", "tenant", "method", "path", "status", "duration_ms", "worker",
         "upstream_ms", "attempts", "decisions", "error", "headers")
@@ -108,8 +108,8 @@ class AccessLog:
                 "method": r[METHOD], "path": r[PATH], "status": r[STATUS],
                 "duration_ms": round(r[TOOK] * 1000, 3), "worker": worker,
             }
-            if r[UPSTREAM_MS] is not None:
-                d["upstream_ms"] = r[UPSTREAM_MS]
+            if r[UPSTREAM] is not None:
+                d["upstream_ms"] = round(r[UPSTREAM] * 1000, 3)
             if r[ATTEMPT] > 1:
                 d["attempts"] = r[ATTEMPT]
             if r[LOG]:

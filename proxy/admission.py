@@ -78,6 +78,7 @@ class RequestHead(Protocol):
     has_body: bool
     header_count: int
     header_size: int      # sum of len(name) + len(value) + 4 per header
+    special: bool         # an Upgrade or Expect field is present (rare: else not looked up)
 
     def get(self, name: str) -> str | None: ...
 
@@ -141,21 +142,22 @@ class Admission:
         if head.header_size > route.max_header_size:
             raise HeadersTooLarge(f"request headers exceed {route.max_header_size} bytes")
         get = head.get
-        upgrade = get("Upgrade")
-        websocket = False
-        if upgrade is not None and "upgrade" in (get("Connection") or "").lower():
-            # RFC 6455 4.1: a WebSocket opens with a GET. Other upgrades (h2c)
-            # and listeners or upstream clients that cannot relay one are
-            # refused clearly rather than forwarded without their Upgrade.
-            if not (self.websocket and upgrade.strip().lower() == "websocket" and head.method == "GET"
-                    and getattr(route.upstream, "upgrades", False)):
-                raise UpgradeNotSupported()
-            websocket = True
         length = head.content_length
+        upgrade = expect = None
+        websocket = continue_ = False
+        if head.special:
+            upgrade = get("Upgrade")
+            if upgrade is not None and "upgrade" in (get("Connection") or "").lower():
+                # RFC 6455 4.1: a WebSocket opens with a GET. Other upgrades (h2c)
+                # and listeners or upstream clients that cannot relay one are
+                # refused clearly rather than forwarded without their Upgrade.
+                if not (self.websocket and upgrade.strip().lower() == "websocket" and head.method == "GET"
+                        and getattr(route.upstream, "upgrades", False)):
+                    raise UpgradeNotSupported()
+                websocket = True
+            expect = get("Expect")
         if length is not None and length > route.max_body:
             raise RequestBodyTooLarge(f"request body exceeds {route.max_body} bytes")
-        expect = get("Expect")
-        continue_ = False
         if expect is not None:
             # RFC 9110 10.1.1: the sidecar answers 100-continue itself once the
             # request passed the route and size checks (as nginx does) and does

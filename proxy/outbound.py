@@ -48,7 +48,7 @@ class AiohttpHead:
     """An aiohttp request as admission reads it (proxy/admission.py)."""
 
     __slots__ = ("request", "hin", "method", "target", "peer", "content_length", "has_body",
-                 "header_count", "header_size", "get")
+                 "header_count", "header_size", "get", "special")
 
     def __init__(self, request: BaseRequest) -> None:
         self.request = request
@@ -66,6 +66,8 @@ class AiohttpHead:
         for k, v in raw:
             size += len(k) + len(v) + 4
         self.header_size = size
+        hin = self.hin
+        self.special = "Upgrade" in hin or "Expect" in hin
 
     def build(self, route: "Route", path: str, query: str, extra: list[tuple[str, str]],
               drop_expect: bool, *, request_id: str, started: float, max_body: int,

@@ -411,7 +411,7 @@ class Runtime:
             extra = tuple([client if c is _client_ip else c(None) for c in caps])
         if ex is not None:
             al.append((time.time(), rid, name, ex.tenant, method, path, status, took,
-                       ex.vars.get("upstream_ms"), ex.attempt, ex.log or None, error, hdrs, extra))
+                       ex.vars.get("upstream_s"), ex.attempt, ex.log or None, error, hdrs, extra))
         else:
             al.append((time.time(), rid, name, None, method, path, status, took, None, 1, None, error, hdrs,
                        extra))
@@ -430,7 +430,7 @@ def _terminal(upstream: Upstream, observe: Callable[[float], None]) -> Callable[
         finally:
             took = loop_time() - t0
             observe(took)
-            ex.vars["upstream_ms"] = round(took * 1000, 3)
+            ex.vars["upstream_s"] = took  # rounded to ms when a log line is made
 
     return terminal
 

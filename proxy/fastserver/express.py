@@ -132,7 +132,7 @@ def _timing(ex: Exchange, observe: "Callable[[float], None]", t0: float) -> None
     histogram and the access log's ``upstream_ms``."""
     took = time.monotonic() - t0
     observe(took)
-    ex.vars["upstream_ms"] = round(took * 1000, 3)
+    ex.vars["upstream_s"] = took  # rounded to ms when a log line is made (round() ~0.35 µs)
 
 
 async def _timed(ex: Exchange, aw: "Awaitable[ProxyResponse]", observe: "Callable[[float], None]",

@@ -26,7 +26,7 @@ class FastHead:
 
     __slots__ = ("method", "target", "peer", "content_length", "has_body", "header_count",
                  "header_size", "raw", "_index", "version", "keep_alive", "body", "started",
-                 "complete", "upgrade", "reject", "malformed", "_pairs")
+                 "complete", "upgrade", "reject", "malformed", "_pairs", "special")
 
     def __init__(self, method: str, target: str, raw: list[tuple[bytes, bytes]], peer: str | None,
                  version: str, keep_alive: bool, started: float) -> None:
@@ -65,6 +65,7 @@ class FastHead:
             index[lk] = v
         self.header_size = size
         self._index = index
+        self.special = b"upgrade" in index or b"expect" in index
         if version == "1.1" and b"host" not in index:
             self.malformed = True  # RFC 9112 3.2: an HTTP/1.1 request without Host is 400
         cl = index.get(b"content-length")

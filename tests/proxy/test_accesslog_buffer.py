@@ -13,7 +13,7 @@ from proxy.accesslog import AccessLog
 
 def record(**over):
     base = dict(ts=1700000000.123456, rid="r1", route="p", tenant="acme", method="GET", path="/p/x",
-                status=200, took=0.0123456, upstream_ms=4.5, attempt=1, log=None, error=None, headers=None,
+                status=200, took=0.0123456, upstream=0.0045, attempt=1, log=None, error=None, headers=None,
                 extra=None)
     base.update(over)
     return tuple(base.values())
@@ -21,7 +21,7 @@ def record(**over):
 
 def test_lines_have_the_documented_fields_in_order(tmp_path):
     al = AccessLog(str(tmp_path / "a.log"), worker=3)
-    out = al.lines([record(), record(rid="r2", tenant=None, upstream_ms=None, attempt=2,
+    out = al.lines([record(), record(rid="r2", tenant=None, upstream=None, attempt=2,
                                      log={"rate_limit": {"result": "allowed"}}, error="upstream_timeout",
                                      headers={"User-Agent": "t/1"})])
     first, second, end = out.split(b"\n")
