@@ -102,14 +102,17 @@ class AccessLog:
         # a join made every dumps() take a fresh ~1 KB block from malloc, ~2 µs
         # a line (3.7 -> 1.6 µs a record measured, docs/performance.md).
         out = bytearray()
+        # Milliseconds to three places as int(x * 1e6 + 0.5) / 1000 (the
+        # nearest double, as round() gives; round(x, 3) costs ~0.37 µs, this
+        # ~0.14: three per line). All values here are positive.
         for r in records:
             d: dict[str, Any] = {
-                "ts": round(r[TS], 3), "request_id": r[RID], "route": r[ROUTE], "tenant": r[TENANT],
-                "method": r[METHOD], "path": r[PATH], "status": r[STATUS],
-                "duration_ms": round(r[TOOK] * 1000, 3), "worker": worker,
+                "ts": int(r[TS] * 1000 + 0.5) / 1000, "request_id": r[RID], "route": r[ROUTE],
+                "tenant": r[TENANT], "method": r[METHOD], "path": r[PATH], "status": r[STATUS],
+                "duration_ms": int(r[TOOK] * 1_000_000 + 0.5) / 1000, "worker": worker,
             }
             if r[UPSTREAM] is not None:
-                d["upstream_ms"] = round(r[UPSTREAM] * 1000, 3)
+                d["upstream_ms"] = int(r[UPSTREAM] * 1_000_000 + 0.5) / 1000
             if r[ATTEMPT] > 1:
                 d["attempts"] = r[ATTEMPT]
             if r[LOG]:
