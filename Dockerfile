@@ -1,15 +1,25 @@
 # syntax=docker/dockerfile:1
 # sidecar: slim image, non-root, health-checked.
 FROM python:3.11-slim AS build
+# gcc and mypy (mypyc) in the build stage only: the request path's modules are
+# compiled to C extensions (setup.py; docs/performance.md "Compiled request path").
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY proxy ./proxy
 COPY plugins ./plugins
-# otlp: spans to an OpenTelemetry collector (deploy/compose.yaml).
-RUN pip install --no-cache-dir --prefix=/install '.[otlp]'
+# A build venv with the dependencies (mypyc type-checks the compiled modules
+# against them) and the compile extra (mypy, stubs) makes the wheel; the
+# runtime venv installs that wheel alone (otlp: spans to an OpenTelemetry
+# collector, deploy/compose.yaml), so no build tool reaches the image.
+RUN python -m venv /opt/build && /opt/build/bin/pip install --no-cache-dir '.[otlp,compile]' \
+ && SIDECAR_COMPILE=1 /opt/build/bin/pip wheel --no-cache-dir --no-build-isolation --no-deps -w /wheels .
+RUN python -m venv /opt/sidecar && /opt/sidecar/bin/pip install --no-cache-dir "$(ls /wheels/*.whl)[otlp]" \
+ && cd / && /opt/sidecar/bin/python -c "import proxy; assert proxy.compiled()"
 
 FROM python:3.11-slim
-COPY --from=build /install /usr/local
+COPY --from=build /opt/sidecar /opt/sidecar
+ENV PATH=/opt/sidecar/bin:$PATH
 # libatomic1: the lock-free update of the rate-limit table shared by workers
 # (plugins/rate_limit/gcra.py); without it a per-slot lock is used instead.
 RUN apt-get update && apt-get install -y --no-install-recommends libatomic1 && rm -rf /var/lib/apt/lists/*

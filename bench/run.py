@@ -41,6 +41,9 @@ from . import profile as bench_profile
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+#: Where the sidecar under test imports proxy/ and plugins/ from (``--compiled``:
+#: a copy with the request path built by mypyc); None: REPO.
+SIDECAR_SRC: Path | None = None
 JSON_BODY = '{"ok":true,"service":"bench","items":[1,2,3,4,5,6,7,8]}'
 
 
@@ -295,7 +298,21 @@ def start_sidecar(work: Path, name: str, up: int, builtin: int, chain: str, acce
     (d / "policies" / "b2.toml").write_text(
         f'route = "/b2"\nupstream = "http://127.0.0.1:{builtin}"\n[timeouts]\ntotal = "0s"\n')
     return spawn(name, [sys.executable, "-m", "proxy", "run", "--config", str(d / "config.toml")], port, d,
-                 {"PYTHONPATH": str(REPO), "BENCH_TOKEN": "bench-secret-token"})
+                 {"PYTHONPATH": str(SIDECAR_SRC or REPO), "BENCH_TOKEN": "bench-secret-token"})
+
+
+def compiled_copy(work: Path) -> Path:
+    """A copy of the package with the request path compiled in place (setup.py,
+    ``SIDECAR_COMPILE=1``), as the container image runs it."""
+    src = work / "compiled"
+    src.mkdir()
+    for name in ("proxy", "plugins"):
+        shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        shutil.copy2(REPO / name, src / name)
+    subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=src, check=True,
+                   env={**os.environ, "SIDECAR_COMPILE": "1"}, stdout=subprocess.DEVNULL)
+    return src
 
 
 # ---- measurements ------------------------------------------------------------
@@ -419,6 +436,8 @@ def main(argv: list[str] | None = None) -> int:
                          "When the checkout has the key, the other server is measured too, for comparison")
     ap.add_argument("--python-loadgen", action="store_true", help="ignore wrk even when installed")
     ap.add_argument("--no-chart", action="store_true")
+    ap.add_argument("--compiled", action="store_true",
+                    help="run the sidecar with its request path compiled by mypyc (setup.py), as the image does")
     args = ap.parse_args(argv)
     for k, v in (QUICK if args.quick else FULL).items():
         if getattr(args, k) is None:
@@ -439,8 +458,12 @@ def main(argv: list[str] | None = None) -> int:
     sections = set(args.sections.split(",")) if args.sections else set()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                             text=True).stdout.strip() or "unknown"
-    name = args.name or time.strftime("%Y-%m-%d") + f"-{commit}" + ("-quick" if args.quick else "")
+    name = args.name or (time.strftime("%Y-%m-%d") + f"-{commit}" + ("-compiled" if args.compiled else "")
+                         + ("-quick" if args.quick else ""))
     work = Path(tempfile.mkdtemp(prefix="sidecar-bench-"))
+    if args.compiled:
+        global SIDECAR_SRC
+        SIDECAR_SRC = compiled_copy(work)
     tables, skipped = chain_tables()
     chain, used, _, chain_config = production_chain()
     core4, core4_used, core4_skipped, core4_config = production_chain(CORE4)
@@ -463,6 +486,8 @@ def main(argv: list[str] | None = None) -> int:
         f"fixed-rate latency: Python open-loop generator at {args.rate:.0f} req/s, 16 connections, "
         "latency from the intended send time",
         f"machine: {platform.node()}, {os.cpu_count()} cores, {platform.platform()}, Python {platform.python_version()}",
+        "sidecar request path: " + ("compiled with mypyc (--compiled; setup.py, as the container image)"
+                                    if args.compiled else "pure Python (--compiled: as the container image)"),
         f"sidecar upstream client: {args.client}; {server_note}; production chain: {', '.join(used) or 'none'}"
         + (f" (skipped: {'; '.join(skipped)})" if skipped else "") + "; metrics + JSON access log to a file"
         + (f"; config.toml: {' '.join(chain_config.split())}" if chain_config else ""),

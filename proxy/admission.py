@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Protocol
 from urllib.parse import unquote
 
 from .clients import ClientAllowList
-from .errors import BadRequest, HeadersTooLarge, NoRoute, RequestBodyTooLarge, SidecarError
+from .errors import (BadRequest, ExpectationFailed, HeadersTooLarge, NoRoute, RequestBodyTooLarge,
+                     UpgradeNotSupported)
 from .http import has_dot_segment, new_request_id
 from .response_id import set_response_request_id
 
@@ -38,18 +39,6 @@ _UNRESERVED_ESCAPE = re.compile(r"%(?:[46][1-9A-Fa-f]|[57][0-9Aa]|3[0-9]|2[DEde]
 
 def _unescape(m: "re.Match[str]") -> str:
     return chr(int(m.group(0)[1:], 16))
-
-
-class ExpectationFailed(SidecarError):
-    status, code, message = 417, "expectation_failed", "unsupported Expect header"
-
-
-class UpgradeNotSupported(SidecarError):
-    status, code, message = 501, "upgrade_not_supported", "this protocol upgrade is not proxied here"
-
-
-class RequestTimeout(SidecarError):
-    status, code, message = 408, "request_timeout", "the request head did not arrive in time"
 
 
 class TrustedProxies:

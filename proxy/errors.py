@@ -39,6 +39,18 @@ class NoRoute(SidecarError):
     status, code, message = 404, "no_route", "no route matches this path"
 
 
+class RequestTimeout(SidecarError):
+    status, code, message = 408, "request_timeout", "the request head did not arrive in time"
+
+
+class ExpectationFailed(SidecarError):
+    status, code, message = 417, "expectation_failed", "unsupported Expect header"
+
+
+class UpgradeNotSupported(SidecarError):
+    status, code, message = 501, "upgrade_not_supported", "this protocol upgrade is not proxied here"
+
+
 class RequestBodyTooLarge(SidecarError):
     status, code, message = 413, "request_body_too_large", "request body exceeds the configured limit"
 

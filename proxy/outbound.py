@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING
 from aiohttp import StreamReader, web
 from aiohttp.web_request import BaseRequest
 
-from .admission import UpgradeNotSupported, admission_for, finish_headers, request_id
+from .admission import admission_for, finish_headers, request_id
 from .chain import Exchange, ProxyResponse
-from .errors import BadRequest, RequestBodyTooLarge, SidecarError
+from .errors import BadRequest, RequestBodyTooLarge, SidecarError, UpgradeNotSupported
 from .http import strip_hop_by_hop
 from .upstream import BodyOverflow
 

@@ -32,9 +32,10 @@ from aiohttp.web_request import BaseRequest
 from prometheus_client.multiprocess import mark_process_dead
 
 from .admin import make_admin_app
-from .admission import RequestTimeout, admission_for
+from . import compiled
+from .admission import admission_for
 from .config import Listener, Settings, load_settings
-from .errors import LINGER, closing_error_response, error_body
+from .errors import LINGER, RequestTimeout, closing_error_response, error_body
 from .fastserver.accept import Acceptor
 from .http import new_request_id
 from .logs import log_startup, setup_logging
@@ -589,6 +590,7 @@ def run(config_path: str | None) -> int:
     """``sidecar run``: one worker in-process, or a supervisor of N workers."""
     settings = load_settings(config_path)
     setup_logging(settings.logging)
+    log.info("request path: %s", "compiled with mypyc" if compiled() else "pure Python")
     workers = settings.sidecar.workers or os.cpu_count() or 1
     if workers == 1:
         install_uvloop()

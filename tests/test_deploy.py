@@ -5,7 +5,11 @@ of a running sidecar."""
 
 from __future__ import annotations
 
+import ast
+import os
 import re
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -113,6 +117,38 @@ def test_dockerfile_keeps_outbound_on_loopback_and_exposes_inbound_and_admin():
     assert {port_of(config["inbound"]["listen"]), port_of(config["admin"]["listen"])} == {8443, 9901}
     assert config["admin"]["token"] == "env:SIDECAR_ADMIN_TOKEN"
     assert "9901/health" in text       # HEALTHCHECK on the admin port
+
+
+def test_the_image_compiles_the_request_path_with_the_modules_setup_py_names():
+    text = (REPO / "Dockerfile").read_text()
+    assert "COPY pyproject.toml setup.py README.md ./" in text
+    assert re.search(r"SIDECAR_COMPILE=1 \S*pip wheel .*--no-build-isolation", text)
+    assert 'python -c "import proxy; assert proxy.compiled()"' in text
+    # setup.py is read, not imported: importing it would run setup().
+    tree = ast.parse((REPO / "setup.py").read_text())
+    COMPILED = next(ast.literal_eval(n.value) for n in tree.body
+                    if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "COMPILED")
+    assert all((REPO / m).is_file() for m in COMPILED)
+    assert "proxy/fastserver/express.py" in COMPILED   # what compiled() looks for
+
+
+def test_compiled_says_what_python_imports():
+    """``sidecar --version`` and the start-up log report ``compiled()``; .ci/run
+    runs the suite a second time on the extensions with SIDECAR_EXPECT_COMPILED=1."""
+    import proxy.fastserver.express as express
+    from proxy import compiled
+
+    assert compiled() == (not express.__file__.endswith(".py"))
+    expected = os.environ.get("SIDECAR_EXPECT_COMPILED")
+    if expected is not None:
+        assert compiled() == (expected == "1")
+        assert version_line().endswith("(request path compiled with mypyc)") == (expected == "1")
+
+
+def version_line() -> str:
+    out = subprocess.run([sys.executable, "-m", "proxy", "--version"], capture_output=True, text=True,
+                         cwd=REPO, timeout=60, check=True)
+    return out.stdout.strip()
 
 
 def test_container_config_validates_with_the_shipped_policies(tmp_path):

@@ -93,7 +93,10 @@ def version() -> str:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sidecar", description="A sidecar reverse proxy for provider APIs and webhooks.")
-    p.add_argument("--version", action="version", version=f"sidecar {version()}")
+    from .. import compiled
+
+    built = " (request path compiled with mypyc)" if compiled() else ""
+    p.add_argument("--version", action="version", version=f"sidecar {version()}{built}")
     sub = p.add_subparsers(dest="command", required=True)
 
     def add(name: str, fn, help_: str, config_default: str | None = "config.toml") -> argparse.ArgumentParser:

@@ -18,8 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import httptools
 
-from ..admission import RequestTimeout
-from ..errors import LINGER, BadRequest, HeadersTooLarge, SidecarError, closing_error_response
+from ..errors import LINGER, BadRequest, HeadersTooLarge, RequestTimeout, SidecarError, closing_error_response
 from ..http import new_request_id
 from .body import ClientGone, RequestBody
 from .express import start as serve
