@@ -18,12 +18,25 @@ import os
 
 from setuptools import setup
 
-#: The modules compiled: the fast server's per-request code and the fast
-#: client's connection. Not the classes Python code subclasses or patches.
+#: The modules compiled: what a request runs through on the fast server and
+#: the fast client. Left out (docs/performance.md "Compiled request path"):
+#: proxy/chain.py and proxy/rawexchange.py (plugins and interpreted code
+#: subclass their classes), proxy/fastclient/pool.py (an ssl.SSLContext
+#: subclass: mypyc 2.4 fails on it), proxy/fastserver/body.py (subclasses a
+#: builtin), proxy/routes.py (its annotations name types imported only for
+#: type checking, which a compiled class evaluates), proxy/fastclient/send.py
+#: (compiled, a body over the limit ended as a TypeError instead of a 413).
 COMPILED = [
     "proxy/admission.py",
+    "proxy/http.py",
+    "proxy/metrics.py",
+    "proxy/writebatch.py",
     "proxy/fastserver/head.py",
+    "proxy/fastserver/protocol.py",
+    "proxy/fastserver/drive.py",
     "proxy/fastserver/express.py",
+    "proxy/fastserver/exchange.py",
+    "proxy/fastserver/response.py",
     "proxy/fastclient/conn.py",
 ]
 

@@ -243,11 +243,17 @@ class ServerConnection(asyncio.Protocol):
                 self.active = head
                 if self._reading_paused or self.queue or self._body_full or self.input_done:
                     self._update_reading()  # (else reading stays on: no call per request)
-                task = serve(self, head)
-                if self.active is head:
-                    self.task = task
+                self._adopt(head, serve(self, head))
         finally:
             self._starting = False
+
+    def _adopt(self, head: FastHead, task: Any) -> None:
+        """``task`` answers ``head`` unless serve() already finished it. A
+        method of its own: in ``_next`` mypy keeps ``self.active`` narrowed to
+        ``head`` across the call, and the mypyc build (setup.py) would check
+        that narrowing at run time."""
+        if self.active is head:
+            self.task = task
 
     def finished(self, head: FastHead, keep: bool) -> None:
         """The response to ``head`` is written (or abandoned)."""

@@ -27,11 +27,12 @@ def sidecar(*args: str, cwd: Path | None = None, env: dict[str, str] | None = No
 
 
 def test_version():
-    from proxy import __version__
+    from proxy import __version__, compiled
 
     r = sidecar("--version")
     assert r.returncode == 0
-    assert r.stdout.strip() == f"sidecar {__version__}"
+    built = " (request path compiled with mypyc)" if compiled() else ""
+    assert r.stdout.strip() == f"sidecar {__version__}{built}"
 
 
 # ---- validate ------------------------------------------------------------------

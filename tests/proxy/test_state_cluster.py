@@ -276,7 +276,7 @@ async def test_a_frozen_master_costs_the_timeout_for_its_keys_only(sidecar_facto
     try:
         paid = await decided(client, sc, "closed", doomed)   # three timeouts: the node backs off
         assert [s for s, _, _ in paid] == [503] * len(doomed)
-        assert all(t < 1.6 for _, _, t in paid), paid   # one timeout each, not two
+        assert all(t < 1.9 for _, _, t in paid), paid   # one timeout (1 s) each, not two
         quick = await decided(client, sc, "closed", doomed * 3)
         assert [s for s, _, _ in quick] == [503] * len(quick)
         assert sorted(t for _, _, t in quick)[len(quick) // 2] < 0.1, quick
