@@ -97,10 +97,10 @@ class FastHead:
         for k, v in pairs:
             parts += (k, b": ", v, b"\r\n")
         parts.append("".join([f"{k}: {v}\r\n" for k, v in extra]).encode("utf-8", "surrogateescape"))
-        ex = RawExchange(route, self.method, path, query, b"".join(parts), pairs, extra,
-                         idx.get(b"host"), idx.get(b"content-length"), request_id=request_id,
-                         started=started, max_body=max_body, target=target, body_length=body_length,
-                         tenant=tenant, client_ip=client_ip, deadline=deadline)
+        ex = RawExchange.new(route, self.method, path, query, b"".join(parts), pairs, extra,
+                             idx.get(b"host"), idx.get(b"content-length"), request_id, started, max_body,
+                             (path + "?" + query if query else path) if target is None else target,
+                             body_length, tenant, client_ip, deadline)
         body = self.body
         if body is not None and self.has_body:
             body.limit = route.max_body

@@ -320,3 +320,23 @@ def test_response_header_edits_on_bytes_are_the_mappings_in_random_sequences() -
         assert [(k.decode(), v.decode()) for k, v in got] == list(expected.items()), (pairs, edits)
     assert set_fields([(b"A", b"1")], [("X-Bad", "a\r\nb")]) is None      # the mapping path's checks
     assert set_fields([(b"A", b"1")], [("X-\u00e9", "v")]) is None
+
+
+def test_the_fast_constructor_sets_every_field_the_class_call_does():
+    """RawExchange.new (the fast server's path) and RawExchange(...) build the
+    same exchange: every slot of the class and its bases, none left unset."""
+    args = ("route", "POST", "/x", "a=1", b"X-A: 1\r\n", [(b"X-A", b"1")], [("X-Request-ID", "rid")],
+            b"svc.local", b"3")
+    kw = {"request_id": "rid", "started": 1.5, "max_body": 7, "target": "/p/x?a=1", "body_length": 3,
+          "tenant": "t", "client_ip": "10.0.0.1", "deadline": 9.5}
+    called = RawExchange(*args, **kw)
+    fast = RawExchange.new(*args, *kw.values())
+    slots = [s for cls in RawExchange.__mro__ for s in getattr(cls, "__slots__", ())]
+    assert len(slots) > 20
+    for name in slots:
+        descriptor = next(c.__dict__[name] for c in RawExchange.__mro__ if name in c.__dict__)
+        if isinstance(descriptor, property):  # headers: RawExchange's property over Exchange's slot
+            descriptor = Exchange.__dict__[name]
+        assert descriptor.__get__(fast) == descriptor.__get__(called), name
+    assert fast.raw_head() == b"X-A: 1\r\n"
+    assert fast.headers == called.headers
