@@ -78,23 +78,12 @@ class RawExchange(Exchange):
 
     __slots__ = ("_lines", "_pairs", "_extra", "_host", "raw_length", "_names")
 
-    def __init__(self, route: Any, method: str, path: str, query: str, lines: bytes | None,
-                 pairs: list[tuple[bytes, bytes]], extra: list[tuple[str, str]],
-                 host: bytes | None, length: bytes | None, *, request_id: str, started: float,
-                 max_body: int, target: str | None = None, body_length: int | None = None,
-                 tenant: str | None = None, client_ip: str | None = None,
-                 deadline: float | None = None) -> None:
-        self._lines: bytes | None = lines
-        self._pairs = pairs
-        self._extra = extra
-        self._host = host
-        self.raw_length = length  # the client's Content-Length value, as sent
-        self._names: set[bytes] | None = None  # lowercase names present (built by the first edit)
-        # Keywords spelled out, never ``**kw``: collecting and re-spreading a
-        # keyword dict cost ~0.8 µs per hop on the request path (issue 10).
-        Exchange.__init__(self, route, method, path, query, None,  # type: ignore[arg-type]
-                          request_id=request_id, started=started, max_body=max_body, target=target,
-                          body_length=body_length, tenant=tenant, client_ip=client_ip, deadline=deadline)
+    _lines: bytes | None
+    _pairs: list[tuple[bytes, bytes]]
+    _extra: list[tuple[str, str]]
+    _host: bytes | None
+    raw_length: bytes | None  # the client's Content-Length value, as sent
+    _names: set[bytes] | None  # lowercase names present (built by the first edit)
 
     @staticmethod
     def new(route: Any, method: str, path: str, query: str, lines: bytes | None,
@@ -102,13 +91,13 @@ class RawExchange(Exchange):
             length: bytes | None, request_id: str, started: float, max_body: int, target: str,
             body_length: int | None, tenant: str | None, client_ip: str | None,
             deadline: float | None) -> "RawExchange":
-        """``RawExchange(...)`` for the fast server's request path, every
-        argument positional (``target`` given): the same fields set directly.
-        Calling the class goes through ``type.__call__`` -> ``__init__`` ->
-        ``Exchange.__init__`` with keywords: ~10k instructions a request of
-        the 130k of a plain one (callgrind, issue 10); this is a plain
-        function call. tests/proxy/test_header_edits.py checks both
-        construct the same exchange, slot by slot."""
+        """The exchange (made only this way), every argument positional: the
+        fields of ``Exchange.__init__`` and RawExchange's own, set directly.
+        A class call with an ``__init__`` chained to ``Exchange.__init__``,
+        keywords at each hop, cost ~10k instructions of the 130k of a plain
+        request (callgrind, issue 10); this is one plain function call.
+        tests/proxy/test_header_edits.py checks every slot is set, as
+        ``Exchange(...)`` sets it."""
         ex = _new(RawExchange)
         ex._lines = lines
         ex._pairs = pairs
@@ -303,6 +292,7 @@ class RawExchange(Exchange):
 
 
 _RESP_HEADERS_SLOT = ProxyResponse.__dict__["headers"]
+_set_resp_headers = _RESP_HEADERS_SLOT.__set__
 
 
 class RawResponse(ProxyResponse):
@@ -318,15 +308,23 @@ class RawResponse(ProxyResponse):
 
     __slots__ = ("_pairs",)
 
-    def __init__(self, status: int, pairs: list[tuple[bytes, bytes]], body: Any, *, reason: str | None = None,
-                 release: Any = None, upstream: bool = False) -> None:
-        self.status = status
-        self.reason = reason
-        _RESP_HEADERS_SLOT.__set__(self, None)
-        self._pairs: list[tuple[bytes, bytes]] | None = pairs
-        self.body = body
-        self._release = release
-        self.upstream = upstream
+    _pairs: list[tuple[bytes, bytes]] | None
+
+    @staticmethod
+    def new(status: int, pairs: list[tuple[bytes, bytes]], body: Any, reason: str | None,
+            release: Any) -> "RawResponse":
+        """An upstream's response (made only this way, by the fast client),
+        every argument positional: a plain call, not a class call with
+        keywords (as ``RawExchange.new``)."""
+        r = _new(RawResponse)
+        r.status = status
+        r.reason = reason
+        _set_resp_headers(r, None)
+        r._pairs = pairs
+        r.body = body
+        r._release = release
+        r.upstream = True
+        return r
 
     @property
     def headers(self) -> CIMultiDict[str]:

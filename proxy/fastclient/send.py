@@ -217,9 +217,9 @@ class FastUpstream:
         whole = conn.take_body()
         if whole is not None:
             conn.release(True)
-            return RawResponse(status, pairs, whole, reason=conn._reason, upstream=True)
+            return RawResponse.new(status, pairs, whole, conn._reason, None)
         lease = _Lease(conn)
-        return RawResponse(status, pairs, lease, reason=conn._reason, release=lease.release, upstream=True)
+        return RawResponse.new(status, pairs, lease, conn._reason, lease.release)
 
     async def _wait_head_or_pump(self, conn: Conn, pump: asyncio.Future) -> None:
         head = asyncio.ensure_future(conn.wait_head())

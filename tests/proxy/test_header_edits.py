@@ -12,10 +12,10 @@ import time
 import pytest
 from multidict import CIMultiDict
 
-from proxy.chain import Exchange
+from proxy.chain import Exchange, ProxyResponse
 from proxy.fastserver.head import FastHead
 from proxy.http import HeaderLineBreak, message_head
-from proxy.rawexchange import RawExchange
+from proxy.rawexchange import RawExchange, RawResponse
 from tests.plugins.test_retry import script
 
 # What a client sent (mixed case, a repeated header, hop-by-hop ones the head
@@ -322,21 +322,41 @@ def test_response_header_edits_on_bytes_are_the_mappings_in_random_sequences() -
     assert set_fields([(b"A", b"1")], [("X-\u00e9", "v")]) is None
 
 
-def test_the_fast_constructor_sets_every_field_the_class_call_does():
-    """RawExchange.new (the fast server's path) and RawExchange(...) build the
-    same exchange: every slot of the class and its bases, none left unset."""
-    args = ("route", "POST", "/x", "a=1", b"X-A: 1\r\n", [(b"X-A", b"1")], [("X-Request-ID", "rid")],
-            b"svc.local", b"3")
-    kw = {"request_id": "rid", "started": 1.5, "max_body": 7, "target": "/p/x?a=1", "body_length": 3,
-          "tenant": "t", "client_ip": "10.0.0.1", "deadline": 9.5}
-    called = RawExchange(*args, **kw)
-    fast = RawExchange.new(*args, *kw.values())
-    slots = [s for cls in RawExchange.__mro__ for s in getattr(cls, "__slots__", ())]
-    assert len(slots) > 20
-    for name in slots:
-        descriptor = next(c.__dict__[name] for c in RawExchange.__mro__ if name in c.__dict__)
-        if isinstance(descriptor, property):  # headers: RawExchange's property over Exchange's slot
-            descriptor = Exchange.__dict__[name]
-        assert descriptor.__get__(fast) == descriptor.__get__(called), name
-    assert fast.raw_head() == b"X-A: 1\r\n"
-    assert fast.headers == called.headers
+def _slot_values(obj, cls) -> dict:
+    """Every ``__slots__`` member of ``cls`` and its bases on ``obj``, read
+    through the slot itself (AttributeError when one was never set)."""
+    out = {}
+    for klass in cls.__mro__:
+        for name in klass.__dict__.get("__slots__", ()):
+            out[name] = klass.__dict__[name].__get__(obj)
+    return out
+
+
+def test_the_fast_constructors_set_every_field_the_base_classes_do():
+    """RawExchange.new and RawResponse.new (the only way either is made) set
+    each field of Exchange(...) / ProxyResponse(...) to what the base class
+    sets, and each of their own: a field added to a base class and not to
+    ``new`` fails here."""
+    ex = RawExchange.new("route", "POST", "/x", "a=1", b"X-A: 1\r\n", [(b"X-A", b"1")],
+                         [("X-Request-ID", "rid")], b"svc.local", b"3", "rid", 1.5, 7, "/p/x?a=1", 3, "t",
+                         "10.0.0.1", 9.5)
+    base = Exchange("route", "POST", "/x", "a=1", None, request_id="rid", started=1.5,  # type: ignore[arg-type]
+                    max_body=7, target="/p/x?a=1", body_length=3, tenant="t", client_ip="10.0.0.1",
+                    deadline=9.5)
+    got, want = _slot_values(ex, RawExchange), _slot_values(base, Exchange)
+    assert len(want) > 15
+    assert {k: got[k] for k in want} == want
+    assert {k: v for k, v in got.items() if k not in want} == {
+        "_lines": b"X-A: 1\r\n", "_pairs": [(b"X-A", b"1")], "_extra": [("X-Request-ID", "rid")],
+        "_host": b"svc.local", "raw_length": b"3", "_names": None}
+    assert ex.raw_head() == b"X-A: 1\r\n"
+    assert list(ex.headers.items()) == [("Host", "svc.local"), ("X-A", "1"), ("Content-Length", "3"),
+                                        ("X-Request-ID", "rid")]
+
+    release = [].append
+    resp = RawResponse.new(201, [(b"X-B", b"2")], b"body", "Created", release)
+    base_resp = ProxyResponse(201, None, b"body", reason="Created", release=release, upstream=True)
+    got, want = _slot_values(resp, RawResponse), _slot_values(base_resp, ProxyResponse)
+    assert {k: got[k] for k in want} == {**want, "headers": None}
+    assert got["_pairs"] == [(b"X-B", b"2")]
+    assert list(resp.headers.items()) == [("X-B", "2")]
