@@ -32,6 +32,7 @@ COMPILED = [
     "proxy/admission.py",
     "proxy/http.py",
     "proxy/metrics.py",
+    "proxy/record.py",
     "proxy/writebatch.py",
     "proxy/fastserver/head.py",
     "proxy/fastserver/protocol.py",

@@ -29,6 +29,7 @@ from .logs import identifier_hasher, identity_hider
 from .metrics import Metrics
 from .plugins import (MAKES_ROUTE, BuildContext, PluginSpec, collect_settings_models, collect_specs,
                       make_plugin_manager, ordered)
+from .record import Recorder, client_ip
 from .redact import Redactor
 from .routes import Route, RouteTable
 from .secrets import SecretStore
@@ -82,8 +83,9 @@ class Runtime:
         self._on_shutdown: list[Callable[[], Any]] = []
         self._reload_lock = asyncio.Lock()
         self._log_headers = settings.logging.log_headers
-        self._count_children: dict[tuple[str, str, int], Callable[[], None]] = {}
-        self._duration_children: dict[str, Callable[[float], None]] = {}
+        # The data plane's one call per request, on every listener: metrics
+        # and the access-log line (proxy/record.py, compiled with the request path).
+        self.access = Recorder(self.metrics, self.accesslog, self.redactor, self._log_headers).access
         self.pm.hook.sidecar_secrets_register(runtime=self)
         admin_token = settings.admin.token
         self.admin_token = self.secrets.ref(admin_token) if admin_token else None
@@ -304,10 +306,10 @@ class Runtime:
         if self.settings.logging.hash_identifiers:
             h = identifier_hasher(self.secrets, self.settings)
             al.add_field("tenant", render=h)
-            al.add_field("client", _client_ip, render=h)
+            al.add_field("client", client_ip, render=h)
             al.add_field("decisions", render=identity_hider(h))
         else:
-            al.add_field("client", _client_ip)
+            al.add_field("client", client_ip)
         al.add_field("upstream_request_id", _upstream_request_id)
         self.apply(self.load_policies())
         await self._connect_state()
@@ -368,54 +370,6 @@ class Runtime:
         self.metrics.stop_flushing()
         self.accesslog.close()
 
-    # ---- data plane: one call per request -------------------------------
-
-    def access(self, method: str, path: str, route_name: str, ex: Exchange | None, rid: str,
-               status: int, started: float, error: str | None,
-               headers: Any = None, client: str | None = None) -> None:
-        """Record one request: access-log line and metrics (any listener).
-
-        ``path`` is the request path without the query; ``route_name`` is ""
-        when no route matched; ``headers`` (the client's, a mapping) is only
-        read when ``[logging] log_headers`` asks for some; ``client`` is the
-        peer address, logged when there is no ``ex`` (a request refused
-        before a route matched is still traceable to who sent it).
-        """
-        took = time.monotonic() - started
-        name = route_name
-        # prometheus-client's labels() costs ~2 µs a call: keep the children.
-        key = (name, method, status)
-        inc = self._count_children.get(key)
-        if inc is None:
-            inc = self._count_children[key] = self.metrics.batched(
-                self.metrics.requests.labels(name, method, str(status))).inc
-        inc()
-        if name:
-            observe = self._duration_children.get(name)
-            if observe is None:
-                observe = self._duration_children[name] = self.metrics.batched_histogram(
-                    self.metrics.duration.labels(name)).observe
-            observe(took)
-        al = self.accesslog
-        if not al.enabled:
-            return
-        # A tuple of raw values; the JSON is made at flush (proxy/accesslog.py).
-        hdrs = (self.redactor.headers_dict(headers, self._log_headers)
-                if self._log_headers and headers is not None else None)
-        caps = al.captures
-        if not caps:
-            extra = None
-        elif ex is not None or client is None:
-            extra = tuple([c(ex) for c in caps])
-        else:
-            extra = tuple([client if c is _client_ip else c(None) for c in caps])
-        if ex is not None:
-            al.append((time.time(), rid, name, ex.tenant, method, path, status, took,
-                       ex.vars.get("upstream_s"), ex.attempt, ex.log or None, error, hdrs, extra))
-        else:
-            al.append((time.time(), rid, name, None, method, path, status, took, None, 1, None, error, hdrs,
-                       extra))
-
 
 def _terminal(upstream: Upstream, observe: Callable[[float], None]) -> Callable[[Exchange], Awaitable[ProxyResponse]]:
     """A route's innermost handler: send to the upstream, timed (the
@@ -433,10 +387,6 @@ def _terminal(upstream: Upstream, observe: Callable[[float], None]) -> Callable[
             ex.vars["upstream_s"] = took  # rounded to ms when a log line is made
 
     return terminal
-
-
-def _client_ip(ex: Exchange | None) -> str | None:
-    return ex.client_ip if ex is not None else None
 
 
 def _upstream_request_id(ex: Exchange | None) -> str | None:

@@ -30,8 +30,8 @@ def test_headers_added_later_are_redacted():
 
 async def test_access_log_line(sidecar_factory, upstream, client):
     sc = await sidecar_factory({"p": f'route = "/p"\nupstream = "{upstream.url}"\ntenant_header = "X-Org"\n'},
-                               outbound="", config="")
-    sc.runtime._log_headers = ["Authorization", "User-Agent", "Cookie"]
+                               outbound="", config="",
+                               logging='log_headers = ["Authorization", "User-Agent", "Cookie"]')
     async with client.get(f"{sc.url}/p/items?token=hide-me", headers={
             "Authorization": "Bearer top-secret", "Cookie": "sid=abc", "User-Agent": "t/1",
             "X-Org": "acme", "X-Request-ID": "rid-1"}) as r:
