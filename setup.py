@@ -41,6 +41,7 @@ COMPILED = [
     "proxy/fastserver/exchange.py",
     "proxy/fastserver/response.py",
     "proxy/fastclient/conn.py",
+    "proxy/fastclient/request.py",
 ]
 
 ext_modules = []

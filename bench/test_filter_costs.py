@@ -134,8 +134,7 @@ def test_production_chain_and_request_head(benchmark, runtime, looked):
     heads = []
 
     async def send(ex):
-        lines = ex.raw_head()
-        heads.append(up._raw_request(ex, lines)[0] if lines is not None else up._request(ex)[0])
+        heads.append(up.prepare(ex)[0])
         return ProxyResponse(200, CIMultiDict([("Content-Type", "application/json")]), b"{}")
 
     handler = compile_chain([f for _, _, f in filters], send)

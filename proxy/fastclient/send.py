@@ -9,13 +9,13 @@ from typing import TYPE_CHECKING
 
 from yarl import URL
 
-from ..body import WHOLE
 from ..chain import Exchange, ProxyResponse
-from ..errors import RequestBodyTooLarge, SidecarError, UpstreamTimeout, UpstreamUnavailable
-from ..http import LAST_CHUNK, HeaderLineBreak, authority, message_head
+from ..errors import RequestBodyTooLarge, SidecarError, UpstreamTimeout
+from ..http import LAST_CHUNK, authority
 from ..http import chunk as http_chunk
-from ..rawexchange import RawExchange, RawResponse
+from ..rawexchange import RawResponse
 from .conn import Conn, _Failed, _Lease, _map
+from .request import prepare
 from .upgrade import Upgraded, upgrade_headers
 
 if TYPE_CHECKING:
@@ -26,8 +26,6 @@ if TYPE_CHECKING:
 # what the upstream did (POST/PATCH are not; they are retried only when the
 # request provably never left).
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
-# aiohttp sends "Content-Length: 0" on bodiless requests of other methods; so do we.
-_NO_BODY_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 
 
 def retry_fresh(e: _Failed, reused: bool, method: str) -> bool:
@@ -66,41 +64,6 @@ class FastUpstream:
         self._max_head = max_head
         self._max_headers = max_headers
 
-    def _raw_request(self, ex: RawExchange, lines: bytes) -> tuple[bytes, bytes, AsyncIterator[bytes] | None, bool]:
-        """The request head from the fast server's header bytes, when no filter
-        looked at ``ex.headers`` (issue 10: no CIMultiDict either way).
-        Returns (head, payload, stream, chunked); framing as in ``send``."""
-        body = ex.body
-        method = ex.method
-        length = ex.raw_length
-        stream = None
-        payload = b""
-        if body is None:
-            if length is not None:
-                frame = b"Content-Length: " + length + b"\r\n"
-            elif method not in _NO_BODY_METHODS:
-                frame = b"Content-Length: 0\r\n"
-            else:
-                frame = b""
-        elif isinstance(body, WHOLE):
-            payload = bytes(body)
-            if payload or length is not None or method not in _NO_BODY_METHODS:
-                frame = b"Content-Length: %d\r\n" % len(payload)
-            else:
-                frame = b""
-        else:
-            stream = body
-            frame = (b"Content-Length: " + length + b"\r\n") if length is not None \
-                else b"Transfer-Encoding: chunked\r\n"
-        target = self.base_path + ex.path
-        if ex.query:
-            target += "?" + ex.query
-        if "\n" in target or "\r" in target or "\n" in method or "\r" in method:
-            raise UpstreamUnavailable("request line contains a line break; not sent")
-        head = b"".join((f"{method} {target} HTTP/1.1\r\n".encode("utf-8", "surrogateescape"), self._host_line,
-                         lines, frame, b"\r\n"))
-        return head, payload, stream, stream is not None and length is None
-
     def send(self, ex: Exchange) -> Awaitable[ProxyResponse]:
         """Send the exchange's request; the response body is left streaming.
 
@@ -110,40 +73,9 @@ class FastUpstream:
         return self._exchange(ex, data, payload, stream, chunked)
 
     def prepare(self, ex: Exchange) -> tuple[bytes, bytes, AsyncIterator[bytes] | None, bool]:
-        """The request head, a bytes payload, a body stream, whether it is chunked."""
-        lines = ex.raw_head() if type(ex) is RawExchange else None
-        if lines is not None:
-            return self._raw_request(ex, lines)  # type: ignore[arg-type]
-        return self._request(ex)
-
-    def _request(self, ex: Exchange) -> tuple[bytes, bytes, AsyncIterator[bytes] | None, bool]:
-        headers = ex.headers
-        headers["Host"] = self.authority
-        body = ex.body
-        method = ex.method
-        stream = None
-        if body is None:
-            payload = b""
-            if method not in _NO_BODY_METHODS and "Content-Length" not in headers \
-                    and "Transfer-Encoding" not in headers:
-                headers["Content-Length"] = "0"
-        elif isinstance(body, WHOLE):
-            payload = bytes(body)
-            if payload or "Content-Length" in headers or method not in _NO_BODY_METHODS:
-                headers["Content-Length"] = str(len(payload))
-        else:
-            payload = b""
-            stream = body
-            if "Content-Length" not in headers:
-                headers["Transfer-Encoding"] = "chunked"
-        target = self.base_path + ex.path
-        if ex.query:
-            target += "?" + ex.query
-        try:
-            data = message_head(f"{method} {target} HTTP/1.1", headers)
-        except HeaderLineBreak:
-            raise UpstreamUnavailable("request header contains a line break; not sent") from None
-        return data, payload, stream, stream is not None and "Transfer-Encoding" in headers
+        """The request head, a bytes payload, a body stream, whether it is
+        chunked (proxy/fastclient/request.py, compiled with the request path)."""
+        return prepare(self.base_path, self._host_line, self.authority, ex)
 
     async def _exchange(self, ex: Exchange, data: bytes, payload: bytes,
                         stream: AsyncIterator[bytes] | None, chunked: bool, fresh: bool = False) -> ProxyResponse:

@@ -34,6 +34,7 @@ from ..body import WHOLE
 from ..chain import Exchange, Fused, ProxyResponse
 from ..errors import UpstreamTimeout
 from ..fastclient.conn import _Failed, _map
+from ..fastclient.request import prepare
 from ..fastclient.send import FastUpstream, retry_fresh
 from ..rawexchange import RawResponse, set_fields
 from .drive import drive
@@ -93,7 +94,7 @@ def start(conn: "ServerConnection", head: "FastHead") -> Any:
     try:
         if deadline is not None and deadline - t0 <= 0:
             raise UpstreamTimeout()
-        data, payload, stream, chunked = up.prepare(ex)
+        data, payload, stream, chunked = prepare(up.base_path, up._host_line, up.authority, ex)
     except Exception as e:
         _timing(ex, x.observe, t0)
         return _failed(conn, head, route, ex, rid, fused.errored(fused.n, ex, e))
