@@ -22,7 +22,9 @@ worker processes; every process's count is summed, so the figure is the
 instructions per request of the whole sidecar). Against ``--workers 1`` it
 shows what the state shared between workers costs (the rate-limit table in
 shared memory, prometheus' multi-process files) apart from what two busy
-processes on two shared cores cost each other, which wrk's CPU µs includes. Under valgrind the sidecar runs
+processes on two shared cores cost each other, which wrk's CPU µs includes.
+
+Under valgrind the sidecar runs
 ~50x slower, so it batches fewer requests per loop pass than at full speed;
 the counts rank changes, the wrk sittings give the speed. Kernel time
 (syscalls, ~1/3 of a plain request) is not counted. Needs valgrind
@@ -90,8 +92,17 @@ def _total(out: Path) -> int:
 def count(work: Path, upstream: int, repo: Path, label: str, kind: str, duration: float,
           workers: int = 1) -> tuple[int, float]:
     """(requests, instructions per request) for one checkout."""
+    # The sidecar start_sidecar() runs to write the config runs that checkout;
+    # REPO is restored for a caller that goes on (bench.run's workers section).
+    saved, br.REPO = br.REPO, repo
+    try:
+        return _count(work, upstream, repo, label, kind, duration, workers)
+    finally:
+        br.REPO = saved
 
-    br.REPO = repo
+
+def _count(work: Path, upstream: int, repo: Path, label: str, kind: str, duration: float,
+           workers: int) -> tuple[int, float]:
     chain, config, log = "", "", False
     if kind == "prod":
         chain, _, _, config = br.production_chain()

@@ -23,8 +23,8 @@ import re
 import resource
 import shutil
 import signal
-import statistics
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -645,14 +645,9 @@ def main(argv: list[str] | None = None) -> int:
 
                 print("[bench] workers = 1 vs 2 under callgrind (instructions per request)", file=sys.stderr,
                       flush=True)
-                repo = REPO
-                try:
-                    extras["workers_instr"] = {
-                        n: instructions.count(work, up, SIDECAR_SRC or REPO, f"instr-w{n}", "rl",
-                                              args.duration, n)[1]
-                        for n in (1, 2)}
-                finally:
-                    globals()["REPO"] = repo   # count() points REPO at the checkout it counts
+                extras["workers_instr"] = {
+                    n: instructions.count(work, up, SIDECAR_SRC or REPO, f"instr-w{n}", "rl", args.duration, n)[1]
+                    for n in (1, 2)}
 
         probe = passthrough or prod
         if "probes" in sections and probe is not None:
