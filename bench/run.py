@@ -877,13 +877,12 @@ def targets_issue10(results: list[Result], extras: dict, args) -> list[dict]:
     else:
         add("10,000 idle client connections", "< 5 KB each", "–", None, "probes not run")
     wi = extras.get("workers_instr")
+    shared = "shared metrics + rate-limit table: cost per request, workers = 2 vs 1 (rate_limit route, instructions)"
     if wi and 1 in wi and 2 in wi:
         x = wi[2] / wi[1]
-        add("shared metrics + rate-limit table: cost per request, workers = 2 vs 1 (rate_limit route, "
-            "instructions)", "<= 1.10 x", f"{x:.3f} x ({wi[2] / 1000:.1f}k vs {wi[1] / 1000:.1f}k)", x <= 1.10)
+        add(shared, "<= 1.10 x", f"{x:.3f} x ({wi[2] / 1000:.1f}k vs {wi[1] / 1000:.1f}k)", x <= 1.10)
     elif "workers" in extras:
-        add("shared metrics + rate-limit table: cost per request, workers = 2 vs 1 (rate_limit route, "
-            "instructions)", "<= 1.10 x", "–", None, "no valgrind (bench/setup.sh installs it)")
+        add(shared, "<= 1.10 x", "–", None, "no valgrind (bench/setup.sh installs it)")
     w = extras.get("workers")
     if w:
         one = w.get("sidecar + rate_limit + access log, 1 worker")
